@@ -1,0 +1,3 @@
+from sdxlpipe.cli import main
+
+main()

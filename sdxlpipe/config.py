@@ -1,0 +1,227 @@
+"""The TOML config: read, validate every key at once, resolve paths.
+
+Each stage's `Params` dataclass is the schema of its `[stage]` table, so a
+new param is one dataclass field with a commented default. Unknown keys are
+errors; every problem is reported in one `ConfigError`. No model is loaded
+and no torch is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sdxlpipe.errors import ConfigError, UserError
+from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module
+
+DEFAULT_CONFIG = "sdxlpipe.toml"
+# `.sdxlpipe/` beside the config: local to one checkout, never shared.
+WORKSPACE_DIR = ".sdxlpipe"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    base_dir: Path
+    model: str
+    vae: str | None
+    allow_pickle: bool
+    device: str
+    store_url: str
+    workspace: Path
+    params: dict[str, Any] = field(repr=False)
+
+    def to_record(self) -> dict[str, Any]:
+        """The resolved config as plain JSON, for run records and checkpoints."""
+        return {
+            "model": self.model, "vae": self.vae, "device": self.device,
+            "store": self.store_url,
+            **{name: _to_plain(p) for name, p in self.params.items()},
+        }
+
+
+# Top-level keys outside the stage tables. `sources` belongs to ingest.
+_TOP = {"model", "vae", "allow_pickle", "device", "store", "sources", *STAGE_NAMES}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(
+            f"config file not found: {path}",
+            f"pass -c PATH, or run `sdxlpipe init DATASET_DIR` to write {DEFAULT_CONFIG}",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}", "fix the syntax at the line named above") from e
+    problems: list[tuple[str, str]] = []
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    base = path.parent.absolute()
+
+    for key in raw:
+        if key not in _TOP:
+            problems.append((key, f"unknown key (known: {', '.join(sorted(_TOP))})"))
+
+    model = raw.get("model", "tiny")
+    if not isinstance(model, str) or not model:
+        problems.append(("model", 'must be a string: "tiny", a diffusers directory, a Hub id or a .safetensors file'))
+        model = "tiny"
+    vae = raw.get("vae")
+    if vae is not None and not isinstance(vae, str):
+        problems.append(("vae", "must be a string (a diffusers directory, Hub id or .safetensors file)"))
+        vae = None
+    allow_pickle = raw.get("allow_pickle", False)
+    if not isinstance(allow_pickle, bool):
+        problems.append(("allow_pickle", "must be true or false"))
+        allow_pickle = False
+    # "cpu" by default: the tiny model and tests run anywhere; set "cuda" on a GPU machine.
+    device = raw.get("device", "cpu")
+    if device not in ("cpu", "cuda", "mps") and not str(device).startswith("cuda:"):
+        problems.append(("device", f"must be cpu, cuda, cuda:N or mps, not {device!r}"))
+
+    store_url = str(base / WORKSPACE_DIR / "store")
+    store = raw.get("store", {})
+    if not isinstance(store, dict):
+        problems.append(("store", "must be a table: [store] url = ..."))
+    else:
+        for key in store:
+            if key != "url":
+                problems.append((f"store.{key}", "unknown key (known: url)"))
+        if "url" in store:
+            store_url = _resolve_url(str(store["url"]), base)
+
+    params: dict[str, Any] = {}
+    for name in STAGE_NAMES:
+        table = raw.get(name, {})
+        if name == "ingest" and "sources" in raw:
+            table = {**table, "sources": raw["sources"]}
+        if not isinstance(table, dict):
+            problems.append((name, f"must be a table: [{name}]"))
+            table = {}
+        module = stage_module(name)
+        params[name] = _build(module.Params, table, name, base, problems)
+        if params[name] is not None and hasattr(module, "check"):
+            problems.extend(module.check(params[name]))
+
+    if problems:
+        raise ConfigError(str(path), problems)
+    return Config(
+        path=path.absolute(), base_dir=base, model=_resolve_model(model, base), vae=vae and _resolve_model(vae, base),
+        allow_pickle=allow_pickle, device=device, store_url=store_url,
+        workspace=base / WORKSPACE_DIR, params=params,
+    )
+
+
+def _resolve_model(spec: str, base: Path) -> str:
+    """A relative path that exists beside the config wins over a Hub id."""
+    if spec == "tiny" or Path(spec).is_absolute():
+        return spec
+    candidate = base / spec
+    return str(candidate) if candidate.exists() else spec
+
+
+def _resolve_url(url: str, base: Path) -> str:
+    if "://" in url or Path(url).is_absolute():
+        return url
+    return str(base / url)
+
+
+def _apply_override(raw: dict, item: str, problems: list) -> None:
+    """`--set train.max_steps=5`: the value is parsed as TOML, else kept as a string."""
+    if "=" not in item:
+        problems.append((item, "--set wants KEY=VALUE, e.g. --set train.max_steps=5"))
+        return
+    dotted, value_text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append((dotted, f"{part} is not a table"))
+            return
+    node[leaf] = value
+
+
+def _build(cls: type, table: dict, prefix: str, base: Path, problems: list) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{prefix}.{key}"
+        if key not in fields:
+            problems.append((where, f"unknown key (known: {', '.join(fields)})"))
+            continue
+        ok, coerced = _coerce(value, hints[key], where, base, problems)
+        if ok:
+            if fields[key].metadata.get("path") and coerced is not None:
+                coerced = str((base / coerced).resolve()) if not Path(coerced).is_absolute() else coerced
+            values[key] = coerced
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        problems.append((prefix, str(e)))
+        return None
+
+
+def _coerce(value: Any, hint: Any, where: str, base: Path, problems: list) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, base, problems)
+    if origin is Literal:
+        if value in args:
+            return True, value
+        problems.append((where, f"must be one of {', '.join(repr(a) for a in args)}, not {value!r}"))
+        return False, None
+    if origin is tuple:
+        if isinstance(value, (str, dict)) or not isinstance(value, list):
+            value = [value]
+        out = []
+        for i, item in enumerate(value):
+            ok, c = _coerce(item, args[0], f"{where}[{i}]", base, problems)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, tuple(out)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            problems.append((where, "must be a table"))
+            return False, None
+        built = _build(hint, value, where, base, problems)
+        return built is not None, built
+    if hint is bool:
+        if isinstance(value, bool):
+            return True, value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return True, value
+    problems.append((where, f"must be {getattr(hint, '__name__', hint)}, not {value!r}"))
+    return False, None
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(x) for x in obj]
+    return obj

@@ -1,0 +1,105 @@
+"""What a stage gets besides its table and params: `ctx`.
+
+The store, the workspace, the content-hash memo, progress, lazily loaded
+models and the counters the run reports. Models load on first use, so a
+stage with nothing to compute never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdxlpipe.cache_format import Store
+from sdxlpipe.config import Config
+from sdxlpipe.pipeline.hashing import ContentMemo
+from sdxlpipe.pipeline.progress import Reporter
+from sdxlpipe.pipeline.workspace import Workspace
+
+
+@dataclass
+class StageStats:
+    items: int = 0
+    computed: int = 0
+    reused: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+    reported: bool = False  # the stage counted itself; the runner must not diff
+
+
+class Models:
+    """Loads each model component once per process, on first use."""
+
+    def __init__(self, config: Config, memo: ContentMemo) -> None:
+        self.config = config
+        self.memo = memo
+        self._loaded: dict[str, Any] = {}
+        self._fingerprints: dict[str, str] | None = None
+
+    def fingerprints(self) -> dict[str, str]:
+        """xxh3 of each component's weights; needs no torch (DESIGN §3)."""
+        if self._fingerprints is None:
+            from sdxlpipe.models.fingerprints import model_fingerprints
+
+            self._fingerprints = model_fingerprints(
+                self.config.model, self.config.vae, self.memo.hash_file, self.config.base_dir
+            )
+        return self._fingerprints
+
+    def _get(self, name: str, build) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = build()
+        return self._loaded[name]
+
+    def vae(self, dtype: str = "float32"):
+        from sdxlpipe.models import loading
+
+        return self._get(f"vae/{dtype}", lambda: loading.load_vae(
+            self.config.model, self.config.vae, dtype=dtype, device=self.config.device))
+
+    def text_stack(self, dtype: str = "float32"):
+        from sdxlpipe.models import loading
+
+        return self._get(f"text/{dtype}", lambda: loading.load_text_stack(
+            self.config.model, dtype=dtype, device=self.config.device))
+
+    def loaded(self) -> list[str]:
+        return sorted(self._loaded)
+
+
+@dataclass
+class Context:
+    config: Config
+    store: Store
+    workspace: Workspace
+    memo: ContentMemo
+    reporter: Reporter
+    models: Models
+    dry_run: bool = False
+    # (k, n): compute only items whose key falls in partition k of n.
+    partition: tuple[int, int] | None = None
+    stage: str = ""
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log(self):
+        import logging
+
+        return logging.getLogger(f"sdxlpipe.{self.stage or 'run'}")
+
+    def report(self, *, items: int, computed: int, reused: int, failed: int = 0,
+               reasons: list[str] | None = None) -> None:
+        s = self.stats.setdefault(self.stage, StageStats())
+        s.items, s.computed, s.reused, s.failed = items, computed, reused, failed
+        s.reasons = list(reasons or [])
+        s.reported = True
+
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append({"path": path, "reason": reason})
+        self.log.warning("skipped %s: %s", path, reason)
+
+    def previous_table(self, stage: str | None = None):
+        return self.workspace.read_table(stage or self.stage)

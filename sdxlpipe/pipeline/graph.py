@@ -1,0 +1,28 @@
+"""The stage graph: the only place that knows the stages' order.
+
+Stages never import each other; `run STAGE` brings its upstream up to date
+first, the way `make` does. Stage modules import no model library at top
+level, so loading the graph costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGE_NAMES = ("ingest", "caption", "bucket", "vae_encode", "text_encode", "train", "export")
+
+# Targets that name more than one stage.
+ALIASES = {"all": "export", "encode": "text_encode"}
+
+
+def stage_module(name: str) -> ModuleType:
+    return importlib.import_module(f"sdxlpipe.stages.{name}")
+
+
+def stages_for(target: str) -> list[str]:
+    """Every stage up to and including `target`, in order."""
+    last = ALIASES.get(target, target)
+    if last not in STAGE_NAMES:
+        raise KeyError(target)
+    return list(STAGE_NAMES[: STAGE_NAMES.index(last) + 1])

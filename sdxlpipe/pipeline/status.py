@@ -1,0 +1,36 @@
+"""`sdxlpipe status`: per stage, what is up to date, what must run, and why.
+
+It is a dry run of the pipeline: keys are computed from file stats, the
+content-hash memo, the store index and the weights' fingerprints, never
+from a model, so it imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdxlpipe.config import Config
+from sdxlpipe.pipeline.runner import run_pipeline
+
+
+def status(config: Config, target: str = "all") -> dict[str, Any]:
+    report = run_pipeline(config, target, dry_run=True)
+    stages = {
+        name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": s["computed"], "reasons": s["reasons"]}
+        for name, s in report["stages"].items()
+    }
+    return {"stages": stages, "rejected": report["rejected"],
+            "up_to_date": all(s["to_compute"] == 0 for s in stages.values())}
+
+
+def format_status(result: dict[str, Any]) -> str:
+    lines = []
+    for name, s in result["stages"].items():
+        line = f"{name:12} {s['items']:>7} items  {s['up_to_date']:>7} up to date  {s['to_compute']:>7} to compute"
+        if s["reasons"]:
+            line += "  (" + "; ".join(s["reasons"]) + ")"
+        lines.append(line)
+    if result["rejected"]:
+        lines.append(f"{len(result['rejected'])} file(s) rejected; `sdxlpipe run ingest --json` lists them")
+    lines.append("Data and pipelines are up to date." if result["up_to_date"] else "Run `sdxlpipe run all` to bring them up to date.")
+    return "\n".join(lines)

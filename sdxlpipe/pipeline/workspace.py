@@ -1,0 +1,47 @@
+"""The workspace: `.sdxlpipe/` beside the config, local to one checkout.
+
+It holds the stage tables (parquet), the content-hash memo, training runs
+and run records. The store may be shared; the workspace never needs to be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdxlpipe.pipeline.atomic import write_json_atomic, write_parquet_atomic
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def table_path(self, stage: str) -> Path:
+        return self.root / "tables" / f"{stage}.parquet"
+
+    def read_table(self, stage: str) -> pa.Table | None:
+        path = self.table_path(stage)
+        if not path.exists():
+            return None
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowInvalid):
+            return None  # a damaged table only costs a recomputed diff
+
+    def write_table(self, stage: str, table: pa.Table) -> None:
+        write_parquet_atomic(table, self.table_path(stage))
+
+    @property
+    def memo_path(self) -> Path:
+        return self.root / "memo" / "content_hash.parquet"
+
+    def train_dir(self, train_key: str) -> Path:
+        return self.root / "train" / train_key
+
+    def write_record(self, name: str, record: dict) -> Path:
+        path = self.root / "records" / f"{name}.json"
+        write_json_atomic(record, path)
+        return path

@@ -1,0 +1,99 @@
+"""Export: the trained LoRA as files other tools load.
+
+Recipe: the train stage's adapter -> a diffusers-format file (with the
+adapter metadata, so alpha survives) and/or a kohya-format file (`.alpha`
+= the trained alpha) -> `<name>.export.json` beside them records the key,
+so an unchanged export is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from sdxlpipe.pipeline.atomic import write_json_atomic
+from sdxlpipe.pipeline.keys import item_key
+
+VERSION = 1
+OUTPUT_COLUMNS = ()
+SUFFIX = {"kohya": ".safetensors", "diffusers": ".diffusers.safetensors"}
+
+
+@dataclass(frozen=True)
+class Params:
+    # kohya loads in ComfyUI, A1111 and kohya; diffusers in diffusers' load_lora_weights.
+    formats: tuple[Literal["kohya", "diffusers"], ...] = ("kohya", "diffusers")
+    # Where the files go, relative to the config.
+    output_dir: str = field(default="output", metadata={"path": True})
+    # File name stem: <name>.safetensors (kohya), <name>.diffusers.safetensors.
+    name: str = "lora"
+
+
+def check(p: Params) -> list[tuple[str, str]]:
+    problems = []
+    if not p.formats:
+        problems.append(("export.formats", 'name at least one format: ["kohya", "diffusers"]'))
+    if not p.name or "/" in p.name:
+        problems.append(("export.name", "must be a plain file name stem, e.g. \"my-lora\""))
+    return problems
+
+
+def run(table: pa.Table, params: Params, ctx) -> pa.Table:
+    trained = ctx.outputs.get("train", {})
+    out_dir = Path(params.output_dir)
+    paths = {fmt: out_dir / f"{params.name}{SUFFIX[fmt]}" for fmt in params.formats}
+    record_path = out_dir / f"{params.name}.export.json"
+    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(params.formats)})
+    ctx.outputs["lora"] = [str(p) for p in paths.values()]
+    if _up_to_date(record_path, key, paths.values()):
+        ctx.report(items=1, computed=0, reused=1)
+        return table
+    if "adapter" not in trained:
+        reason = "the train stage has not finished" if ctx.dry_run else "no trained adapter"
+        ctx.report(items=1, computed=1 if ctx.dry_run else 0, reused=0, failed=0 if ctx.dry_run else 1, reasons=[reason])
+        return table
+    ctx.report(items=1, computed=1, reused=0, reasons=["new training result"])
+    if ctx.dry_run:
+        return table
+
+    from safetensors.torch import load_file
+
+    from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora
+
+    state = load_file(trained["adapter"])
+    lora_config = json.loads(Path(trained["adapter_config"]).read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "diffusers" in paths:
+        save_diffusers_lora(paths["diffusers"], state, lora_config)
+    if "kohya" in paths:
+        save_kohya_lora(paths["kohya"], state, lora_config, _kohya_metadata(table, ctx))
+    write_json_atomic({"key": key, "train": trained.get("key"), "files": {f: str(p) for f, p in paths.items()}}, record_path)
+    return table
+
+
+def _up_to_date(record_path: Path, key: str, paths) -> bool:
+    if not record_path.exists() or not all(Path(p).exists() for p in paths):
+        return False
+    return json.loads(record_path.read_text()).get("key") == key
+
+
+def _kohya_metadata(table: pa.Table, ctx) -> dict[str, str]:
+    """The ss_* fields kohya-aware tools show (values are strings, nested data JSON)."""
+    train = ctx.config.params["train"]
+    subsets: dict[str, dict] = {}
+    for subset, repeats in zip(table.column("subset").to_pylist(), table.column("repeats").to_pylist()):
+        entry = subsets.setdefault(subset, {"n_repeats": repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return {
+        "ss_learning_rate": str(train.learning_rate),
+        "ss_max_train_steps": str(train.max_steps),
+        "ss_seed": str(train.seed),
+        "ss_num_train_images": str(table.num_rows),
+        "ss_dataset_dirs": json.dumps(subsets),
+        "ss_sd_model_name": ctx.config.model,
+        "sdxlpipe_train_key": str(ctx.outputs.get("train", {}).get("key")),
+    }
