@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 VERSION = 1
-OUTPUT_COLUMNS = ("source", "content_hash", "width", "height", "repeats", "subset", "sidecar_caption")
+# `source` (an absolute path) is left out: a moved dataset is not a changed one.
+OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "sidecar_caption")
 
 # What PIL decodes and SDXL users actually ship.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

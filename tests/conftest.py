@@ -1,0 +1,45 @@
+"""Shared test helpers: a fresh copy of the bundled example, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "tiny"
+
+# No test may reach the network or a Hub cache it did not make.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def copy_example(dest: Path) -> Path:
+    """examples/tiny without any workspace or output a local run left behind."""
+    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns(".sdxlpipe", "output"))
+    return dest / "sdxlpipe.toml"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    return copy_example(tmp_path / "tiny")
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SDXLPIPE_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdxlpipe", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sdxlpipe {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str, cwd: Path | None = None) -> dict:
+    return json.loads(cli(*args, "--json", cwd=cwd).stdout)

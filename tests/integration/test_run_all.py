@@ -1,0 +1,163 @@
+"""Whole runs of the CLI on the bundled example and the tiny model."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import cli, cli_json, copy_example
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("ingest", "caption", "bucket", "vae_encode", "text_encode", "train", "export")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[Path, dict]:
+    """examples/tiny after one full `run all`, shared read-only by the tests below."""
+    config = copy_example(tmp_path_factory.mktemp("finished") / "tiny")
+    report = cli_json("run", "all", "-c", str(config))
+    return config, report
+
+
+@pytest.fixture
+def trained(finished_run, tmp_path) -> Path:
+    """A private copy of the finished run (dataset, workspace, store, outputs)."""
+    config, _ = finished_run
+    dest = tmp_path / "tiny"
+    shutil.copytree(config.parent, dest, symlinks=True)
+    # Copies get new mtimes: give them old ones, as a user's files would have.
+    past = time.time() - 60
+    for p in dest.rglob("*"):
+        import os
+
+        os.utime(p, (past, past), follow_symlinks=False)
+    return dest / "sdxlpipe.toml"
+
+
+def test_first_run_computes_every_stage_and_writes_both_lora_files(finished_run):
+    _, report = finished_run
+    assert list(report["stages"]) == list(STAGES)
+    for name in STAGES:
+        stage = report["stages"][name]
+        assert stage["computed"] > 0, name
+        assert stage["failed"] == 0, name
+    assert report["stages"]["ingest"]["items"] == 32
+    assert report["stages"]["vae_encode"]["computed"] == 32
+    # 30 distinct captions + 2 from file names + the empty caption.
+    assert report["stages"]["text_encode"]["computed"] == 33
+    assert report["rejected"] == []
+    assert sorted(Path(p).name for p in report["outputs"]["lora"]) == [
+        "tiny-shapes.diffusers.safetensors", "tiny-shapes.safetensors"]
+    assert all(Path(p).exists() for p in report["outputs"]["lora"])
+
+
+def test_rerun_computes_nothing_and_loads_no_model(trained):
+    report = cli_json("run", "all", "-c", str(trained))
+    assert {n: s["computed"] for n, s in report["stages"].items()} == dict.fromkeys(STAGES, 0)
+    assert report["models_loaded"] == []
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "all"]])
+def test_status_and_noop_run_do_not_import_torch(trained, command):
+    probe = (
+        "import sys\n"
+        "from sdxlpipe.cli import app\n"
+        f"sys.argv = ['sdxlpipe', *{command!r}, '-c', {str(trained)!r}]\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH"
+    if command == ["status"]:
+        assert "Data and pipelines are up to date." in proc.stdout
+
+
+def test_editing_one_caption_recomputes_one_text_item_and_no_latent(trained):
+    (trained.parent / "images" / "004_orange_square.txt").write_text("an orange square, edited\n")
+    status = cli_json("status", "-c", str(trained))
+    assert status["stages"]["text_encode"]["to_compute"] == 1
+    assert status["stages"]["vae_encode"]["to_compute"] == 0
+    report = cli_json("run", "all", "-c", str(trained))
+    computed = {n: s["computed"] for n, s in report["stages"].items()}
+    assert computed["text_encode"] == 1
+    assert computed["vae_encode"] == 0
+    assert computed["train"] == 1 and computed["export"] == 1
+
+
+def test_adding_one_image_computes_one_latent_and_one_text_item(trained):
+    images = trained.parent / "images"
+    Image.new("RGB", (150, 110), (10, 200, 200)).save(images / "new_cyan_square.png")
+    (images / "new_cyan_square.txt").write_text("a cyan square\n")
+    report = cli_json("run", "encode", "-c", str(trained))
+    assert report["stages"]["vae_encode"]["computed"] == 1
+    assert report["stages"]["text_encode"]["computed"] == 1
+    assert report["stages"]["ingest"]["items"] == 33
+
+
+def test_kohya_and_diffusers_files_give_the_same_unet_output(finished_run, tmp_path):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    config, report = finished_run
+    model_dir = tmp_path / "tiny-model"
+    cli("model", "save", "tiny", str(model_dir))
+    files = {Path(p).name: p for p in report["outputs"]["lora"]}
+
+    def unet_output(lora_file: str | None) -> torch.Tensor:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True)
+        if lora_file:
+            pipe.load_lora_weights(lora_file)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 16, 16, generator=g)
+        cond = torch.randn(1, 77, 96, generator=g)
+        pooled = torch.randn(1, 32, generator=g)
+        time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
+        with torch.no_grad():
+            return pipe.unet(x, torch.tensor([500]), cond,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    base = unet_output(None)
+    kohya = unet_output(files["tiny-shapes.safetensors"])
+    diffusers_out = unet_output(files["tiny-shapes.diffusers.safetensors"])
+    assert torch.allclose(kohya, diffusers_out, atol=1e-5)
+    assert (kohya - base).abs().max() > 1e-4
+
+
+def test_killed_training_resumes_and_ends_with_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = ["--set", "train.max_steps=30", "--set", "train.save_every_steps=5"]
+    whole = copy_example(tmp_path / "whole")
+    cli("run", "all", "-c", str(whole), *settings)
+
+    broken = copy_example(tmp_path / "broken")
+    proc = subprocess.Popen([sys.executable, "-m", "sdxlpipe", "run", "all", "-c", str(broken), *settings],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_root = broken.parent / ".sdxlpipe" / "train"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(train_root.glob("*/checkpoints/step-00000010")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(train_root.glob("*/done.json")), "the run finished before it was killed"
+
+    resumed = cli("run", "all", "-c", str(broken), *settings)
+    assert "resuming" in resumed.stderr
+
+    def final_adapter(config: Path):
+        (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000030/adapter.safetensors")
+        return load_file(adapter)
+
+    a, b = final_adapter(whole), final_adapter(broken)
+    assert a.keys() == b.keys()
+    assert all(bool((a[k] == b[k]).all()) for k in a)

@@ -1,0 +1,21 @@
+from sdxlpipe.pipeline.keys import canonical_json, item_key, partition_of
+
+
+def test_item_key_ignores_dict_order_and_changes_with_any_value():
+    a = item_key({"stage": "vae_encode", "crop": [0, 16], "vae": "abc"})
+    b = item_key({"vae": "abc", "crop": [0, 16], "stage": "vae_encode"})
+    c = item_key({"vae": "abd", "crop": [0, 16], "stage": "vae_encode"})
+    assert a == b
+    assert a != c
+    assert len(a) == 32 and int(a, 16) >= 0
+
+
+def test_canonical_json_has_no_whitespace_and_sorted_keys():
+    assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'
+
+
+def test_partitions_cover_every_key_exactly_once():
+    keys = [item_key({"i": i}) for i in range(400)]
+    parts = [partition_of(k, 4) for k in keys]
+    assert set(parts) == {0, 1, 2, 3}
+    assert all(parts.count(p) > 50 for p in range(4))
