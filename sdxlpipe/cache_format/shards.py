@@ -1,0 +1,235 @@
+"""Shard files: the tar builder, manifests, atomic placement, hashing.
+
+Owns every write of a file's bytes into the store (temp name, fsync,
+rename; see README.md for the guarantee on each backend) and the layout of
+one shard: a plain ustar/pax tar whose members are `<item_key>.<field>`,
+written with fixed owner, mode and mtime so equal items give equal bytes.
+Also home of StoreError, which every module of the package raises.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import secrets
+import tarfile
+import tempfile
+from typing import BinaryIO
+
+import xxhash
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST_FORMAT = 1
+# 8 MiB reads: large enough to run at disk/network speed, small enough to not matter for memory.
+HASH_CHUNK = 8 << 20
+
+
+class StoreError(Exception):
+    """A problem with the store: `what` names the object and place, `hint` the fix."""
+
+    def __init__(self, what: str, hint: str = ""):
+        super().__init__(what, hint)
+        self.what = what
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.what}\nHint: {self.hint}" if self.hint else self.what
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def check_item_name(item_key: str, field: str) -> str:
+    """The tar member name of one item field; refuses names webdataset would split wrongly."""
+    # webdataset splits a member name at the first dot after the last slash.
+    if not item_key or any(c in item_key for c in "./\\\0") or item_key.strip() != item_key:
+        raise StoreError(
+            f"item key {item_key!r} cannot name a tar member",
+            "item keys must be non-empty and free of '.', '/', '\\' and spaces at the ends "
+            "(sdxlpipe keys are xxh3 hex strings)",
+        )
+    if not field or field.startswith(".") or any(c in field for c in "/\\\0"):
+        raise StoreError(
+            f"field {field!r} of item {item_key} cannot name a tar member",
+            "fields are extensions such as 'latent.safetensors' or 'json': no '/', no leading '.'",
+        )
+    return f"{item_key}.{field}"
+
+
+def check_stage(stage: str) -> str:
+    if not stage or not all(c.isalnum() or c in "_-" for c in stage):
+        raise StoreError(
+            f"stage name {stage!r} cannot name a store directory",
+            "use letters, digits, '_' and '-' only",
+        )
+    return stage
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def member_bytes(payload_len: int) -> int:
+    """Upper bound of what one member adds to a tar: header, pax header for long names, data."""
+    return 3 * tarfile.BLOCKSIZE + _padded(payload_len)
+
+
+class _HashingWriter:
+    """Passes writes through to a file and hashes them, so a tar is hashed as it is written."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.hash = xxhash.xxh3_128()
+        self.pos = 0
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self.hash.update(data)
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class ShardBuilder:
+    """One tar shard being written to a local temp file.
+
+    `tmp_dir` is inside the store for local stores (so the final rename stays
+    on one filesystem) and None (the system temp dir) for remote ones.
+    """
+
+    def __init__(self, tmp_dir: str | None):
+        if tmp_dir is not None:
+            os.makedirs(tmp_dir, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix="shard-", suffix=".tar.part", dir=tmp_dir)
+        _readable_by_all(fd)
+        self._file = os.fdopen(fd, "wb")
+        self._hashing = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        self.members: list[dict] = []
+
+    @property
+    def size(self) -> int:
+        return self._tar.offset
+
+    def add(self, name: str, payload: bytes) -> dict:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+        self._tar.addfile(info, io.BytesIO(payload))
+        member = {
+            "name": name,
+            "offset": self._tar.offset - _padded(len(payload)),
+            "length": len(payload),
+            "xxh3": xxhash.xxh3_128_hexdigest(payload),
+        }
+        self.members.append(member)
+        return member
+
+    def finish(self) -> tuple[str, int]:
+        """Close the tar and fsync it; returns (xxh3 of the tar, size in bytes)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hashing.hash.hexdigest(), self._hashing.pos
+
+    def discard(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+
+
+def manifest(stage: str, shard_id: str, nbytes: int, members: list[dict]) -> dict:
+    items = len({m["name"].split(".", 1)[0] for m in members})
+    return {
+        "format": MANIFEST_FORMAT,
+        "stage": stage,
+        "items": items,
+        "bytes": nbytes,
+        "xxh3": shard_id,
+        "members": members,
+    }
+
+
+def _readable_by_all(fd: int) -> None:
+    # mkstemp makes 0600 files; a store is often shared between users and machines.
+    if os.name == "posix":
+        os.fchmod(fd, 0o644)
+
+
+def _fsync_dir(path: str) -> None:
+    # A rename is durable only once its directory is; Windows cannot open directories.
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
+    """Move a finished local file to `dest` in one step, as readers must never see half of it."""
+    if is_local(fs):
+        parent = os.path.dirname(dest)
+        os.makedirs(parent, exist_ok=True)
+        os.replace(local_path, dest)
+        _fsync_dir(parent)
+        return
+    tmp = posixpath.join(remote_tmp_dir, secrets.token_hex(8))
+    try:
+        fs.put_file(local_path, tmp)
+        fs.mv(tmp, dest)
+    finally:
+        os.remove(local_path)
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
+    """Write a small file (FORMAT, manifest, index fragment): temp name, fsync, rename."""
+    if is_local(fs):
+        os.makedirs(tmp_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="part-", dir=tmp_dir)
+        _readable_by_all(fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            parent = os.path.dirname(dest)
+            os.makedirs(parent, exist_ok=True)
+            os.replace(tmp, dest)
+            _fsync_dir(parent)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    tmp = posixpath.join(tmp_dir, secrets.token_hex(8))
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, dest)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def hash_stream(f: BinaryIO) -> tuple[str, int]:
+    """xxh3_128 hex of everything left in `f`, and its length."""
+    h = xxhash.xxh3_128()
+    n = 0
+    while chunk := f.read(HASH_CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
+
+
+def read_range(f: BinaryIO, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)

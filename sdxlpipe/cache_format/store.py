@@ -1,0 +1,506 @@
+"""The artifact store: `open_store`, `Store` and its shard writer.
+
+Owns the operations on the layout that README.md specifies: writing items
+(shard, then manifest, then index fragment: the fragment is the commit
+point), reading them back with checksums, recording bad locations, and the
+maintenance commands verify, gc, compact and du. Works on a local path or
+any fsspec URL. Imports no torch: status and no-op runs stay cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+import time
+from typing import BinaryIO, Iterable, Iterator
+
+import fsspec
+import xxhash
+
+from .codec import decode_json, encode_json
+from .index import (
+    BAD_PREFIX,
+    BAD_SCHEMA,
+    INDEX_SCHEMA,
+    Location,
+    StageIndex,
+    list_files,
+    load_stage,
+    to_parquet,
+)
+from .shards import (
+    ShardBuilder,
+    StoreError,
+    check_item_name,
+    check_stage,
+    hash_stream,
+    is_local,
+    manifest,
+    member_bytes,
+    place_file,
+    read_range,
+    write_bytes,
+)
+
+FORMAT_LINE = "sdxlpipe-store 1\n"
+# What a store directory may hold; anything else means the path is not a store.
+STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
+# 256 MiB: a shard streams at full disk/network speed and a million latents make a few
+# thousand files; lower it if losing one shard to corruption must cost less recomputation.
+DEFAULT_SHARD_BYTES = 256 << 20
+# One hour: far longer than a writer needs between renaming its shard and writing its index
+# fragment; shorten only when no writer can be running.
+DEFAULT_GRACE_SECONDS = 3600.0
+
+log = logging.getLogger("sdxlpipe.store")
+
+
+def open_store(url_or_path: str, create: bool = True) -> "Store":
+    """Open the store at a local path or fsspec URL; with create, start one in a new or empty dir."""
+    fs, root = fsspec.core.url_to_fs(url_or_path)
+    root = root.rstrip("/") or "/"
+    url = root if is_local(fs) and "://" not in url_or_path else url_or_path.rstrip("/")
+    format_path = posixpath.join(root, "FORMAT")
+    try:
+        line = fs.cat_file(format_path).decode("utf-8", "replace")
+    except FileNotFoundError:
+        line = None
+    if line is None:
+        if not create:
+            raise StoreError(
+                f"no sdxlpipe store at {url}: {format_path} does not exist",
+                "check the store path, or open it with create=True to start a new store there",
+            )
+        strangers = sorted(set(_list_names(fs, root)) - STORE_ENTRIES)
+        if strangers:
+            raise StoreError(
+                f"{url} is not an sdxlpipe store (no FORMAT file) and is not empty: {strangers[:5]}",
+                "point the store at a new or empty directory",
+            )
+        write_bytes(fs, format_path, FORMAT_LINE.encode(), posixpath.join(root, "tmp"))
+    elif line != FORMAT_LINE:
+        raise StoreError(
+            f"{format_path} says {line.strip()!r}; this sdxlpipe reads {FORMAT_LINE.strip()!r}",
+            "open it with the sdxlpipe version that wrote it, or point the store at a new directory",
+        )
+    return Store(fs, root, url)
+
+
+def _list_names(fs, path: str, dirs_only: bool = False) -> list[str]:
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        posixpath.basename(e["name"].rstrip("/"))
+        for e in entries
+        if not dirs_only or e.get("type") == "directory"
+    )
+
+
+def _check(f: BinaryIO, loc: Location) -> tuple[bytes | None, str | None]:
+    """The payload at a location, or None and what is wrong with it."""
+    data = read_range(f, loc.offset, loc.length)
+    if len(data) != loc.length:
+        return None, f"truncated: {len(data)} of {loc.length} bytes"
+    if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
+        return None, "checksum mismatch"
+    return data, None
+
+
+class Store:
+    """One artifact store; see README.md for the format. Caches each stage's index until refresh()."""
+
+    def __init__(self, fs, root: str, url: str):
+        self.fs = fs
+        self.root = root
+        self.url = url
+        self._indexes: dict[str, StageIndex] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def _tmp(self) -> str:
+        return self._path("tmp")
+
+    def _shard(self, stage: str, shard_id: str, ext: str = "tar") -> str:
+        return self._path("shards", stage, f"{shard_id}.{ext}")
+
+    def _stage_names(self) -> list[str]:
+        names = set(_list_names(self.fs, self._path("shards"), dirs_only=True))
+        names |= set(_list_names(self.fs, self._path("index"), dirs_only=True))
+        return sorted(names)
+
+    # -- index -----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget cached indexes, so the next call sees what other writers committed."""
+        self._indexes.clear()
+
+    def _index(self, stage: str) -> StageIndex:
+        check_stage(stage)
+        if stage not in self._indexes:
+            self._indexes[stage] = load_stage(self.fs, self._path("index", stage), log)
+        return self._indexes[stage]
+
+    def present(self, stage: str) -> set[str]:
+        """Item keys of a stage with at least one location not known to be bad."""
+        return set(self._index(stage).present())
+
+    def missing(self, stage: str, keys: Iterable[str]) -> list[str]:
+        """The keys that are not present, in their order, each once."""
+        present = self._index(stage).present()
+        return [k for k in dict.fromkeys(keys) if k not in present]
+
+    def _record_bad(self, stage: str, failures: list[tuple[Location, str]]) -> None:
+        """Warn about bad locations and append a bad-marker fragment for the new ones."""
+        index = self._index(stage)
+        news = [(loc, why) for loc, why in failures if not index.is_bad(loc)]
+        for loc, why in news:
+            log.warning(
+                "store %s: item %s (%s) in shard %s is unusable (%s); treating it as missing, "
+                "so it is recomputed", self.url, loc.item_key, loc.field,
+                self._shard(stage, loc.shard_id), why,
+            )
+        rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
+        if rows:
+            name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
+            write_bytes(self.fs, self._path("index", stage, name), to_parquet(rows, BAD_SCHEMA), self._tmp)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES) -> "Writer":
+        """A context manager that packs added items into shards of about target_shard_bytes."""
+        return Writer(self, check_stage(stage), target_shard_bytes)
+
+    def _new_builder(self) -> ShardBuilder:
+        # Local stores build the tar inside the store so the final rename is atomic.
+        return ShardBuilder(self._tmp if is_local(self.fs) else None)
+
+    def _commit(self, stage: str, builder: ShardBuilder) -> str:
+        """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
+        try:
+            shard_id, nbytes = builder.finish()
+            place_file(self.fs, builder.path, self._shard(stage, shard_id), self._tmp)
+        finally:
+            builder.discard()
+        doc = manifest(stage, shard_id, nbytes, builder.members)
+        write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
+        rows = [
+            (*m["name"].split(".", 1), shard_id, m["offset"], m["length"], m["xxh3"])
+            for m in builder.members
+        ]
+        fragment = self._path("index", stage, f"{shard_id}.parquet")
+        if self.fs.exists(fragment):
+            # The same shard again (e.g. recomputed after it was found bad): a fresh fragment
+            # name, because bad markers name the fragment whose locations went bad.
+            fragment = self._path("index", stage, f"{shard_id}-{secrets.token_hex(4)}.parquet")
+        write_bytes(self.fs, fragment, to_parquet(rows, INDEX_SCHEMA), self._tmp)
+        self._indexes.pop(stage, None)
+        return shard_id
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _open(self, stage: str, shard_id: str) -> tuple[BinaryIO | None, str | None]:
+        try:
+            return self.fs.open(self._shard(stage, shard_id), "rb"), None
+        except FileNotFoundError:
+            return None, "shard file missing"
+        except OSError as e:
+            return None, f"shard unreadable: {e}"
+
+    def _read_at(self, stage: str, loc: Location) -> tuple[bytes | None, str | None]:
+        f, why = self._open(stage, loc.shard_id)
+        if f is None:
+            return None, why
+        with f:
+            return _check(f, loc)
+
+    def read(self, stage: str, item_key: str, field: str | None = None) -> bytes | None:
+        """The checked payload of an item, or None if it is absent or no copy of it is intact.
+
+        field may be left out when the stage writes one field per item.
+        """
+        failures = []
+        try:
+            for loc in self._index(stage).good(item_key, field, stage):
+                data, why = self._read_at(stage, loc)
+                if why is None:
+                    return data
+                failures.append((loc, why))
+            return None
+        finally:
+            if failures:
+                self._record_bad(stage, failures)
+
+    def read_many(
+        self, stage: str, keys: Iterable[str], field: str | None = None
+    ) -> Iterator[tuple[str, bytes | None]]:
+        """(key, payload or None) for each distinct key, shard by shard in offset order.
+
+        Each shard is opened once. Absent keys come last, with None.
+        """
+        index = self._index(stage)
+        by_shard: dict[str, list[Location]] = {}
+        absent = []
+        for key in dict.fromkeys(keys):
+            locs = index.good(key, field, stage)
+            if locs:
+                by_shard.setdefault(locs[0].shard_id, []).append(locs[0])
+            else:
+                absent.append(key)
+        for shard_id, locs in by_shard.items():
+            failures: list[tuple[Location, str]] = []
+            f, why = self._open(stage, shard_id)
+            try:
+                for loc in sorted(locs, key=lambda l: l.offset):
+                    data, problem = _check(f, loc) if f is not None else (None, why)
+                    if problem is not None:
+                        failures.append((loc, problem))
+                        data = self._fallback(stage, loc, field, failures)
+                    yield loc.item_key, data
+            finally:
+                if f is not None:
+                    f.close()
+                if failures:
+                    self._record_bad(stage, failures)
+        for key in absent:
+            yield key, None
+
+    def _fallback(self, stage: str, failed: Location, field: str | None, failures: list) -> bytes | None:
+        """Another intact copy of a key whose first location failed, if any."""
+        for loc in self._index(stage).good(failed.item_key, field, stage):
+            if loc.shard_id == failed.shard_id:
+                continue
+            data, why = self._read_at(stage, loc)
+            if why is None:
+                return data
+            failures.append((loc, why))
+        return None
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def verify(self, stage: str | None = None) -> list[dict]:
+        """Re-hash every shard and every indexed item; record bad items; return the problems."""
+        problems: list[dict] = []
+        for st in [check_stage(stage)] if stage else self._stage_names():
+            self._indexes.pop(st, None)
+            index = self._index(st)
+            for name, error in index.unreadable:
+                problems.append(_problem(st, None, None, f"index fragment {name} unreadable: {error}"))
+            by_shard: dict[str, dict[tuple, Location]] = {}
+            for loc in index.rows:
+                by_shard.setdefault(loc.shard_id, {})[(loc.item_key, loc.field, loc.offset)] = loc
+            on_disk = {n[: -len(".tar")] for n in list_files(self.fs, self._path("shards", st), ".tar")}
+            failures: list[tuple[Location, str]] = []
+            for shard_id in sorted(on_disk | by_shard.keys()):
+                locs = list(by_shard.get(shard_id, {}).values())
+                problems += self._verify_shard(st, shard_id, locs, failures)
+            if failures:
+                self._record_bad(st, failures)
+        return problems
+
+    def _verify_shard(self, stage: str, shard_id: str, locs: list[Location], failures: list) -> list[dict]:
+        problems = []
+        doc: dict = {}
+        try:
+            doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
+            if doc.get("xxh3") != shard_id:
+                problems.append(_problem(stage, shard_id, None, f"manifest says xxh3 {doc.get('xxh3')}, "
+                                                                 "not the shard's name"))
+        except FileNotFoundError:
+            problems.append(_problem(stage, shard_id, None, "manifest missing"))
+        except (OSError, ValueError) as e:
+            problems.append(_problem(stage, shard_id, None, f"manifest unreadable: {e}"))
+        f, why = self._open(stage, shard_id)
+        if f is None:
+            problems.append(_problem(stage, shard_id, None, why))
+            for loc in locs:
+                failures.append((loc, why))
+                problems.append(_problem(stage, shard_id, loc.item_key, why))
+            return problems
+        with f:
+            digest, size = hash_stream(f)
+            if digest != shard_id:
+                problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
+            if "bytes" in doc and doc["bytes"] != size:
+                why = f"tar has {size} bytes, manifest says {doc['bytes']}"
+                problems.append(_problem(stage, shard_id, None, why))
+            for loc in locs:
+                _, why = _check(f, loc)
+                if why is not None:
+                    failures.append((loc, why))
+                    problems.append(_problem(stage, shard_id, loc.item_key, why))
+        return problems
+
+    def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:
+        """Remove shards and manifests no index fragment references, and stale temp files,
+        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove)."""
+        referenced: set[tuple[str, str]] = set()
+        for st in self._stage_names():
+            self._indexes.pop(st, None)
+            index = self._index(st)
+            if index.unreadable:
+                raise StoreError(
+                    f"gc stopped: index fragments of stage {st} in {self.url} are unreadable: "
+                    f"{[name for name, _ in index.unreadable]}",
+                    "run `sdxlpipe store verify`, restore or delete those fragments, then gc again",
+                )
+            referenced |= {(st, loc.shard_id) for loc in index.rows}
+        candidates = [
+            self._path("shards", st, name)
+            for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
+            for name in list_files(self.fs, self._path("shards", st), "")
+            if (st, name.split(".", 1)[0]) not in referenced
+        ]
+        candidates += [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
+        now = time.time()
+        removed = [p for p in candidates if self._age(p, now) > grace_seconds]
+        if not dry_run:
+            for path in removed:
+                try:
+                    self.fs.rm(path)
+                except FileNotFoundError:
+                    pass  # another gc got there first
+        return removed
+
+    def _age(self, path: str, now: float) -> float:
+        try:
+            return now - self.fs.modified(path).timestamp()
+        except (NotImplementedError, OSError, AttributeError):
+            return 0.0  # unknown age: treat as young, never delete what we cannot date
+
+    def compact(self, stage: str | None = None) -> dict:
+        """Merge each stage's fragments into one without bad or duplicate rows.
+
+        The merged fragment is written before the old ones are deleted, so readers never
+        see an item vanish. Returns {stage: {"fragments_before", "fragments_after",
+        "rows_before", "rows_after"}}.
+        """
+        result = {}
+        for st in [check_stage(stage)] if stage else self._stage_names():
+            self._indexes.pop(st, None)
+            index = self._index(st)
+            old = index.fragments + index.bad_fragments
+            rows = sorted({loc[:6] for loc in index.rows if not index.is_bad(loc)},
+                          key=lambda r: (r[2], r[3], r[0], r[1]))
+            result[st] = {"fragments_before": len(old), "fragments_after": len(old),
+                          "rows_before": len(index.rows), "rows_after": len(index.rows)}
+            if len(index.fragments) <= 1 and not index.bad_fragments:
+                continue
+            if rows:
+                name = f"compact-{secrets.token_hex(8)}.parquet"
+                data = to_parquet(rows, INDEX_SCHEMA)
+                write_bytes(self.fs, self._path("index", st, name), data, self._tmp)
+            for name in old:
+                try:
+                    self.fs.rm(self._path("index", st, name))
+                except FileNotFoundError:
+                    pass  # a concurrent compact removed it
+            self._indexes.pop(st, None)
+            result[st].update(fragments_after=1 if rows else 0, rows_after=len(rows))
+        return result
+
+    def du(self) -> dict:
+        """{"stages": {stage: {"shards", "items", "bytes"}}, "bytes": total of all shards}."""
+        stages = {}
+        for st in self._stage_names():
+            directory = self._path("shards", st)
+            self.fs.invalidate_cache(directory)
+            try:
+                entries = self.fs.ls(directory, detail=True)
+            except FileNotFoundError:
+                entries = []
+            tars = [e for e in entries if e["name"].endswith(".tar")]
+            stages[st] = {
+                "shards": len(tars),
+                "items": len(self._index(st).present()),
+                "bytes": sum(int(e.get("size") or 0) for e in tars),
+            }
+        return {"stages": stages, "bytes": sum(s["bytes"] for s in stages.values())}
+
+
+def _problem(stage: str, shard_id: str | None, item_key: str | None, problem: str) -> dict:
+    return {"stage": stage, "shard_id": shard_id, "item_key": item_key, "problem": problem}
+
+
+class Writer:
+    """Packs items into shards for one stage; use as `with store.writer(stage) as w: w.add(...)`.
+
+    All fields of an item go into the same shard, added one after another, so that
+    webdataset sees each item as one sample.
+    """
+
+    def __init__(self, store: Store, stage: str, target_shard_bytes: int):
+        if target_shard_bytes <= 0:
+            raise StoreError(f"target_shard_bytes must be positive, got {target_shard_bytes}",
+                             "leave it at the default unless shards must be smaller")
+        self._store = store
+        self.stage = stage
+        self.target_shard_bytes = target_shard_bytes
+        self.shard_ids: list[str] = []
+        self._builder: ShardBuilder | None = None
+        self._key: str | None = None  # the item being added
+        self._fields: set[str] = set()  # its fields so far
+        self._done: set[str] = set()  # items already complete in the current shard
+
+    def add(self, item_key: str, field: str, payload: bytes) -> None:
+        name = check_item_name(item_key, field)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload of {name} must be bytes, got {type(payload).__name__}; "
+                            "encode it with encode_tensors or encode_json")
+        payload = bytes(payload)
+        if item_key != self._key:
+            if item_key in self._done:
+                raise StoreError(
+                    f"item {item_key} of stage {self.stage} was added again after other items",
+                    "add all fields of an item one after another",
+                )
+            builder = self._builder
+            if builder is not None and builder.size + member_bytes(len(payload)) > self.target_shard_bytes:
+                self._flush()
+            if self._key is not None:
+                self._done.add(self._key)
+            self._key, self._fields = item_key, set()
+        if field in self._fields:
+            raise StoreError(f"field {field} of item {item_key} was added twice",
+                             "add each field of an item once")
+        self._fields.add(field)
+        if self._builder is None:
+            self._builder = self._store._new_builder()
+        self._builder.add(name, payload)
+
+    def _flush(self) -> None:
+        builder, self._builder = self._builder, None
+        self._key, self._fields, self._done = None, set(), set()
+        if builder is not None and builder.members:
+            self.shard_ids.append(self._store._commit(self.stage, builder))
+        elif builder is not None:
+            builder.discard()
+
+    def close(self) -> None:
+        """Write the shard in progress; a writer that got no items writes nothing."""
+        self._flush()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+            return False
+        # Keep what was finished before the error, so a rerun resumes instead of redoing it.
+        try:
+            self.close()
+        except Exception:
+            log.exception("store %s: could not save the items of stage %s added before the error",
+                          self._store.url, self.stage)
+        return False
