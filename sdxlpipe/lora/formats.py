@@ -1,0 +1,153 @@
+"""Export a trained UNet LoRA as a diffusers or a kohya `.safetensors` file.
+
+Both work from what training saves, without the UNet: the peft state dict
+(`get_peft_model_state_dict(unet)`, keys `<module>.lora_A.weight` /
+`<module>.lora_B.weight`) and the LoraConfig as a dict (`peft_config.to_dict()`).
+
+Facts that shaped this (shared/reference/lora-formats.md): a diffusers file
+without the adapter metadata reloads with alpha = rank, and diffusers' kohya
+converter writes every alpha as the rank; both silently change the output.
+So the diffusers file always carries the config, and the kohya file carries
+the trained alpha per module.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for
+KOHYA_WEIGHT_NAME = "lora.safetensors"
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL base
+
+
+def save_diffusers_lora(path: str | Path, peft_state_dict: dict[str, torch.Tensor], lora_config: dict) -> Path:
+    """Write a file StableDiffusionXLPipeline.load_lora_weights reads, alpha included.
+
+    `path` is the file, or a directory to hold `pytorch_lora_weights.safetensors`.
+    """
+    target = _target(path, DIFFUSERS_WEIGHT_NAME)
+    # peft key names under "unet.": what diffusers' loaders convert everything
+    # else to. (diffusers.utils.convert_state_dict_to_diffusers renames only
+    # attention layers to lora.down/lora.up; load_lora_weights then drops
+    # them from a file that mixes both styles.)
+    tensors = {f"unet.{k}": v for k, v in peft_state_dict.items()}
+    # The same layout as StableDiffusionXLPipeline.save_lora_weights(...,
+    # unet_lora_adapter_metadata=config): "unet."-prefixed config keys as JSON.
+    adapter_metadata = {f"unet.{k}": v for k, v in _json_safe(lora_config).items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata, indent=2, sort_keys=True)}
+    _write_atomic(target, safetensors_bytes(_contiguous(tensors), metadata=metadata))
+    return target
+
+
+def save_kohya_lora(
+    path: str | Path,
+    peft_state_dict: dict[str, torch.Tensor],
+    lora_config: dict,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a kohya sd-scripts style LoRA (lora_unet_*, lora_down/lora_up/alpha).
+
+    Module names are diffusers' (lora_unet_down_blocks_1_attentions_0_...),
+    which diffusers, ComfyUI and Forge load; kohya's own SDXL files use the
+    original SGM names (lora_unet_input_blocks_4_1_...), not written yet.
+    `path` is the file, or a directory to hold `lora.safetensors`.
+    """
+    config = _json_safe(lora_config)
+    if config.get("use_dora"):
+        raise ValueError("a DoRA adapter has magnitude vectors the kohya LoRA format cannot hold; export it as diffusers")
+    target = _target(path, KOHYA_WEIGHT_NAME)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in peft_state_dict.items():
+        module, sep, kind = key.rpartition(".lora_")
+        if not sep or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"peft LoRA state dict key {key!r} is not <module>.lora_A/lora_B.weight")
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            tensors[f"{name}.lora_down.weight"] = value
+            rank = value.shape[0]
+            # kohya scales by alpha / rank; write the alpha that gives peft's scale.
+            tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(config, module, rank), dtype=torch.float32)
+        else:
+            tensors[f"{name}.lora_up.weight"] = value
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config["r"]),
+        "ss_network_alpha": str(config["lora_alpha"]),
+        "ss_base_model_version": SDXL_BASE_MODEL_VERSION,
+        **{k: str(v) for k, v in (metadata or {}).items()},
+    }
+    tensors = _contiguous(tensors)
+    meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
+    _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
+    return target
+
+
+def _kohya_alpha(config: dict, module: str, rank: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+    if config.get("use_rslora"):
+        # rsLoRA scales by alpha / sqrt(rank); kohya by alpha / rank.
+        return float(alpha) * math.sqrt(rank)
+    return float(alpha)
+
+
+def _data_sha256(data: bytes) -> str:
+    # kohya's sshs_model_hash: SHA-256 of the tensor data, after the JSON header.
+    header_len = int.from_bytes(data[:8], "little")
+    return "0x" + hashlib.sha256(data[8 + header_len :]).hexdigest()
+
+
+def _json_safe(config: dict) -> dict:
+    def default(o):
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        if isinstance(o, enum.Enum):
+            return o.value
+        raise TypeError(f"LoRA config value {o!r} is not JSON-serializable")
+
+    return json.loads(json.dumps(config, default=default))
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _target(path: str | Path, default_name: str) -> Path:
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        return path / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename; mode as a plain open() would give (not mkstemp's 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

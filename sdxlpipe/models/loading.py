@@ -1,0 +1,188 @@
+"""Load SDXL components from a model spec, offline, frozen and in eval mode.
+
+A spec is `tiny`, a diffusers directory, a Hub id already in the local
+Hugging Face cache (loaded from its snapshot directory, so it goes through
+the same code as a directory), or a single checkpoint file. Each loader
+builds only the component it returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdxlpipe.models import tiny
+from sdxlpipe.models.spec import ModelError, ModelSpec, resolve_spec
+
+__all__ = [
+    "ModelError",
+    "load_vae",
+    "load_text_stack",
+    "load_unet",
+    "load_noise_scheduler",
+    "load_pipeline",
+    "torch_dtype",
+]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelError(f"dtype {dtype!r} is not known", f"use one of {', '.join(_DTYPES)}") from None
+
+
+def load_unet(spec: str, dtype="float32", device="cpu", *, allow_pickle: bool = False, base_dir: Path | None = None):
+    from diffusers import UNet2DConditionModel
+
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        unet = tiny.build_tiny_component("unet")
+    else:
+        unet = _from_dir(UNet2DConditionModel, model, "unet", dtype)
+    return _frozen(unet, dtype, device)
+
+
+def load_vae(
+    spec: str,
+    vae_override: str | None = None,
+    dtype="float32",
+    device="cpu",
+    *,
+    allow_pickle: bool = False,
+    base_dir: Path | None = None,
+):
+    from diffusers import AutoencoderKL
+
+    if vae_override:
+        model = _resolve(vae_override, base_dir, allow_pickle)
+        if model.kind == "tiny":
+            raise ModelError(f"vae {vae_override!r}: `tiny` names a whole model, not a VAE", "give a VAE directory or Hub id")
+        # A VAE repo (e.g. madebyollin/sdxl-vae-fp16-fix) keeps its files at the root.
+        subfolder = "vae" if (model.path / "vae").is_dir() else None
+        return _frozen(_from_dir(AutoencoderKL, model, subfolder, dtype), dtype, device)
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        return _frozen(tiny.build_tiny_component("vae"), dtype, device)
+    return _frozen(_from_dir(AutoencoderKL, model, "vae", dtype), dtype, device)
+
+
+def load_text_stack(spec: str, dtype="float32", device="cpu", *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict:
+    """{"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"}."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        stack = {name: tiny.build_tiny_component(name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
+    else:
+        stack = {
+            "tokenizer": _from_dir(CLIPTokenizer, model, "tokenizer"),
+            "tokenizer_2": _from_dir(CLIPTokenizer, model, "tokenizer_2"),
+            "text_encoder": _from_dir(CLIPTextModel, model, "text_encoder", dtype),
+            "text_encoder_2": _from_dir(CLIPTextModelWithProjection, model, "text_encoder_2", dtype),
+        }
+    for name in ("text_encoder", "text_encoder_2"):
+        stack[name] = _frozen(stack[name], dtype, device)
+    return stack
+
+
+def load_noise_scheduler(spec: str, *, allow_pickle: bool = False, base_dir: Path | None = None):
+    """A DDPMScheduler for training noise, with the model's schedule (SDXL's values)."""
+    from diffusers import DDPMScheduler
+
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        config = tiny.tiny_configs()["scheduler"]
+    else:
+        config = _from_dir(DDPMScheduler.load_config, model, "scheduler")
+    # Sampler-only keys (e.g. Euler's interpolation_type) mean nothing to DDPM.
+    accepted = DDPMScheduler.from_config({}).config.keys()
+    return DDPMScheduler.from_config({k: v for k, v in dict(config).items() if k in accepted})
+
+
+def load_pipeline(
+    spec: str,
+    vae_override: str | None = None,
+    dtype="float32",
+    device="cpu",
+    *,
+    allow_pickle: bool = False,
+    base_dir: Path | None = None,
+):
+    """A StableDiffusionXLPipeline (for validation images and export checks)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        scheduler = tiny.build_tiny_component("scheduler")
+    else:
+        scheduler = _from_dir(_scheduler_class(model).from_pretrained, model, "scheduler")
+    return StableDiffusionXLPipeline(
+        unet=load_unet(spec, dtype, device, allow_pickle=allow_pickle, base_dir=base_dir),
+        vae=load_vae(spec, vae_override, dtype, device, allow_pickle=allow_pickle, base_dir=base_dir),
+        scheduler=scheduler,
+        **load_text_stack(spec, dtype, device, allow_pickle=allow_pickle, base_dir=base_dir),
+    )
+
+
+def _resolve(spec: str, base_dir: Path | None, allow_pickle: bool) -> ModelSpec:
+    model = resolve_spec(spec, base_dir, allow_pickle)
+    if model.kind == "file":
+        # Needs StableDiffusionXLPipeline.from_single_file(path, config=<local
+        # diffusers dir>) plus an SGM-layout test fixture; not built yet.
+        raise ModelError(
+            f"model {spec!r}: single-file checkpoints are not supported yet",
+            "convert it once to a diffusers directory: "
+            "`StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR)`, then set model = DIR",
+        )
+    return model
+
+
+def _from_dir(load, model: ModelSpec, subfolder: str | None, dtype=None):
+    """Call `load` (a class or a from_pretrained-like function) on one subfolder, offline."""
+    if isinstance(load, type):
+        load = load.from_pretrained
+    kwargs: dict = {"local_files_only": True}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if dtype is not None:
+        # diffusers takes torch_dtype, transformers 5 takes dtype.
+        key = "torch_dtype" if getattr(load, "__module__", "").startswith("diffusers") else "dtype"
+        kwargs[key] = torch_dtype(dtype)
+    where = model.path / subfolder if subfolder else model.path
+    try:
+        return load(str(model.path), **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "check that the directory is a complete diffusers SDXL model"
+        if model.hub_id:
+            hint += f" (a Hub model must be fully downloaded: `hf download {model.hub_id}`)"
+        raise ModelError(f"model {model.spec!r}: could not load {subfolder or 'the VAE'} from {where}: {exc}", hint) from exc
+
+
+def _scheduler_class(model: ModelSpec):
+    import json
+
+    import diffusers
+
+    index = model.path / "model_index.json"
+    name = json.loads(index.read_text()).get("scheduler", [None, None])[1] if index.is_file() else None
+    return getattr(diffusers, name or "EulerDiscreteScheduler", diffusers.EulerDiscreteScheduler)
+
+
+def _frozen(module, dtype, device):
+    dtype, device = torch_dtype(dtype), torch.device(device)
+    first = next(module.parameters())
+    if first.dtype != dtype or first.device != device:  # diffusers warns on every .to() cast
+        module = module.to(device=device, dtype=dtype)
+    module.eval()
+    module.requires_grad_(False)
+    return module

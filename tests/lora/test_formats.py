@@ -1,0 +1,104 @@
+"""Given a trained UNet LoRA, when it is exported, then every format reloads to the same UNet."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora
+
+RANK, ALPHA = 4, 8  # as lora_unet in conftest.py; alpha != rank so scaling bugs show
+
+
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    hidden = torch.randn(1, 77, 96, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample
+
+
+@pytest.fixture(scope="module")
+def exported(lora_unet, tmp_path_factory):
+    from peft.utils import get_peft_model_state_dict
+
+    out = tmp_path_factory.mktemp("export")
+    state = get_peft_model_state_dict(lora_unet, adapter_name="default")
+    config = lora_unet.peft_config["default"].to_dict()
+    return {
+        "diffusers": save_diffusers_lora(out / "diffusers", state, config),
+        "kohya": save_kohya_lora(out / "kohya.safetensors", state, config, metadata={"ss_seed": 42}),
+        "state": state,
+    }
+
+
+def pipeline_with(tiny_dir, lora_file=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file))
+    return pipe
+
+
+def test_every_format_reloads_to_the_trained_unet(exported, lora_unet, tiny_dir):
+    assert (lora_unet.peft_config["default"].r, lora_unet.peft_config["default"].lora_alpha) == (RANK, ALPHA)
+    trained = unet_output(lora_unet)
+    base = unet_output(pipeline_with(tiny_dir).unet)
+    from_diffusers = unet_output(pipeline_with(tiny_dir, exported["diffusers"]).unet)
+    from_kohya = unet_output(pipeline_with(tiny_dir, exported["kohya"]).unet)
+
+    assert (trained - base).abs().max() > 1e-2, "the LoRA must change the output for this test to mean anything"
+    assert (from_diffusers - trained).abs().max() < 1e-5
+    assert (from_kohya - trained).abs().max() < 1e-5
+    assert (from_kohya - from_diffusers).abs().max() < 1e-5
+
+
+def test_diffusers_file_carries_the_trained_alpha(exported):
+    with safe_open(exported["diffusers"], "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        keys = list(f.keys())
+    assert exported["diffusers"].name == "pytorch_lora_weights.safetensors"
+    assert meta["unet.r"] == RANK and meta["unet.lora_alpha"] == ALPHA
+    assert all(k.startswith("unet.") for k in keys)
+
+
+def test_kohya_file_has_kohya_keys_alpha_and_metadata(exported):
+    with safe_open(exported["kohya"], "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in keys
+    assert len(alphas) == len(exported["state"]) // 2
+    assert all(float(a) == ALPHA for a in alphas.values())
+    assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["ss_seed"] == "42"
+    assert meta["sshs_model_hash"].startswith("0x") and len(meta["sshs_model_hash"]) == 66
+
+
+def test_exported_files_are_readable_by_others_and_leave_no_temp_files(exported):
+    expected = 0o666 & ~_umask()
+    for name in ("diffusers", "kohya"):
+        path = exported[name]
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected
+        assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_kohya_export_refuses_dora(exported):
+    with pytest.raises(ValueError, match="DoRA"):
+        save_kohya_lora("unused.safetensors", exported["state"], {"r": 4, "lora_alpha": 8, "use_dora": True})
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
