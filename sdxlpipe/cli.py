@@ -19,7 +19,7 @@ from rich.console import Console
 
 from sdxlpipe.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="SDXL fine-tuning as content-cached stages.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="SDXL fine-tuning as content-cached stages.")
 model_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain an artifact store.")
 app.add_typer(model_app, name="model")

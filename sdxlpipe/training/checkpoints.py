@@ -16,7 +16,9 @@ from typing import Any
 
 from sdxlpipe.pipeline.atomic import write_json_atomic
 
-write_json = write_json_atomic
+
+def write_json(path: Path, obj: Any) -> None:
+    write_json_atomic(obj, path)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -51,8 +51,10 @@ def test_first_run_computes_every_stage_and_writes_both_lora_files(finished_run)
         assert stage["failed"] == 0, name
     assert report["stages"]["ingest"]["items"] == 32
     assert report["stages"]["vae_encode"]["computed"] == 32
-    # 30 distinct captions + 2 from file names + the empty caption.
-    assert report["stages"]["text_encode"]["computed"] == 33
+    config, _ = finished_run
+    captions = {p.read_text().strip() for p in (config.parent / "images").glob("*.txt")}
+    # Each distinct caption once, the two file-name captions, and the empty caption.
+    assert report["stages"]["text_encode"]["computed"] == len(captions) + 2 + 1
     assert report["rejected"] == []
     assert sorted(Path(p).name for p in report["outputs"]["lora"]) == [
         "tiny-shapes.diffusers.safetensors", "tiny-shapes.safetensors"]
