@@ -43,7 +43,8 @@ class Models:
             from sdxlpipe.models.fingerprints import model_fingerprints
 
             self._fingerprints = model_fingerprints(
-                self.config.model, self.config.vae, self.memo.hash_file, self.config.base_dir
+                self.config.model, self.config.vae, self.memo.hash_file, self.config.base_dir,
+                allow_pickle=self.config.allow_pickle,
             )
         return self._fingerprints
 
@@ -56,13 +57,15 @@ class Models:
         from sdxlpipe.models import loading
 
         return self._get(f"vae/{dtype}", lambda: loading.load_vae(
-            self.config.model, self.config.vae, dtype=dtype, device=self.config.device))
+            self.config.model, self.config.vae, dtype=dtype, device=self.config.device,
+            allow_pickle=self.config.allow_pickle))
 
     def text_stack(self, dtype: str = "float32"):
         from sdxlpipe.models import loading
 
         return self._get(f"text/{dtype}", lambda: loading.load_text_stack(
-            self.config.model, dtype=dtype, device=self.config.device))
+            self.config.model, dtype=dtype, device=self.config.device,
+            allow_pickle=self.config.allow_pickle))
 
     def loaded(self) -> list[str]:
         return sorted(self._loaded)

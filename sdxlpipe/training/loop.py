@@ -41,7 +41,7 @@ def train_lora(table: pa.Table, params, ctx, run_dir: Path) -> dict:
     device = torch.device(ctx.config.device)
 
     torch.manual_seed(params.seed)
-    unet = loading.load_unet(ctx.config.model, device=ctx.config.device)
+    unet = loading.load_unet(ctx.config.model, device=ctx.config.device, allow_pickle=ctx.config.allow_pickle)
     lora_config = LoraConfig(
         r=params.rank, lora_alpha=params.alpha, init_lora_weights="gaussian",
         target_modules=list(params.target_modules),
@@ -50,7 +50,7 @@ def train_lora(table: pa.Table, params, ctx, run_dir: Path) -> dict:
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
-    scheduler = loading.load_noise_scheduler(ctx.config.model)
+    scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     start = checkpoints.latest_step(run_dir)
