@@ -61,7 +61,9 @@ def run(
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.max_steps=5")] = None,
     shards: Annotated[Optional[str], typer.Option("--shards", help="K/N: compute only partition K of N of the encode items")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="where the encoders run: local, or ray (pip install 'sdxlpipe[ray]')")] = "local",
     as_json: JsonOpt = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any input file was rejected")] = False,
 ) -> None:
     """Bring every stage up to TARGET up to date; compute only what changed."""
     from sdxlpipe.config import load_config
@@ -76,9 +78,17 @@ def run(
     except KeyError:
         raise UserError(f"unknown stage {target!r}", f"use all, encode or one of: {', '.join(STAGE_NAMES)}")
     cfg = load_config(config, set_)
-    report = run_pipeline(cfg, target, partition=_parse_shards(shards), reporter=Reporter(console))
+    from sdxlpipe.engines import ENGINES
+
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine!r} is not known", f"use one of: {', '.join(ENGINES)}")
+    report = run_pipeline(cfg, target, partition=_parse_shards(shards), reporter=Reporter(console), engine=engine)
+    # Duplicates are listed for a person to see, but they lose no sample: not an error.
+    failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])
     if as_json:
         print(json.dumps(report, indent=2))
+        if failed_strict:
+            raise typer.Exit(1)
         return
     for name, s in report["stages"].items():
         print(f"{name:12} {s['items']:>7} items  {s['computed']:>7} computed  {s['reused']:>7} reused"
@@ -87,6 +97,9 @@ def run(
         print(f"rejected: {r['path']}: {r['reason']}")
     for path in report["outputs"].get("lora", []):
         print(f"wrote {path}")
+    if failed_strict:
+        _stderr().print("Error: --strict: input files were rejected (listed above)", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -106,12 +119,15 @@ def buckets(
     step: Annotated[int, typer.Option(help="bucket sides are multiples of this")] = 64,
     min_side: Annotated[int, typer.Option(help="narrowest bucket side")] = 256,
     max_side: Annotated[int, typer.Option(help="widest bucket side")] = 2048,
+    preset: Annotated[Optional[str], typer.Option(help="a fixed bucket list: sdxl (the SDXL paper's App. I)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the bucket list for a resolution."""
-    from sdxlpipe.stages.bucket import make_buckets
+    """Print the bucket list for a resolution, or a preset's."""
+    from sdxlpipe.stages.bucket import PRESETS, make_buckets
 
-    found = make_buckets(resolution, step, min_side, max_side)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown bucket preset {preset!r}", f"known presets: {', '.join(PRESETS)}")
+    found = list(PRESETS[preset]) if preset else make_buckets(resolution, step, min_side, max_side)
     if as_json:
         print(json.dumps([list(b) for b in found]))
         return

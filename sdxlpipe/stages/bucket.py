@@ -1,20 +1,24 @@
 """Bucket: pick each image's aspect-ratio bucket and its resize and crop.
 
-Recipe: make the bucket list (kohya's rule around `resolution`^2 pixels)
--> nearest aspect ratio per image -> resize to cover the bucket -> centre
-crop. The real crop offset is recorded per row (kohya records the offset of
-the image fitted inside the bucket instead), and the train stage feeds it
-to SDXL's micro-conditioning with the original size.
+Recipe: make the bucket list (kohya's rule around `resolution`^2 pixels, or
+the `sdxl` preset: the exact list SDXL was trained on) -> nearest aspect
+ratio per image (with `no_upscale`, kohya's per-image bucket instead) ->
+resize to cover the bucket -> centre crop, or a random crop seeded by the
+image's content hash. The real crop offset is recorded per row (kohya
+records the offset of the image fitted inside the bucket instead), and the
+train stage feeds it to SDXL's micro-conditioning with the original size.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 
-VERSION = 1
+VERSION = 2
 OUTPUT_COLUMNS = ("bucket_w", "bucket_h", "resize_w", "resize_h", "crop_top", "crop_left")
 
 
@@ -28,17 +32,46 @@ class Params:
     min_side: int = 256
     # Widest side a bucket may have (kohya's max_bucket_reso default).
     max_side: int = 2048
+    # "sdxl": exactly the 40 buckets SDXL was trained on (paper, App. I); resolution/step/min/max are then unused.
+    preset: Literal["", "sdxl"] = ""
+    # Never enlarge an image: its bucket is its own size (area capped at resolution^2) floored to `step` (kohya's bucket_no_upscale).
+    no_upscale: bool = False
+    # "center" keeps the middle; "random" picks a seeded offset per image (recorded, so latents and conditioning agree).
+    crop: Literal["center", "random"] = "center"
+    # Seeds the random crops (with each image's content hash).
+    seed: int = 0
 
 
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
-    if p.step <= 0 or p.step % 8:
-        problems.append(("bucket.step", f"must be a positive multiple of 8 (the VAE downsamples x8), not {p.step}"))
+    if p.step <= 0 or p.step % 32:
+        problems.append(("bucket.step", f"must be a positive multiple of 32 (VAE x8, then the UNet halves twice), not {p.step}"))
     if p.resolution < p.step:
         problems.append(("bucket.resolution", f"must be at least bucket.step ({p.step})"))
     if p.min_side > p.resolution or p.max_side < p.resolution:
         problems.append(("bucket.min_side", "need min_side <= resolution <= max_side"))
     return problems
+
+
+# The bucket list of the SDXL paper (Podell et al. 2023, App. I), as (width, height).
+# The paper lists height x width; the list as reproduced in neggles/neurosis
+# (src/neurosis/dataset/aspect/lists.py, SDXLBucketList). Note it is not
+# symmetric: 704x1344 is in it, 1344x704 is not.
+SDXL_BUCKETS = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
+    (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
+    (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
+    (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
+    (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576),
+    (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+)
+PRESETS = {"sdxl": SDXL_BUCKETS}
+
+
+def bucket_list(p: Params) -> list[tuple[int, int]]:
+    if p.preset:
+        return sorted(PRESETS[p.preset], key=lambda b: (b[0] / b[1], b[0]))
+    return make_buckets(p.resolution, p.step, p.min_side, p.max_side)
 
 
 def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side: int = 2048) -> list[tuple[int, int]]:
@@ -59,20 +92,56 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side:
     return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
 
 
-def choose(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int, int, int, int, int]:
+def choose(width: int, height: int, buckets: list[tuple[int, int]],
+           crop_rng: random.Random | None = None) -> tuple[int, int, int, int, int, int]:
     """(bucket_w, bucket_h, resize_w, resize_h, crop_top, crop_left) for one image."""
     ratio = math.log(width / height)
     bw, bh = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+    return cover(width, height, bw, bh, crop_rng)
+
+
+def cover(width: int, height: int, bw: int, bh: int, crop_rng: random.Random | None = None):
+    """Resize (width, height) to cover the bucket, then crop: centre, or random with `crop_rng`."""
     scale = max(bw / width, bh / height)
     # Round up so the resized image always covers the bucket.
     rw, rh = max(bw, math.ceil(width * scale - 1e-6)), max(bh, math.ceil(height * scale - 1e-6))
-    return bw, bh, rw, rh, (rh - bh) // 2, (rw - bw) // 2
+    if crop_rng is None:
+        return bw, bh, rw, rh, (rh - bh) // 2, (rw - bw) // 2
+    return bw, bh, rw, rh, crop_rng.randint(0, rh - bh), crop_rng.randint(0, rw - bw)
+
+
+def no_upscale_bucket(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """kohya's bucket_no_upscale: the image's own size, area capped at resolution^2, floored to `step`."""
+    max_area = resolution * resolution
+    aspect = width / height
+
+    def round_to_step(x: float) -> int:
+        return int(x / step + 0.5) * step
+
+    if width * height > max_area:
+        rw = math.sqrt(max_area * aspect)
+        rh = max_area / rw
+        bw_r = round_to_step(rw)
+        ar_w = bw_r / max(step, round_to_step(bw_r / aspect))
+        bh_r = round_to_step(rh)
+        ar_h = max(step, round_to_step(bh_r * aspect)) / bh_r
+        size = (bw_r, int(bw_r / aspect + 0.5)) if abs(ar_w - aspect) < abs(ar_h - aspect) else (int(bh_r * aspect + 0.5), bh_r)
+    else:
+        size = (width, height)
+    return max(step, size[0] - size[0] % step), max(step, size[1] - size[1] % step)
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
-    buckets = make_buckets(params.resolution, params.step, params.min_side, params.max_side)
+    buckets = bucket_list(params)
     widths, heights = table.column("width").to_pylist(), table.column("height").to_pylist()
-    chosen = [choose(w, h, buckets) for w, h in zip(widths, heights)]
+    hashes = table.column("content_hash").to_pylist()
+    chosen = []
+    for w, h, digest in zip(widths, heights, hashes):
+        rng = random.Random(f"{params.seed}/{digest}") if params.crop == "random" else None
+        if params.no_upscale and not params.preset:
+            chosen.append(cover(w, h, *no_upscale_bucket(w, h, params.resolution, params.step), rng))
+        else:
+            chosen.append(choose(w, h, buckets, rng))
     for i, name in enumerate(OUTPUT_COLUMNS):
         table = table.append_column(name, pa.array([c[i] for c in chosen], pa.int32()))
     return table

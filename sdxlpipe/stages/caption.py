@@ -1,33 +1,125 @@
-"""Caption: the text each image is trained with.
+"""Caption: the text each image is trained with, and its seeded variants.
 
-Recipe: sidecar caption, else the file name's stem (underscores as spaces)
--> prefix and suffix -> one `caption` per row.
+Recipe: the caption ingest found (sidecar, manifest column, tar `.txt`),
+else the optional captioner's, else the file stem or instance prompt ->
+`caption`: wildcards at their first option, tags in their original order,
+prefix and suffix -> `caption_variants`: N seeded variants (shuffled tags
+after the first `keep_tokens`, tag dropout, random wildcard options), or
+just [caption] when nothing is randomised. Caption dropout is no variant:
+the train stage swaps in the cached empty caption with probability
+`caption_dropout` (a column, so it travels with the table).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-VERSION = 1
-OUTPUT_COLUMNS = ("caption",)
+VERSION = 2
+OUTPUT_COLUMNS = ("caption", "caption_variants", "caption_dropout")
+
+
+@dataclass(frozen=True)
+class Captioner:
+    # A local transformers image-to-text model directory (e.g. BLIP); empty = no captioner.
+    model: str = field(default="", metadata={"path": True})
+    # Text the caption starts from (BLIP's conditional captioning); empty for plain captioning.
+    prompt: str = ""
+    # Longest caption generated, in tokens; 40 covers a BLIP sentence.
+    max_new_tokens: int = 40
+    # Images per generate call; small because captioning runs once per image.
+    batch_size: int = 8
+    # Also caption images whose caption is only their file name; off: only images with no caption at all.
+    replace_stem: bool = True
 
 
 @dataclass(frozen=True)
 class Params:
-    # Prepended to every caption, e.g. a trigger word "sks dog, ".
+    # Prepended to every caption, e.g. a trigger word "sks dog, " (never shuffled or dropped).
     caption_prefix: str = ""
     # Appended to every caption.
     caption_suffix: str = ""
+    # Splits booru-style tags; "," for "1girl, solo, smile".
+    separator: str = ","
+    # The first N tags stay in place (a trigger word or character name), as in kohya.
+    keep_tokens: int = 0
+    # Shuffle the tags after keep_tokens in each variant (kohya's shuffle_caption).
+    shuffle_tags: bool = False
+    # Chance each tag after keep_tokens is left out of a variant (kohya's caption_tag_dropout_rate).
+    tag_dropout: float = 0.0
+    # Chance a training step sees the empty caption instead (kohya's caption_dropout_rate; ED2 uses 0.04).
+    caption_dropout: float = 0.0
+    # Fixed variants per image when anything is randomised; each is text-encoded once, so more costs cache.
+    variants: int = 8
+    # Seeds the variants (with each image's content hash): change it for different shuffles.
+    seed: int = 0
+    captioner: Captioner = Captioner()
+
+
+def check(p: Params) -> list[tuple[str, str]]:
+    problems = []
+    for name in ("tag_dropout", "caption_dropout"):
+        if not 0.0 <= getattr(p, name) < 1.0:
+            problems.append((f"caption.{name}", "must be in [0, 1)"))
+    if p.keep_tokens < 0:
+        problems.append(("caption.keep_tokens", "must be >= 0"))
+    if p.variants < 1:
+        problems.append(("caption.variants", "must be >= 1"))
+    if not p.separator:
+        problems.append(("caption.separator", 'must not be empty; "," splits booru tags'))
+    if p.captioner.model:
+        from pathlib import Path
+
+        if not Path(p.captioner.model).is_dir():
+            problems.append(("caption.captioner.model", f"not a model directory: {p.captioner.model}"))
+    return problems
+
+
+def randomised(p: Params, texts: list[str]) -> bool:
+    from sdxlpipe.datasets.tags import WILDCARD
+
+    return p.shuffle_tags or p.tag_dropout > 0 or any(WILDCARD.search(t) for t in texts)
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
-    sidecars = table.column("sidecar_caption").to_pylist()
-    sources = table.column("source").to_pylist()
-    captions = []
-    for sidecar, source in zip(sidecars, sources):
-        text = sidecar if sidecar else Path(source).stem.replace("_", " ")
-        captions.append(f"{params.caption_prefix}{text}{params.caption_suffix}")
-    return table.append_column("caption", pa.array(captions, pa.string()))
+    from sdxlpipe.datasets.tags import join_tags, resolve_wildcards, split_tags, tag_frequency, variants
+
+    found = table.column("sidecar_caption").to_pylist()
+    origins = table.column("caption_origin").to_pylist()
+    defaults = table.column("default_caption").to_pylist()
+    hashes = table.column("content_hash").to_pylist()
+    texts = [f if f else d for f, d in zip(found, defaults)]
+    if params.captioner.model:
+        from sdxlpipe.datasets.captioner import caption_images
+
+        wanted = {"", "prompt"} | ({"stem"} if params.captioner.replace_stem else set())
+        todo = [i for i, o in enumerate(origins) if o in wanted]
+        generated = caption_images(table.take(todo).to_pylist() if todo else [], params.captioner, ctx)
+        for i, text in zip(todo, generated):
+            if text:
+                texts[i], origins[i] = text, "captioner"
+    shuffle_any = randomised(params, texts)
+    captions, all_variants = [], []
+    for text, digest in zip(texts, hashes):
+        canonical = resolve_wildcards(text, None)
+        if params.shuffle_tags or params.tag_dropout > 0:
+            canonical = join_tags(split_tags(canonical, params.separator), params.separator)
+        captions.append(_wrap(canonical, params))
+        if shuffle_any:
+            vs = variants(text, separator=params.separator, keep_tokens=params.keep_tokens,
+                          shuffle=params.shuffle_tags, tag_dropout=params.tag_dropout,
+                          count=params.variants, seed=f"{params.seed}/{digest}/{text}")
+            all_variants.append([_wrap(v, params) for v in vs])
+        else:
+            all_variants.append([captions[-1]])
+    ctx.outputs["tag_frequency"] = tag_frequency(table.column("subset").to_pylist(), captions, params.separator)
+    table = table.drop_columns([c for c in ("caption_origin",) if c in table.column_names])
+    table = table.append_column("caption_origin", pa.array(origins, pa.string()))
+    table = table.append_column("caption", pa.array(captions, pa.string()))
+    table = table.append_column("caption_variants", pa.array(all_variants, pa.list_(pa.string())))
+    return table.append_column("caption_dropout", pa.array([params.caption_dropout] * len(captions), pa.float32()))
+
+
+def _wrap(text: str, p: Params) -> str:
+    return f"{p.caption_prefix}{text}{p.caption_suffix}"

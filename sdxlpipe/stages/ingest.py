@@ -1,36 +1,51 @@
-"""Ingest: find the images, hash their bytes, read their size.
+"""Ingest: find the images, hash their bytes, check them, read their size.
 
-Recipe: walk each source folder (sorted, recursive) -> content hash from
-the stat memo -> size and validity from the previous table when the hash is
-known, else from the image header -> drop exact duplicates -> one row per
-image. A no-op rerun reads no image bytes.
+Recipe: each source (a folder, a jsonl/csv/parquet manifest, or webdataset
+tars) yields candidates -> content hash (files: the stat memo; tar members:
+the tar's memo hash plus the member's offset) -> size, alpha and validity
+from the last run when the hash is known, else from the image itself ->
+bad files become `rejected` entries with a plain reason, exact duplicates
+are kept once -> one row per good image. A no-op rerun reads no image bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Literal
 
 import pyarrow as pa
 
-VERSION = 1
+VERSION = 2
 # `source` (an absolute path) is left out: a moved dataset is not a changed one.
-OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "sidecar_caption")
-
-# What PIL decodes and SDXL users actually ship.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CAPTION_EXTENSIONS = (".txt", ".caption")
+OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "is_reg", "has_alpha",
+                  "sidecar_caption", "caption_origin", "default_caption")
+# Rejected files of the last run, so a rerun answers them from the memo too.
+REJECTED_TABLE = "ingest_rejected"
 
 
 @dataclass(frozen=True)
 class Source:
+    # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
     path: str = field(metadata={"path": True})
+    # "auto" decides from the path: manifest by extension, webdataset for .tar files or a folder of only tars.
+    kind: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
-    # Name of the subset in reports and export metadata; defaults to the folder name.
+    # Regularisation / class images (kohya's is_reg): trained on like the others, reported apart.
+    is_reg: bool = False
+    # Name of the subset in reports and export metadata; defaults to the folder or file name.
     name: str = ""
+    # Read kohya's `<repeats>_<class tokens>/` folders: repeats and the fallback caption from the name.
+    kohya_folders: bool = False
+    # Manifest columns: the image path (relative to the manifest) and the caption.
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Fixed instance/class prompt for images with no caption (after sidecar, column and stem).
+    prompt: str = ""
+    # Use the file name (underscores as spaces) when there is no caption; off to fall back to `prompt`.
+    stem_captions: bool = True
 
 
 @dataclass(frozen=True)
@@ -45,82 +60,156 @@ def check(p: Params) -> list[tuple[str, str]]:
     if not p.sources:
         problems.append(("sources", 'no image source; add [[sources]] path = "images"'))
     for i, s in enumerate(p.sources):
-        if not Path(s.path).is_dir():
-            problems.append((f"sources[{i}].path", f"not a folder: {s.path}"))
+        where = f"sources[{i}]"
+        path = Path(s.path)
+        if not path.exists():
+            problems.append((f"{where}.path", f"does not exist: {s.path}"))
+        elif source_kind(s) == "manifest" and not path.is_file():
+            problems.append((f"{where}.path", f"a manifest must be a .jsonl, .csv or .parquet file: {s.path}"))
+        elif source_kind(s) == "folder" and not path.is_dir():
+            problems.append((f"{where}.path", f"not a folder (manifests end in .jsonl/.csv/.parquet, shards in .tar): {s.path}"))
         if s.repeats < 1:
-            problems.append((f"sources[{i}].repeats", "must be >= 1"))
+            problems.append((f"{where}.repeats", "must be >= 1"))
+    if p.max_pixels < 1:
+        problems.append(("ingest.max_pixels", "must be >= 1"))
     return problems
+
+
+def source_kind(s: Source) -> str:
+    if s.kind != "auto":
+        return s.kind
+    from sdxlpipe.datasets.manifest import MANIFEST_EXTENSIONS
+
+    path = Path(s.path)
+    if path.suffix.lower() in MANIFEST_EXTENSIONS:
+        return "manifest"
+    if path.suffix.lower() == ".tar":
+        return "webdataset"
+    if path.is_dir():
+        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if entries and all(p.suffix.lower() == ".tar" or p.suffix.lower() == ".parquet" for p in entries) \
+                and any(p.suffix.lower() == ".tar" for p in entries):
+            return "webdataset"  # img2dataset output: shards plus a parquet per shard
+    return "folder"
 
 
 SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("content_hash", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("repeats", pa.int32()),
-    ("subset", pa.string()), ("sidecar_caption", pa.string()),
+    ("subset", pa.string()), ("is_reg", pa.bool_()), ("has_alpha", pa.bool_()),
+    ("sidecar_caption", pa.string()), ("caption_origin", pa.string()), ("default_caption", pa.string()),
+    ("container_hash", pa.string()),
+])
+REJECTED_SCHEMA = pa.schema([
+    ("path", pa.string()), ("source", pa.string()), ("content_hash", pa.string()),
+    ("reason", pa.string()), ("container_hash", pa.string()),
 ])
 
 
+def candidates(source: Source, tar_hash) -> Iterator[tuple[object, str | None]]:
+    """(candidate, container hash) for every image a source lists."""
+    from sdxlpipe.datasets.folder import read_folder
+    from sdxlpipe.datasets.manifest import read_manifest
+    from sdxlpipe.datasets.webdataset import list_tars, read_tar
+
+    path = Path(source.path)
+    kind = source_kind(source)
+    subset = source.name or (path.stem if path.is_file() else path.name)
+    common = dict(subset=subset, repeats=source.repeats, prompt=source.prompt, stem_captions=source.stem_captions)
+    if kind == "manifest":
+        for c in read_manifest(path, image_column=source.image_column, caption_column=source.caption_column, **common):
+            yield c, None
+    elif kind == "webdataset":
+        for tar in list_tars(path):
+            digest = tar_hash(tar)
+            prefix = "" if path.is_file() else tar.relative_to(path).as_posix() + "/"
+            for c in read_tar(tar, rel_prefix=prefix, **common):
+                yield c, digest
+    else:
+        for c in read_folder(path, kohya_folders=source.kohya_folders, **common):
+            yield c, None
+
+
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
-    known = _known_sizes(ctx.previous_table("ingest"))
+    from sdxlpipe.datasets.open_image import ImageInfo, probe_image, read_source_bytes
+    from sdxlpipe.pipeline.keys import xxh3_hex
+
+    previous = ctx.previous_table("ingest")
+    old_rejected = ctx.previous_table(REJECTED_TABLE)
+    good, bad, member_hash = _known(previous, old_rejected)
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+    rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
     seen: dict[str, str] = {}
+    read_bytes = 0
+
+    def reject(c, digest, reason, container_hash):
+        ctx.reject(c.display, reason)
+        for name, value in zip(REJECTED_SCHEMA.names, (c.display, c.source, digest, reason, container_hash)):
+            rejected[name].append(value)
+
     for source in params.sources:
-        root = Path(source.path)
-        subset = source.name or root.name
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-            digest = ctx.memo.hash_file(path)
-            size = known.get(digest) or _read_size(path, params.max_pixels)
-            if isinstance(size, str):
-                ctx.reject(str(path), size)
+        for c, container_hash in candidates(source, ctx.memo.hash_file):
+            if c.reject:
+                reject(c, None, c.reject, container_hash)
+                continue
+            data = None
+            if c.file is not None:
+                digest = ctx.memo.hash_file(c.file)
+            else:
+                digest = member_hash.get((container_hash, c.source))
+                if digest is None:
+                    data = read_source_bytes(c.source)
+                    digest = xxh3_hex(data)
+            info = good.get(digest) or bad.get(digest)
+            if info is None:
+                info = probe_image(data if data is not None else c.file, params.max_pixels)
+                read_bytes += 1
+                if isinstance(info, ImageInfo) and info.notes:
+                    ctx.log.info("%s: %s", c.display, "; ".join(info.notes))
+            if isinstance(info, str):
+                reject(c, digest, info, container_hash)
                 continue
             if digest in seen:
-                ctx.log.info("duplicate image %s is the same file as %s: kept once", path, seen[digest])
+                # Listed with the rejects so a person sees it; `duplicate_of` tells --strict it is no error.
+                ctx.rejected.append({"path": c.display, "reason": f"duplicate: same bytes as {seen[digest]} (kept once)",
+                                     "duplicate_of": seen[digest]})
+                ctx.log.info("duplicate image %s is the same file as %s: kept once", c.display, seen[digest])
                 continue
-            seen[digest] = str(path)
-            rel = path.relative_to(root).as_posix()
+            seen[digest] = c.display
             values = {
-                # The sample's identity in the tables (not a cache key): subset + relative path.
-                "key": hashlib.blake2b(f"{subset}/{rel}".encode(), digest_size=8).hexdigest(),
-                "source": str(path), "content_hash": digest, "width": size[0], "height": size[1],
-                "repeats": source.repeats, "subset": subset, "sidecar_caption": _sidecar(path),
+                # The sample's identity in the tables (not a cache key): subset + path inside the source.
+                "key": hashlib.blake2b(f"{c.subset}/{c.rel}".encode(), digest_size=8).hexdigest(),
+                "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
+                "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
+                "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
+                "default_caption": c.default_caption, "container_hash": container_hash,
             }
             for name in SCHEMA.names:
                 rows[name].append(values[name])
     ctx.memo.save()
+    ctx.log.debug("ingest probed %d image(s)", read_bytes)
+    if not ctx.dry_run:
+        ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
     return pa.table(rows, schema=SCHEMA)
 
 
-def _known_sizes(previous: pa.Table | None) -> dict[str, tuple[int, int]]:
-    if previous is None:
-        return {}
-    d = previous.select(["content_hash", "width", "height"]).to_pydict()
-    return {h: (w, hh) for h, w, hh in zip(d["content_hash"], d["width"], d["height"])}
+def _known(previous: pa.Table | None, rejected: pa.Table | None):
+    """From the last run: content hash -> ImageInfo or reject reason, and (tar hash, member) -> content hash."""
+    from sdxlpipe.datasets.open_image import ImageInfo
 
-
-def _read_size(path: Path, max_pixels: int) -> tuple[int, int] | str:
-    """(width, height) after EXIF orientation, or the reason the file is unusable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    return f"{w}x{h} is more than ingest.max_pixels={max_pixels}; raise it if the image is real"
-                orientation = im.getexif().get(0x0112, 1)
-                im.load()  # decodes the whole image: catches truncated files now, not mid-encode
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"not a readable image ({type(e).__name__}: {e})"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"damaged image ({e})"
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
-def _sidecar(path: Path) -> str | None:
-    for ext in CAPTION_EXTENSIONS:
-        side = path.with_suffix(ext)
-        if side.exists():
-            return side.read_text(encoding="utf-8", errors="replace").strip()
-    return None
+    good: dict[str, ImageInfo] = {}
+    bad: dict[str, str] = {}
+    member_hash: dict[tuple[str, str], str] = {}
+    if previous is not None and {"has_alpha", "container_hash"} <= set(previous.column_names):
+        d = previous.select(["content_hash", "width", "height", "has_alpha", "source", "container_hash"]).to_pydict()
+        for h, w, hh, a, src, ch in zip(*d.values()):
+            good[h] = ImageInfo(w, hh, a)
+            if ch:
+                member_hash[(ch, src)] = h
+    if rejected is not None and set(REJECTED_SCHEMA.names) <= set(rejected.column_names):
+        for r in rejected.to_pylist():
+            if r["content_hash"]:
+                bad[r["content_hash"]] = r["reason"]
+                if r["container_hash"]:
+                    member_hash[(r["container_hash"], r["source"])] = r["content_hash"]
+    return good, bad, member_hash

@@ -32,8 +32,10 @@ def test_bad_files_are_rejected_with_reasons_and_good_ones_kept(tmp_path):
 
     report = run_pipeline(_config(tmp_path, images), "ingest")
 
-    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report["rejected"]}
+    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report["rejected"] if "duplicate_of" not in r}
     assert set(reasons) == {"empty.png", "truncated.png", "text.jpg"}
+    (dup,) = [r for r in report["rejected"] if "duplicate_of" in r]
+    assert dup["path"].endswith("good.png") and dup["duplicate_of"].endswith("copy.png")
     assert "0 bytes" in reasons["empty.png"]
     assert report["stages"]["ingest"]["items"] == 2  # good, good2; the copy is kept once
 
