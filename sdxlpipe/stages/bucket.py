@@ -53,11 +53,14 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
-# The bucket list of the SDXL paper (Podell et al. 2023, App. I), as (width, height).
-# The paper lists height x width; the list as reproduced in neggles/neurosis
-# (src/neurosis/dataset/aspect/lists.py, SDXLBucketList). Note it is not
-# symmetric: 704x1344 is in it, 1344x704 is not.
-SDXL_BUCKETS = (
+# The bucket list of the SDXL paper (Podell et al. 2023, App. I). The paper
+# prints rows as height, width (aspect ratio = h/w, 0.25 for 512 x 2048); the
+# rows below are copied in that order and turned into (width, height). The
+# same 40 rows are reproduced in neggles/neurosis
+# (src/neurosis/dataset/aspect/lists.py, SDXLBucketList), which reads them
+# as (width, height). The list is not symmetric: 1344 x 704 (w x h) is in it,
+# 704 x 1344 is not.
+_SDXL_PAPER_HEIGHT_WIDTH = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
     (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
     (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
@@ -65,6 +68,7 @@ SDXL_BUCKETS = (
     (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576),
     (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
 )
+SDXL_BUCKETS = tuple((w, h) for h, w in _SDXL_PAPER_HEIGHT_WIDTH)
 PRESETS = {"sdxl": SDXL_BUCKETS}
 
 
