@@ -1,3 +1,5 @@
 from sdxlpipe.cli import main
 
-main()
+# Guarded: decode workers are spawned, and a spawned process imports __main__ again.
+if __name__ == "__main__":
+    main()

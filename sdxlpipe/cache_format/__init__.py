@@ -7,10 +7,11 @@ Importing this package does not import torch.
 """
 
 from .codec import decode_json, decode_tensors, encode_json, encode_tensors
-from .shards import StoreError
+from .shards import CacheDamaged, StoreError
 from .store import FORMAT_LINE, Store, Writer, open_store
 
 __all__ = [
+    "CacheDamaged",
     "FORMAT_LINE",
     "Store",
     "StoreError",

@@ -15,7 +15,7 @@ import posixpath
 import secrets
 import tarfile
 import tempfile
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
@@ -35,6 +35,20 @@ class StoreError(Exception):
 
     def __str__(self) -> str:
         return f"{self.what}\nHint: {self.hint}" if self.hint else self.what
+
+
+class CacheDamaged(StoreError):
+    """A reader found cached items unusable (checksum, truncation, lost shard).
+
+    `items` maps a stage to the item keys; the store has already marked them bad,
+    so the pipeline runner recomputes them and runs the reading stage again.
+    """
+
+    def __init__(self, items: dict[str, Iterable[str]], what: str = ""):
+        self.items = {stage: sorted(set(keys)) for stage, keys in items.items()}
+        count = sum(len(k) for k in self.items.values())
+        super().__init__(what or f"{count} cached item(s) are damaged: {self.items}",
+                         "run the same command again: the encode stages recompute the damaged items first")
 
 
 def is_local(fs) -> bool:

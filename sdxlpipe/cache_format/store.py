@@ -160,6 +160,12 @@ class Store:
         present = self._index(stage).present()
         return [k for k in dict.fromkeys(keys) if k not in present]
 
+    def damaged(self, stage: str, keys: Iterable[str]) -> list[str]:
+        """The keys that were written but whose every copy is known bad (checksum, truncation, lost shard)."""
+        index = self._index(stage)
+        present = index.present()
+        return [k for k in dict.fromkeys(keys) if k in index.by_key and k not in present]
+
     def _record_bad(self, stage: str, failures: list[tuple[Location, str]]) -> None:
         """Warn about bad locations and append a bad-marker fragment for the new ones."""
         index = self._index(stage)

@@ -70,6 +70,32 @@ class Models:
     def loaded(self) -> list[str]:
         return sorted(self._loaded)
 
+    def loader(self, component: str, portable: bool = False):
+        """`load(dtype)` for "vae" or "text"; portable = picklable, for workers in other processes."""
+        if not portable:
+            return self.vae if component == "vae" else self.text_stack
+        return ComponentLoader(component, self.config.model, self.config.vae, self.config.device,
+                               self.config.allow_pickle)
+
+
+@dataclass(frozen=True)
+class ComponentLoader:
+    """Loads one component from the config's model spec; small and picklable (Ray actors)."""
+
+    component: str  # "vae" or "text"
+    model: str
+    vae: str | None
+    device: str
+    allow_pickle: bool
+
+    def __call__(self, dtype: str = "float32"):
+        from sdxlpipe.models import loading
+
+        if self.component == "vae":
+            return loading.load_vae(self.model, self.vae, dtype=dtype, device=self.device,
+                                    allow_pickle=self.allow_pickle)
+        return loading.load_text_stack(self.model, dtype=dtype, device=self.device, allow_pickle=self.allow_pickle)
+
 
 @dataclass
 class Context:
@@ -83,9 +109,28 @@ class Context:
     # (k, n): compute only items whose key falls in partition k of n.
     partition: tuple[int, int] | None = None
     stage: str = ""
+    # Where the encode stages run their model workers: "local" or "ray".
+    engine_name: str = "local"
     stats: dict[str, StageStats] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
+    # Store items found damaged during this run, per stage (recomputed; reported in --json).
+    damaged: dict[str, set[str]] = field(default_factory=dict)
+    _engines: dict[str, Any] = field(default_factory=dict)
+
+    def engine(self, workers: int):
+        """The run's encode engine (one per run: models and worker pools are kept between stages)."""
+        from sdxlpipe.engines import open_engine
+
+        key = f"{self.engine_name}/{workers}"
+        if key not in self._engines:
+            self._engines[key] = open_engine(self.engine_name, workers)
+        return self._engines[key]
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
 
     @property
     def log(self):

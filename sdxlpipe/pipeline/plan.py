@@ -19,8 +19,15 @@ def plan_items(ctx, keys: Iterable[str]) -> list[str]:
         k, n = ctx.partition
         todo = [key for key in missing if partition_of(key, n) == k]
     reasons = []
-    if missing:
-        reasons.append(f"{len(missing)} item(s) not in the store")
+    damaged = ctx.store.damaged(ctx.stage, missing) if missing else []
+    if damaged:
+        ctx.damaged.setdefault(ctx.stage, set()).update(damaged)
+        reasons.append(f"{len(damaged)} item(s) damaged in the store, recomputed")
+        if not ctx.dry_run:
+            ctx.log.warning("%d %s item(s) failed their checksum or lost their shard; recomputing: %s",
+                            len(damaged), ctx.stage, ", ".join(damaged[:10]) + (" ..." if len(damaged) > 10 else ""))
+    if len(missing) > len(damaged):
+        reasons.append(f"{len(missing) - len(damaged)} item(s) not in the store")
     if len(todo) < len(missing):
         reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0]}/{ctx.partition[1]})")
     ctx.report(items=len(unique), computed=len(todo), reused=len(unique) - len(missing), reasons=reasons)

@@ -1,33 +1,43 @@
-"""Text encode: each distinct caption's SDXL conditioning, cached in the store.
+"""Text encode: each distinct text's SDXL conditioning, cached in the store.
 
-Recipe: one key per distinct text (plus the empty caption, for caption
-dropout) from the text and both text encoders' weights -> the keys the
-store lacks -> encode in batches -> store prompt embeddings and the pooled
-embedding in fp16 -> `text_key` and `empty_text_key` columns. Identical
-captions are encoded once for the whole dataset.
+Recipe: the texts (every caption, every caption variant, and the empty
+caption for caption dropout) -> one key per distinct text from the text, the
+token length, clip_skip and both text encoders' and tokenizers' weights ->
+the keys the store lacks (in this `--shards` partition) -> encode in batches
+-> store prompt embeddings and the pooled embedding in fp16 -> `text_key`,
+`text_variant_keys` and `empty_text_key` columns. A text used by many rows
+is encoded and stored once for the whole dataset.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import random
 from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
 
-from sdxlpipe.pipeline.keys import item_key
+from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items
 
 VERSION = 1
-OUTPUT_COLUMNS = ("text_key", "empty_text_key")
+OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
 FIELD = "text.safetensors"
+# The store's own default shard size (256 MiB): chunks are sized to fill one shard.
+SHARD_BYTES = 256 << 20
+# fp16 bytes per token of SDXL's prompt embeddings (768 + 1280 channels): sizes chunks.
+BYTES_PER_TOKEN = 2048 * 2
 
 
 @dataclass(frozen=True)
 class Params:
     # Captions per encoder call; text encoding is cheap, so larger batches only help.
     batch_size: int = 32
-    # CLIP's window; 150/225 (SDXL chunking) come with the encode issue.
-    max_token_length: Literal[77] = 77
+    # Caption tokens kept: 75 is CLIP's window; 150/225 encode 75-token chunks and join
+    # them (kohya's SDXL scheme), for long tag lists. Longer embeddings cost memory in training.
+    max_token_length: Literal[75, 150, 225] = 75
     # 0 = SDXL's own choice (penultimate layer); N skips N more layers.
     clip_skip: int = 0
 
@@ -53,30 +63,83 @@ def key_doc(text: str, params: Params, fp: dict[str, str]) -> dict:
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     fp = ctx.models.fingerprints()
     captions = table.column("caption").to_pylist()
-    texts = list(dict.fromkeys(captions + [""]))
+    if "caption_variants" in table.column_names:
+        variants = [v if v is not None else [c] for v, c in zip(table.column("caption_variants").to_pylist(), captions)]
+    else:
+        variants = [[c] for c in captions]
+    texts = list(dict.fromkeys(captions + [t for vs in variants for t in vs] + [""]))
     key_of = {t: item_key(key_doc(t, params, fp)) for t in texts}
     todo = set(plan_items(ctx, key_of.values()))
     if todo and not ctx.dry_run:
         _encode([t for t in texts if key_of[t] in todo], key_of, params, ctx)
     table = table.append_column("text_key", pa.array([key_of[c] for c in captions], pa.string()))
+    table = table.append_column("text_variant_keys", pa.array([[key_of[t] for t in vs] for vs in variants],
+                                                              pa.list_(pa.string())))
     return table.append_column("empty_text_key", pa.array([key_of[""]] * len(captions), pa.string()))
 
 
+def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params) -> list[list[dict]]:
+    """Shard-sized groups of texts that depend on the dataset's text count, never on timing."""
+    per_shard = max(1, SHARD_BYTES // (BYTES_PER_TOKEN * (params.max_token_length + 2)))
+    n = max(1, math.ceil(total / per_shard))
+    chunks: dict[int, list[dict]] = {}
+    for t in texts:
+        chunks.setdefault(partition_of(key_of[t], n), []).append({"key": key_of[t], "text": t})
+    return [sorted(chunks[c], key=lambda j: j["key"]) for c in sorted(chunks)]
+
+
 def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> None:
-    import torch
+    engine = ctx.engine(0)
+    chunks = _chunks(texts, key_of, len(key_of), params)
+    make_worker = functools.partial(TextWorker, ctx.models.loader("text", portable=engine.name != "local"),
+                                    params.max_token_length, params.clip_skip)
+    with ctx.reporter.track("text_encode", len(texts)) as advance:
+        if engine.name == "local":
+            start = random.randrange(len(chunks)) if chunks else 0
+            for chunk in chunks[start:] + chunks[:start]:
+                ctx.store.refresh()
+                missing = set(ctx.store.missing("text_encode", [j["key"] for j in chunk]))
+                chunk = [j for j in chunk if j["key"] in missing]
+                _write(engine.run(chunk, None, make_worker, params.batch_size), ctx, advance)
+        else:
+            jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
+            _write(engine.run(jobs, None, make_worker, params.batch_size), ctx, advance)
 
-    from sdxlpipe.cache_format import encode_tensors
-    from sdxlpipe.models.sdxl import encode_prompts
 
-    stack = ctx.models.text_stack()
-    with ctx.store.writer("text_encode") as writer, ctx.reporter.track("text_encode", len(texts)) as advance:
-        for start in range(0, len(texts), params.batch_size):
-            batch = texts[start:start + params.batch_size]
-            embeds, pooled = encode_prompts(batch, stack, params.max_token_length, params.clip_skip)
-            for i, text in enumerate(batch):
-                payload = encode_tensors({
-                    "prompt_embeds": embeds[i].to(torch.float16).contiguous(),
-                    "pooled_prompt_embeds": pooled[i].to(torch.float16).contiguous(),
-                })
-                writer.add(key_of[text], FIELD, payload)
-            advance(len(batch))
+def _write(batches, ctx, advance) -> None:
+    """Results (key, payload, note, chunk) in job order; a new shard per chunk."""
+    writer = ctx.store.writer("text_encode", target_shard_bytes=1 << 62)
+    current = None
+    try:
+        for results in batches:
+            for key, payload, _note, chunk, _ in results:
+                if chunk != current:
+                    writer.close()
+                    current = chunk
+                writer.add(key, FIELD, payload)
+            advance(len(results))
+    finally:
+        writer.close()
+
+
+class TextWorker:
+    """The model side: texts in, safetensors payloads out. `load_stack(dtype)` gives the encoders."""
+
+    def __init__(self, load_stack, max_token_length: int, clip_skip: int):
+        self.stack = load_stack("float32")
+        self.max_token_length = max_token_length
+        self.clip_skip = clip_skip
+
+    def __call__(self, jobs: list[dict], prepared: list) -> list:
+        import torch
+
+        from sdxlpipe.cache_format import encode_tensors
+        from sdxlpipe.models.sdxl import encode_prompts
+
+        embeds, pooled = encode_prompts([j["text"] for j in jobs], self.stack, self.max_token_length, self.clip_skip)
+        return [
+            (j["key"], encode_tensors({"prompt_embeds": embeds[i].to(torch.float16).contiguous(),
+                                       "pooled_prompt_embeds": pooled[i].to(torch.float16).contiguous()}),
+             "", j.get("chunk"), "")
+            for i, j in enumerate(jobs)
+        ]

@@ -1,25 +1,39 @@
 """VAE encode: each image's latent distribution, cached in the store.
 
-Recipe: one key per row from the image bytes, its resize and crop and the
-VAE's weights -> the keys the store lacks -> batches from one bucket ->
-decode, resize, crop -> encode -> store mean and std in fp16 -> a
-`latent_key` column. Non-finite latents (SDXL's VAE in fp16) are encoded
-again in fp32; a NaN is never stored.
+Recipe: one key per row from the image bytes, its resize and crop, the flip,
+the mask source and the VAE's weights -> the keys the store lacks (in this
+`--shards` partition) -> chunks, one shard each, grouped by bucket -> decode,
+resize, crop in worker processes -> encode in batches -> store mean and std
+in fp16 (and the mask at latent resolution) -> `latent_key` and
+`latent_flip_key` columns. Non-finite latents (SDXL's VAE in fp16) are
+encoded again in fp32; a NaN is never stored.
+
+Chunks are a pure function of the table (bucket, and the key's hash among
+the bucket's chunks), not of what happens to be missing, and the encode is
+deterministic: two processes that encode the same chunk write the same
+shard, byte for byte, so concurrent runs on one store hold each item once.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import random
 from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
 
-from sdxlpipe.pipeline.keys import item_key
+from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items
 
 VERSION = 1
-OUTPUT_COLUMNS = ("latent_key",)
+OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
 FIELD = "latent.safetensors"
+# SDXL's VAE downsamples x8 (so does tiny's); the mask is stored at this resolution.
+LATENT_FACTOR = 8
+# The store's own default shard size (256 MiB): chunks are sized to fill one shard.
+SHARD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -28,102 +42,263 @@ class Params:
     batch_size: int = 8
     # fp32 is exact; fp16/bf16 halve the VAE's memory (NaNs are re-encoded in fp32).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Also cache each image's horizontally flipped latent (kohya's flip_aug); training
+    # then picks one of the two at random. Doubles the encode time and the store.
+    flip_aug: bool = False
+    # Masked loss: "none"; "alpha" (the image's alpha channel: transparent = ignored);
+    # or a folder of mask images named like the images (white = counts).
+    mask_from: str = "none"
+    # Decode/resize worker processes; 0 decodes in the encoder's process. Raise it
+    # until bench/encode.py shows the encoder is never idle.
+    workers: int = 2
+    # Images per shard (0 = fill ~256 MiB shards); lower it to lose less to one corrupt shard.
+    images_per_shard: int = 0
 
 
 def check(p: Params) -> list[tuple[str, str]]:
-    return [("vae_encode.batch_size", "must be >= 1")] if p.batch_size < 1 else []
+    problems = []
+    if p.batch_size < 1:
+        problems.append(("vae_encode.batch_size", "must be >= 1"))
+    if p.workers < 0:
+        problems.append(("vae_encode.workers", "must be >= 0"))
+    if p.images_per_shard < 0:
+        problems.append(("vae_encode.images_per_shard", "must be >= 0 (0 = fill 256 MiB shards)"))
+    if p.mask_from not in ("none", "alpha"):
+        from pathlib import Path
+
+        if not Path(p.mask_from).is_dir():
+            problems.append(("vae_encode.mask_from", f'must be "none", "alpha" or a folder of masks; '
+                                                     f"{p.mask_from!r} is not a folder"))
+    return problems
 
 
-def key_doc(row: dict, params: Params, vae_fingerprint: str) -> dict:
-    return {
+def key_doc(row: dict, params: Params, vae_fingerprint: str, flip: bool = False, mask: str | None = None) -> dict:
+    doc = {
         "stage": "vae_encode", "version": VERSION, "content_hash": row["content_hash"],
         "resize": [row["resize_w"], row["resize_h"]], "crop": [row["crop_top"], row["crop_left"]],
         "size": [row["bucket_w"], row["bucket_h"]], "dtype": params.dtype, "vae": vae_fingerprint,
     }
+    # Added only when set, so turning them on leaves every plain latent's key as it was.
+    if flip:
+        doc["flip"] = True
+    if mask is not None:
+        doc["mask"] = mask
+    return doc
+
+
+def _mask_sources(rows: list[dict], params: Params, ctx) -> tuple[list[str | None], list[str]]:
+    """Per row: what enters the key for its mask (None = no mask), and the mask file ("" if none)."""
+    from sdxlpipe.engines.images import find_mask
+
+    if params.mask_from == "none":
+        return [None] * len(rows), ["none"] * len(rows)
+    if params.mask_from == "alpha":
+        return ["alpha"] * len(rows), ["alpha"] * len(rows)
+    files = [find_mask(params.mask_from, r["source"]) for r in rows]
+    lacking = sum(1 for f in files if not f)
+    if lacking and not ctx.dry_run:
+        ctx.log.warning("%d image(s) have no mask in %s: the whole image counts for them", lacking, params.mask_from)
+    return ["file:" + ctx.memo.hash_file(f) if f else "full" for f in files], files
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     rows = table.to_pylist()
     vae_fp = ctx.models.fingerprints()["vae"]
-    keys = [item_key(key_doc(r, params, vae_fp)) for r in rows]
-    todo = set(plan_items(ctx, keys))
+    mask_docs, mask_files = _mask_sources(rows, params, ctx)
+    keys = [item_key(key_doc(r, params, vae_fp, mask=m)) for r, m in zip(rows, mask_docs)]
+    flip_keys = [item_key(key_doc(r, params, vae_fp, True, m)) if params.flip_aug else None
+                 for r, m in zip(rows, mask_docs)]
+    wanted = keys + [k for k in flip_keys if k is not None]
+    todo = set(plan_items(ctx, wanted))
     if todo and not ctx.dry_run:
-        first_row = {}
-        for key, row in zip(keys, rows):
-            if key in todo:
-                first_row.setdefault(key, row)
-        failed = _encode(list(first_row.items()), params, ctx)
-        ctx.stats[ctx.stage].failed = len(failed)
-        ctx.stats[ctx.stage].computed -= len(failed)
+        jobs = _jobs(rows, keys, flip_keys, mask_files, todo, params)
+        failed = _encode(_chunks(jobs, rows, keys, params), params, ctx)
+        stats = ctx.stats[ctx.stage]
+        stats.failed = len(failed)
+        stats.computed -= len(failed)
         if failed:
             keep = [i for i, k in enumerate(keys) if k not in failed]
             table, keys = table.take(keep), [keys[i] for i in keep]
-    return table.append_column("latent_key", pa.array(keys, pa.string()))
+            flip_keys = [flip_keys[i] for i in keep]
+    table = table.append_column("latent_key", pa.array(keys, pa.string()))
+    return table.append_column("latent_flip_key", pa.array(flip_keys, pa.string()))
 
 
-def _encode(items: list[tuple[str, dict]], params: Params, ctx) -> set[str]:
-    """Encode and store `items` batch by batch; return the keys that failed."""
-    import torch
+def _jobs(rows, keys, flip_keys, mask_files, todo: set[str], params: Params) -> list[dict]:
+    """One job per distinct image that has a latent to compute: decode once, encode one or two."""
+    jobs, seen = [], set()
+    for row, key, flip_key, mask in zip(rows, keys, flip_keys, mask_files):
+        if key in seen:
+            continue
+        seen.add(key)
+        plain, flipped = key in todo, flip_key is not None and flip_key in todo
+        if not (plain or flipped):
+            continue
+        jobs.append({
+            "key": key if plain else "", "flip_key": flip_key if flipped else "",
+            "chunk_key": key, "source": row["source"],
+            **{c: int(row[c]) for c in ("resize_w", "resize_h", "crop_top", "crop_left", "bucket_w", "bucket_h")},
+            "mask": mask, "latent_factor": LATENT_FACTOR,
+        })
+    return jobs
 
-    from sdxlpipe.cache_format import encode_tensors
 
-    vae = ctx.models.vae(params.dtype)
+def _chunks(jobs: list[dict], rows, keys, params: Params) -> list[list[dict]]:
+    """Jobs grouped into shard-sized chunks that depend on the table only, never on timing."""
+    per_bucket: dict[tuple[int, int], int] = {}
+    for row, key in zip(rows, dict.fromkeys(keys)):
+        b = (row["bucket_w"], row["bucket_h"])
+        per_bucket[b] = per_bucket.get(b, 0) + 1
+    chunks: dict[tuple[int, int, int], list[dict]] = {}
+    for job in jobs:
+        b = (job["bucket_w"], job["bucket_h"])
+        if params.images_per_shard:
+            per_shard = params.images_per_shard
+        else:
+            # mean and std in fp16 (x2 with the flip), plus the mask
+            latent = 4 * (b[0] // LATENT_FACTOR) * (b[1] // LATENT_FACTOR) * 2
+            item = (2 * latent + latent // 4) * (2 if params.flip_aug else 1) + 2048
+            per_shard = max(1, SHARD_BYTES // item)
+        n = max(1, math.ceil(per_bucket[b] / per_shard))
+        chunks.setdefault((*b, partition_of(job["chunk_key"], n)), []).append(job)
+    return [sorted(chunks[c], key=lambda j: j["chunk_key"]) for c in sorted(chunks)]
+
+
+def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
+    """Encode and store the chunks, one shard each; return the keys that failed."""
+    from sdxlpipe.engines.images import load_job
+
+    engine = ctx.engine(params.workers)
     failed: set[str] = set()
-    by_bucket: dict[tuple[int, int], list] = {}
-    for key, row in items:
-        by_bucket.setdefault((row["bucket_w"], row["bucket_h"]), []).append((key, row))
-    with ctx.store.writer("vae_encode") as writer, ctx.reporter.track("vae_encode", len(items)) as advance:
-        for bucket in sorted(by_bucket):
-            group = by_bucket[bucket]
-            for start in range(0, len(group), params.batch_size):
-                batch = []
-                for key, row in group[start:start + params.batch_size]:
-                    try:
-                        batch.append((key, row, load_pixels(row)))
-                    except OSError as e:
-                        ctx.reject(row["source"], f"could not be read for encoding ({e})")
-                        failed.add(key)
-                if not batch:
-                    continue
-                pixels = torch.stack([b[2] for b in batch])
-                mean, std = _encode_batch(vae, pixels, ctx)
-                for i, (key, row, _) in enumerate(batch):
-                    payload = encode_tensors(
-                        {"mean": mean[i].to(torch.float16).contiguous(), "std": std[i].to(torch.float16).contiguous()},
-                        {"scaling_factor": str(vae.config.scaling_factor),
-                         "shift_factor": str(getattr(vae.config, "shift_factor", None) or 0.0)},
-                    )
-                    writer.add(key, FIELD, payload)
-                advance(len(batch))
+    total = sum(bool(j["key"]) + bool(j["flip_key"]) for c in chunks for j in c)
+    make_worker = functools.partial(VaeWorker, ctx.models.loader("vae", portable=engine.name != "local"),
+                                    params.dtype)
+    with ctx.reporter.track("vae_encode", total) as advance:
+        if engine.name == "local":
+            # Start at a random chunk and skip what other writers committed meanwhile:
+            # concurrent runs on one store then mostly split the work instead of doubling it.
+            start = random.randrange(len(chunks)) if chunks else 0
+            for chunk in chunks[start:] + chunks[:start]:
+                chunk = _still_missing(chunk, ctx)
+                advance(0)
+                write_results(engine.run(chunk, load_job, make_worker, params.batch_size),
+                              "vae_encode", FIELD, ctx, failed, advance)
+        else:
+            jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
+            write_results(engine.run(jobs, load_job, make_worker, params.batch_size),
+                          "vae_encode", FIELD, ctx, failed, advance)
     return failed
 
 
-def _encode_batch(vae, pixels, ctx):
-    import torch
+def _still_missing(chunk: list[dict], ctx) -> list[dict]:
+    """The chunk without the latents another writer committed since we planned."""
+    ctx.store.refresh()
+    missing = set(ctx.store.missing("vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k]))
+    out = []
+    for j in chunk:
+        j = {**j, "key": j["key"] if j["key"] in missing else "",
+             "flip_key": j["flip_key"] if j["flip_key"] in missing else ""}
+        if j["key"] or j["flip_key"]:
+            out.append(j)
+    return out
 
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
-        bad = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))
-        if bad.any():
-            ctx.log.warning("%d latent(s) not finite in %s: encoding them again in float32", int(bad.sum()), vae.dtype)
-            vae32 = ctx.models.vae("float32")
-            again = vae32.encode(pixels[bad].to(vae32.device, torch.float32)).latent_dist
-            mean[bad], std[bad] = again.mean.float(), again.std.float()
-    return mean.cpu(), std.cpu()
+
+def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance) -> None:
+    """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
+    # The writer never rolls over by size: a chunk is sized to be one shard.
+    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62)
+    current = None
+    try:
+        for results in batches:
+            for key, payload, note, chunk, source in results:
+                if chunk != current:
+                    writer.close()
+                    current = chunk
+                if note:
+                    ctx.log.warning("%s", note)
+                if payload is None:
+                    failed.add(key)
+                    ctx.reject(source, note or "could not be encoded")
+                else:
+                    writer.add(key, field, payload)
+            advance(len(results))
+    finally:
+        writer.close()
+
+
+class VaeWorker:
+    """The model side: batches of decoded images in, safetensors payloads out.
+
+    `load_vae(dtype)` gives the VAE; the fp32 one is loaded only if a latent
+    comes out non-finite. One instance lives as long as its engine.
+    """
+
+    def __init__(self, load_vae, dtype: str):
+        self.load_vae = load_vae
+        self.dtype = dtype
+        self.vae = load_vae(dtype)
+
+    def __call__(self, jobs: list[dict], prepared: list) -> list:
+        import torch
+
+        results: list = []
+        groups: dict[tuple[int, int], list] = {}
+        for job, item in zip(jobs, prepared):
+            if "error" in item:
+                results += [(k, None, item["error"], job.get("chunk"), job["source"])
+                            for k in (job["key"], job["flip_key"]) if k]
+            else:
+                groups.setdefault((job["bucket_w"], job["bucket_h"]), []).append((job, item))
+        for group in groups.values():
+            wanted = [(j, i, False) for j, i in group if j["key"]] + [(j, i, True) for j, i in group if j["flip_key"]]
+            images = [torch.from_numpy(i["pixels"]).permute(2, 0, 1) for _, i, _ in wanted]
+            batch = torch.stack([im.flip(-1) if flipped else im for im, (_, _, flipped) in zip(images, wanted)])
+            mean, std, redone = self._encode(batch.float() / 127.5 - 1.0)
+            for n, (job, item, flipped) in enumerate(wanted):
+                tensors = {"mean": mean[n].to(torch.float16).contiguous(), "std": std[n].to(torch.float16).contiguous()}
+                if item["mask"] is not None:
+                    mask = torch.from_numpy(item["mask"])
+                    tensors["mask"] = (mask.flip(-1) if flipped else mask).to(torch.float16).contiguous()
+                note = (f"{job['source']}{' (flipped)' if flipped else ''}: latent not finite in {self.dtype}, "
+                        "encoded again in float32") if redone[n] else ""
+                key = job["flip_key"] if flipped else job["key"]
+                results.append((key, self._payload(tensors), note, job.get("chunk"), job["source"]))
+        # Job order within a chunk, so that a shard's bytes depend on its items only.
+        order = {j["source"]: n for n, j in enumerate(jobs)}
+        return sorted(results, key=lambda r: (order[r[4]], r[0]))
+
+    def _payload(self, tensors: dict) -> bytes:
+        from sdxlpipe.cache_format import encode_tensors
+
+        cfg = self.vae.config
+        return encode_tensors(tensors, {"scaling_factor": str(cfg.scaling_factor),
+                                        "shift_factor": str(getattr(cfg, "shift_factor", None) or 0.0)})
+
+    def _encode(self, pixels):
+        import torch
+
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+            bad = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))
+            if bad.any():
+                vae32 = self.vae if self.dtype == "float32" else self.load_vae("float32")
+                again = vae32.encode(pixels[bad].to(vae32.device, torch.float32)).latent_dist
+                mean[bad], std[bad] = again.mean.float(), again.std.float()
+                still = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))
+                if still.any():
+                    raise ValueError(f"{int(still.sum())} latent(s) are not finite even in float32: "
+                                     "the VAE weights are broken")
+        return mean.cpu(), std.cpu(), bad.tolist()
 
 
 def load_pixels(row: dict):
-    """The image as the VAE sees it: RGB, EXIF-upright, resized to cover, cropped, in [-1, 1]."""
-    import numpy as np
+    """The image as the VAE sees it: RGB, EXIF-upright, resized to cover, cropped, in [-1, 1] (C, H, W)."""
     import torch
-    from PIL import Image, ImageOps
 
-    with Image.open(row["source"]) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        im = im.resize((row["resize_w"], row["resize_h"]), Image.Resampling.LANCZOS)
-        left, top = row["crop_left"], row["crop_top"]
-        im = im.crop((left, top, left + row["bucket_w"], top + row["bucket_h"]))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    from sdxlpipe.engines.images import load_job
+
+    item = load_job({**row, "mask": "none", "latent_factor": LATENT_FACTOR})
+    if "error" in item:
+        raise OSError(item["error"])
+    return torch.from_numpy(item["pixels"]).permute(2, 0, 1).float() / 127.5 - 1.0
