@@ -1,7 +1,9 @@
-"""Train: a LoRA on the UNet from the cached latents and text embeddings.
+"""Train: a network (LoRA, LoCon, LoHa, LoKr, IA3, OFT) or the whole UNet from the cached tensors.
 
-The whole run is one item: its key covers the training params, the UNet and
-scheduler weights, the seed and the ordered (latent, text, repeats) samples.
+The whole run is one item: its key covers the params that shape the weights,
+the UNet and scheduler weights, the seed and every sample input in order
+(latent and flipped latent, caption variants and the empty caption, repeats,
+regularisation flag).
 Same key and finished: skipped. Same key and unfinished: resumed from its
 last checkpoint. The loop itself lives in `sdxlpipe.training.loop`.
 """
@@ -11,62 +13,206 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 
 from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 
-VERSION = 1
-OUTPUT_COLUMNS = ()
+VERSION = 2
 
-# Params that do not change the trained weights stay out of the key.
-NOT_IN_KEY = ("save_every_steps", "max_checkpoints")
+# Params that do not change the trained weights stay out of the key: save
+# cadence, validation and logging, and gradient checkpointing (same math,
+# less memory).
+NOT_IN_KEY = (
+    "save_every_steps", "save_every_epochs", "max_checkpoints", "gradient_checkpointing", "tensorboard",
+    "validation_prompts", "validation_negative_prompts", "validation_every_steps", "validation_every_epochs",
+    "validation_steps", "validation_guidance", "validation_size", "validation_seed",
+)
+# Sample columns that shape training; a table from an older run may lack the newer ones.
+SAMPLE_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
+NUM_BLOCKS = 23  # kohya's SDXL blocks (see training/networks.py)
 
 
 @dataclass(frozen=True)
 class Params:
-    # LoRA rank: 4-32 covers most SDXL character/style LoRAs; higher learns more and overfits sooner.
+    # --- what is trained ---
+    # lora (with conv_rank > 0: LoCon), loha, lokr, ia3, oft (peft), or full: every UNet weight.
+    network: Literal["lora", "loha", "lokr", "ia3", "oft", "full"] = "lora"
+    # Network rank (OFT: block size): 4-32 covers most SDXL character/style LoRAs; higher learns more and overfits sooner.
     rank: int = 16
-    # LoRA alpha: the update is scaled by alpha/rank; alpha = rank means scale 1.
+    # The update is scaled by alpha/rank; alpha = rank means scale 1.
     alpha: float = 16.0
-    # Attention projections, the set kohya and diffusers train by default.
+    # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets.
+    dropout: float = 0.0
+    # Linear layers to adapt, by name suffix: the attention projections kohya and diffusers train by default.
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    # AdamW learning rate; 1e-4 is the usual SDXL LoRA rate.
-    learning_rate: float = 1e-4
-    # AdamW weight decay (torch's default).
-    weight_decay: float = 1e-2
-    # Optimiser steps to take.
-    max_steps: int = 500
-    # Samples per step, all from one bucket.
+    # LoCon: rank for the resnet / up/downsampler convolutions (kohya's conv_dim); 0 leaves them out.
+    conv_rank: int = 0
+    # Alpha for those convolutions (kohya's conv_alpha).
+    conv_alpha: float = 1.0
+    # Per-block ranks, 23 values (kohya's SDXL blocks); 0 leaves a block out; empty: `rank` everywhere.
+    block_dims: tuple[int, ...] = ()
+    # Per-block alphas, 23 values; empty: `alpha` everywhere.
+    block_alphas: tuple[float, ...] = ()
+    # --- loss and noise ---
+    # What the UNet predicts; "" takes the model's scheduler config (SDXL base: epsilon).
+    prediction_type: Literal["", "epsilon", "v_prediction"] = ""
+    # l2 is the standard; huber / smooth_l1 resist outliers (kohya's scheduled pseudo-Huber).
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    # How Huber's c changes with the timestep: constant, exponential or snr (kohya's default).
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    # Huber c; 0.1 is kohya's default.
+    huber_c: float = 0.1
+    # Min-SNR weighting gamma; 5 is the paper's value; 0 turns it off.
+    min_snr_gamma: float = 0.0
+    # Weight the loss by 1/sqrt(SNR) (kohya's debiased estimation).
+    debiased_estimation: bool = False
+    # Noise offset; 0.0357 is the usual SDXL value (darker darks, brighter brights); 0 is off.
+    noise_offset: float = 0.0
+    # Draw the offset's strength uniformly in [0, noise_offset] per sample.
+    noise_offset_random_strength: bool = False
+    # Adds this times |latent channel mean| to the offset (kohya's adaptive_noise_scale); 0 is off.
+    adaptive_noise_scale: float = 0.0
+    # Multires (pyramid) noise iterations; 6-10 is typical; 0 is off.
+    multires_noise_iterations: int = 0
+    # How much each coarser level of multires noise counts; 0.3 is kohya's advice.
+    multires_noise_discount: float = 0.3
+    # Input perturbation gamma; 0.1 is the paper's value; 0 is off.
+    input_perturbation: float = 0.0
+    # Timesteps are drawn from [min_timestep, max_timestep); SDXL has 1000.
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    # Weight the loss by the sample's mask (cached beside the latent), normalised by the mask's area.
+    masked_loss: bool = False
+    # Loss weight of regularisation (prior-preservation) samples; 1 counts them like the others.
+    prior_loss_weight: float = 1.0
+    # --- data ---
+    # Probability of training a sample on the empty caption; 0.05-0.1 helps classifier-free guidance.
+    caption_dropout: float = 0.0
+    # Samples per batch and process, all from one bucket.
     batch_size: int = 4
-    # Seeds the LoRA init, the batch order and every noise draw.
+    # Seeds the network init, the batch order and every random draw.
     seed: int = 0
-    # Checkpoint this often (and at the end) so a killed run resumes.
+    # --- optimisation ---
+    # adamw; adamw8bit (bitsandbytes, CUDA); adafactor; prodigy (prodigyopt; set learning_rate = 1.0).
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    # 1e-4 is the usual SDXL LoRA rate; full fine-tunes use ~1e-5.
+    learning_rate: float = 1e-4
+    # Decoupled weight decay (torch's AdamW default).
+    weight_decay: float = 1e-2
+    # Per-block learning rates, 23 values (kohya's block_lr); 0 freezes a block; empty: learning_rate.
+    block_lrs: tuple[float, ...] = ()
+    # LoRA+: the B matrices learn this many times faster; 16 is the paper's value; 0 is off.
+    lora_plus_ratio: float = 0.0
+    # A diffusers schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant"
+    # Warmup: below 1 a fraction of the run, else a number of steps.
+    lr_warmup: float = 0.0
+    # Cycles of cosine_with_restarts.
+    lr_cycles: int = 1
+    # Micro-batches per optimizer step: a larger effective batch without more memory.
+    gradient_accumulation_steps: int = 1
+    # Clip the gradient norm to this; 1.0 is the common default; 0 clips nothing.
+    max_grad_norm: float = 1.0
+    # Recompute activations in the backward pass: much less memory, ~30% slower.
+    gradient_checkpointing: bool = False
+    # bf16 on recent GPUs and CPUs; fp16 (with a loss scaler) on older GPUs; no = fp32.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # EMA of the trained weights with this decay (0.999 for long runs); the EMA weights are the result. 0 is off.
+    ema_decay: float = 0.0
+    # Optimizer steps to take; ignored when max_epochs is set.
+    max_steps: int = 500
+    # Train this many passes over the data instead (0: use max_steps).
+    max_epochs: int = 0
+    # --- checkpoints, validation, logs (not in the key) ---
+    # Checkpoint this often (and at the end) so a killed run resumes; 0 is off.
     save_every_steps: int = 100
+    # Also checkpoint at the end of every N-th epoch; 0 is off.
+    save_every_epochs: int = 0
     # Older checkpoints are deleted beyond this many.
     max_checkpoints: int = 2
+    # Prompts rendered at each validation; none: no validation.
+    validation_prompts: tuple[str, ...] = ()
+    # Negative prompt(s): one for all prompts, or one per prompt.
+    validation_negative_prompts: tuple[str, ...] = ()
+    # Validate every N steps / at the end of every N-th epoch; 0 is off.
+    validation_every_steps: int = 0
+    validation_every_epochs: int = 0
+    # Sampler steps and guidance of validation images (SDXL: 25-30 steps, guidance 5-7).
+    validation_steps: int = 20
+    validation_guidance: float = 5.0
+    # Square side of validation images; 0: the most common training bucket.
+    validation_size: int = 0
+    # Prompt i is drawn from validation_seed + i, the same at every validation.
+    validation_seed: int = 0
+    # Also log loss, LR, grad norm and validation images to TensorBoard (needs `pip install tensorboard`).
+    tensorboard: bool = False
 
 
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
-    for name in ("rank", "max_steps", "batch_size", "save_every_steps", "max_checkpoints"):
+    for name in ("rank", "batch_size", "max_checkpoints", "gradient_accumulation_steps", "lr_cycles",
+                 "validation_steps"):
         if getattr(p, name) < 1:
             problems.append((f"train.{name}", "must be >= 1"))
+    for name in ("max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
+                 "multires_noise_iterations", "validation_every_steps", "validation_every_epochs", "validation_size"):
+        if getattr(p, name) < 0:
+            problems.append((f"train.{name}", "must be >= 0"))
+    if p.max_steps < 1 and p.max_epochs < 1:
+        problems.append(("train.max_steps", "set max_steps or max_epochs to at least 1"))
     if p.learning_rate <= 0:
         problems.append(("train.learning_rate", "must be > 0"))
-    if p.alpha <= 0:
-        problems.append(("train.alpha", "must be > 0"))
+    for name in ("alpha", "conv_alpha", "huber_c"):
+        if getattr(p, name) <= 0:
+            problems.append((f"train.{name}", "must be > 0"))
+    for name in ("dropout", "caption_dropout"):
+        if not 0 <= getattr(p, name) < 1:
+            problems.append((f"train.{name}", "must be in [0, 1)"))
+    for name in ("min_snr_gamma", "noise_offset", "adaptive_noise_scale", "input_perturbation", "weight_decay",
+                 "max_grad_norm", "lora_plus_ratio", "lr_warmup", "prior_loss_weight"):
+        if getattr(p, name) < 0:
+            problems.append((f"train.{name}", "must be >= 0"))
+    if not 0 <= p.ema_decay < 1:
+        problems.append(("train.ema_decay", "must be in [0, 1): 0.999 is typical, 0 turns EMA off"))
+    if not 0 <= p.min_timestep < p.max_timestep <= 1000:
+        problems.append(("train.min_timestep", "need 0 <= min_timestep < max_timestep <= 1000"))
+    if p.huber_schedule == "exponential" and p.huber_c >= 1:
+        problems.append(("train.huber_c", "the exponential schedule needs huber_c < 1"))
+    for name in ("block_dims", "block_alphas", "block_lrs"):
+        if getattr(p, name) and len(getattr(p, name)) != NUM_BLOCKS:
+            problems.append((f"train.{name}", f"needs {NUM_BLOCKS} values (kohya's SDXL blocks), got {len(getattr(p, name))}"))
+    if p.block_dims and p.network not in ("lora", "loha", "lokr"):
+        problems.append(("train.block_dims", "only lora, loha and lokr have ranks per block"))
+    if p.conv_rank and p.network not in ("lora", "loha", "lokr"):
+        problems.append(("train.conv_rank", "only lora (LoCon), loha and lokr adapt convolutions here"))
+    if p.lora_plus_ratio and p.network != "lora":
+        problems.append(("train.lora_plus_ratio", "LoRA+ applies to network = \"lora\" only"))
+    if p.lr_warmup >= 1 and p.lr_warmup != int(p.lr_warmup):
+        problems.append(("train.lr_warmup", "a number of steps must be whole; a fraction must be below 1"))
+    if p.validation_every_steps or p.validation_every_epochs:
+        if not p.validation_prompts:
+            problems.append(("train.validation_prompts", "validation is scheduled but no prompts are given"))
+    if len(p.validation_negative_prompts) > 1 and len(p.validation_negative_prompts) != len(p.validation_prompts):
+        problems.append(("train.validation_negative_prompts", "give one negative prompt, or one per validation prompt"))
     return problems
 
 
 def key_doc(table: pa.Table, params: Params, fp: dict[str, str]) -> dict:
-    cols = table.select(["latent_key", "text_key", "repeats"]).to_pydict()
-    samples = "\n".join(f"{l} {t} {r}" for l, t, r in zip(cols["latent_key"], cols["text_key"], cols["repeats"]))
+    """Everything that shapes the trained weights: settings, UNet and scheduler weights, every sample input."""
+    present = [c for c in SAMPLE_COLUMNS if c in table.column_names]
+    cols = table.select(present).to_pydict()
+    lines = []
+    for i in range(table.num_rows):
+        # An absent column reads as None: a table from an older run still gets a key.
+        lines.append(json.dumps([cols[c][i] if c in cols else None for c in SAMPLE_COLUMNS], separators=(",", ":")))
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_KEY}
     return {
         "stage": "train", "version": VERSION, "params": settings,
         "unet": fp["unet"], "scheduler": fp["scheduler"],
-        "samples": xxh3_hex(samples), "sample_count": table.num_rows,
+        "samples": xxh3_hex("\n".join(lines)), "sample_count": table.num_rows,
     }
 
 
@@ -91,11 +237,11 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if ctx.dry_run:
         return table
 
-    from sdxlpipe.training.loop import train_lora
+    from sdxlpipe.training.loop import train
 
     checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
-    result = train_lora(table, params, ctx, run_dir)
+    result = train(table, params, ctx, run_dir)
     ctx.outputs["train"].update(result["outputs"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table

@@ -1,13 +1,19 @@
-"""The training loop: LoRA on the SDXL UNet from cached tensors.
+"""The training recipe: the SDXL UNet (a peft network or all of it) from cached tensors.
 
-Recipe: load the cached latents and text embeddings -> the UNet with a peft
-LoRA -> resume from the newest checkpoint if there is one -> for each step:
-a batch from one bucket, a fresh latent sample from the stored distribution,
-noise, timestep, the SDXL micro-conditioning, MSE on the scheduler's target
--> checkpoint every N steps and at the end -> `done.json`.
+Recipe, top to bottom: fail early on settings the machine cannot run ->
+accelerate (device, mixed precision, gradient accumulation, processes) ->
+the cached latents and text embeddings, all in RAM (fine up to roughly
+100k samples at 1024 px: ~130 kB per latent) -> the UNet with its network
+-> optimizer, LR schedule, EMA -> resume from the newest checkpoint -> for
+each step and each micro-batch: a batch from one bucket, a fresh latent
+sample from the stored distribution, noise, timesteps, the loss of
+`training.losses` -> clip, step -> log, validate, checkpoint -> `done.json`.
 
-Every random draw of step s comes from a generator seeded by (seed, s), so a
-resumed run continues the exact loss curve of an unbroken one.
+Every random draw of batch i of the run comes from generators seeded by
+(seed, i), and the global RNG (peft's dropout) is reseeded the same way, so
+a resumed run continues the exact loss curve of an unbroken one
+(docs/decisions.md 3). With N processes, process r takes batches s*N*A + a*N
++ r of step s (A = gradient_accumulation_steps).
 """
 
 from __future__ import annotations
@@ -26,134 +32,279 @@ from sdxlpipe.cache_format import decode_tensors
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import add_time_ids
-from sdxlpipe.training import checkpoints
-from sdxlpipe.training.data import batches_from
+from sdxlpipe.training import checkpoints, losses, networks, optimizers, validation
+from sdxlpipe.training.data import BatchPlan, choice, coin
 
-ADAPTER = "default"
+# Batches of epoch 0 the fixed-noise evaluation loss is measured on, before and after.
+EVAL_BATCHES = 4
 
 
-def train_lora(table: pa.Table, params, ctx, run_dir: Path) -> dict:
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
 
+    # --- fail early -------------------------------------------------------
+    if p.mixed_precision == "fp16" and not str(ctx.config.device).startswith("cuda"):
+        raise UserError(f"train.mixed_precision = \"fp16\" needs a CUDA GPU (device is {ctx.config.device!r})",
+                        'use mixed_precision = "bf16" or "no" on this device')
+    accelerator = Accelerator(mixed_precision=p.mixed_precision, cpu=ctx.config.device == "cpu",
+                              gradient_accumulation_steps=p.gradient_accumulation_steps)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+
+    # --- data ----------------------------------------------------------------
     rows = table.to_pylist()
     latents, texts = _load_cached(rows, ctx)
-    device = torch.device(ctx.config.device)
+    plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
+                     p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
+    per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
+    max_steps = math.ceil(p.max_epochs * plan.per_epoch / per_step) if p.max_epochs else p.max_steps
 
-    torch.manual_seed(params.seed)
-    unet = loading.load_unet(ctx.config.model, device=ctx.config.device, allow_pickle=ctx.config.allow_pickle)
-    lora_config = LoraConfig(
-        r=params.rank, lora_alpha=params.alpha, init_lora_weights="gaussian",
-        target_modules=list(params.target_modules),
-    )
-    unet.add_adapter(lora_config, adapter_name=ADAPTER)
+    # --- model, network, optimizer, schedule, EMA ------------------------------
+    unet = loading.load_unet(ctx.config.model, device=device, allow_pickle=ctx.config.allow_pickle)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)  # the network's initial weights
+        networks.attach(unet, p)
     unet.train()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
-    scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    if p.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = optimizers.build_optimizer(optimizers.param_groups(unet, p), p)
+    lr_schedule = optimizers.build_scheduler(optimizer, p, max_steps)
+    trainable = [q for q in unet.parameters() if q.requires_grad]
+    ema = EMAModel(trainable, decay=p.ema_decay) if p.ema_decay else None
+    noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
 
+    # --- resume ------------------------------------------------------------------
     start = checkpoints.latest_step(run_dir)
-    losses: list[float] = []
+    history: dict = {"losses": [], "eval_loss_before": None}
     if start:
         ckpt = checkpoints.checkpoint_dir(run_dir, start)
-        set_peft_model_state_dict(unet, load_file(ckpt / "adapter.safetensors"), adapter_name=ADAPTER)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        losses = json.loads((ckpt / "state.json").read_text())["losses"]
+        networks.load_trained_state(unet, p, load_file(ckpt / "weights.safetensors"))
+        state = torch.load(ckpt / "training_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        history = json.loads((ckpt / "state.json").read_text())
         ctx.log.info("resuming %s from step %d", run_dir.name[:12], start)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    bare = accelerator.unwrap_model(unet)
+
+    def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
+        epoch, members = plan.batch_at(index)
+        batch = _assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
+        return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
+
+    def eval_loss() -> float:
+        """The loss on the first batches with fixed noise: comparable across steps and runs."""
+        bare.eval()
+        with torch.no_grad():
+            values = [float(batch_loss(i, torch.Generator().manual_seed(p.seed + 7919 * i), fixed=True))
+                      for i in range(min(EVAL_BATCHES, plan.per_epoch))]
+        bare.train()
+        return sum(values) / len(values)
 
     def save(step: int) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=run_dir / "checkpoints", prefix=".tmp-"))
-        save_file(_contiguous(get_peft_model_state_dict(unet, adapter_name=ADAPTER)), tmp / "adapter.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        checkpoints.write_json(tmp / "adapter_config.json", _lora_config_dict(unet.peft_config[ADAPTER]))
-        checkpoints.write_json(tmp / "state.json", {"step": step, "losses": losses})
-        return checkpoints.commit_checkpoint(tmp, run_dir, step, params.max_checkpoints)
+        save_file(networks.trained_state(bare, p), tmp / "weights.safetensors")
+        state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            save_file(networks.trained_state(bare, p), tmp / "ema.safetensors")
+            ema.restore(trainable)
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, tmp / "training_state.pt")
+        checkpoints.write_json(tmp / "network.json", networks.config_dict(bare, p))
+        checkpoints.write_json(tmp / "state.json", {"step": step, **history})
+        return checkpoints.commit_checkpoint(tmp, run_dir, step, p.max_checkpoints)
 
+    def validate(step: int) -> None:
+        if not main or not p.validation_prompts:
+            return
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        images = validation.render(
+            bare, ctx.models.text_stack(), ctx.models.vae(), noise_scheduler, p.validation_prompts,
+            p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, rows),
+            steps=p.validation_steps, guidance=p.validation_guidance)
+        if ema is not None:
+            ema.restore(trainable)
+        validation.save(images, run_dir / "validation" / f"step-{step:08d}")
+        logs.images(step, images)
+
+    # --- train ---------------------------------------------------------------------
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    buckets = [(r["bucket_w"], r["bucket_h"]) for r in rows]
-    plan = batches_from(start, buckets, [r["repeats"] for r in rows], params.batch_size, params.seed)
-    began = time.monotonic()
+    logs = validation.Logs(run_dir / "logs", p.tensorboard and main, start)
+    if history["eval_loss_before"] is None:
+        history["eval_loss_before"] = eval_loss()
     last = None
-    with ctx.reporter.track("train", params.max_steps - start) as advance:
-        for step in range(start, params.max_steps):
-            epoch, batch = next(plan)
-            gen = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
-            loss = _step(unet, scheduler, alphas_cumprod, [rows[i] for i in batch], latents, texts, gen, device)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            smooth = sum(losses[-20:]) / len(losses[-20:])
-            advance(1, loss=f"{smooth:.4f}", epoch=epoch)
-            done_steps = step + 1
-            if done_steps % params.save_every_steps == 0 or done_steps == params.max_steps:
-                last = save(done_steps)
-    if last is None:  # the run was already at max_steps when resumed
-        last = checkpoints.checkpoint_dir(run_dir, params.max_steps)
+    began = time.monotonic()
+    with ctx.reporter.track("train", max_steps - start) as advance:
+        for step in range(start, max_steps):
+            step_loss = 0.0
+            for micro in range(p.gradient_accumulation_steps):
+                index = (step * p.gradient_accumulation_steps + micro) * world + rank
+                seed = p.seed * 1_000_003 + index
+                torch.manual_seed(seed)  # the global RNG: peft's dropout
+                with accelerator.accumulate(unet):
+                    loss = batch_loss(index, torch.Generator().manual_seed(seed))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # max_grad_norm 0 clips nothing but still measures the norm for the logs.
+                        grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += float(accelerator.gather(loss.detach()).mean()) / p.gradient_accumulation_steps
+            lr_schedule.step()
+            if ema is not None:
+                ema.step(trainable)
+            history["losses"].append(step_loss)
+            done = step + 1
+            epoch = plan.batch_at(done * per_step - 1)[0]
+            recent = history["losses"][-20:]
+            rate = (done - start) / max(time.monotonic() - began, 1e-9)
+            advance(1, loss=f"{sum(recent) / len(recent):.4f}", epoch=epoch, lr=f"{lr_schedule.get_last_lr()[0]:.2e}",
+                    it_s=f"{rate:.2f}")
+            if main:
+                logs.scalars(done, {"loss": step_loss, "lr": lr_schedule.get_last_lr()[0], "grad_norm": float(grad_norm)})
+            new_epoch = plan.batch_at(done * per_step)[0] > epoch
+            if _every(done, p.validation_every_steps) or (new_epoch and _every(epoch + 1, p.validation_every_epochs)):
+                validate(done)
+            if (_every(done, p.save_every_steps) or (new_epoch and _every(epoch + 1, p.save_every_epochs))
+                    or done == max_steps):
+                if main:
+                    last = save(done)
+                accelerator.wait_for_everyone()
+    logs.close()
+
+    last = checkpoints.checkpoint_dir(run_dir, max_steps)
+    weights = last / ("ema.safetensors" if ema is not None else "weights.safetensors")
     outputs = {
-        "checkpoint": str(last),
-        "adapter": str(last / "adapter.safetensors"),
-        "adapter_config": str(last / "adapter_config.json"),
+        "checkpoint": str(last), "network": p.network, "weights": str(weights),
+        "network_config": str(last / "network.json"), "logs": str(run_dir / "logs"),
     }
+    if p.network != "full":
+        outputs.update({"adapter": str(weights), "adapter_config": str(last / "network.json")})
+    if p.validation_prompts:
+        outputs["validation"] = str(run_dir / "validation")
+    recent = history["losses"][-20:]
     result = {
-        "steps": params.max_steps, "final_loss": losses[-1] if losses else math.nan,
-        "mean_loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
-        "seconds": round(time.monotonic() - began, 3), "outputs": outputs,
+        "steps": max_steps, "final_loss": history["losses"][-1] if history["losses"] else math.nan,
+        "mean_loss_last_20": sum(recent) / max(1, len(recent)),
+        "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
+        "processes": world, "seconds": round(time.monotonic() - began, 3), "outputs": outputs,
     }
-    checkpoints.write_json(run_dir / "done.json", result)
+    if main:
+        checkpoints.write_json(run_dir / "done.json", result)
+    accelerator.wait_for_everyone()
     return result
 
 
-def _step(unet, scheduler, alphas_cumprod, rows, latents, texts, gen, device):
-    """One batch's loss: the diffusion MSE on the scheduler's prediction target."""
-    mean = torch.stack([latents[r["latent_key"]]["mean"] for r in rows]).float()
-    std = torch.stack([latents[r["latent_key"]]["std"] for r in rows]).float()
-    scale = float(latents[rows[0]["latent_key"]]["scaling_factor"])
-    x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scale
+def _every(n: int, every: int) -> bool:
+    return every > 0 and n % every == 0
+
+
+def _assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
+              fixed: bool) -> dict:
+    """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning."""
+    lat, txt, time_ids, masks, is_reg = [], [], [], [], []
+    for pos, (row, i) in enumerate(zip(rows, members)):
+        flip = bool(row.get("latent_flip_key")) and not fixed and coin(0.5, p.seed, "flip", index, pos)
+        entry = latents[row["latent_flip_key"] if flip else row["latent_key"]]
+        variants = row.get("text_variant_keys") or [row["text_key"]]
+        text_key = choice(variants, p.seed, "text", epoch, i)
+        if row.get("empty_text_key") and not fixed and coin(p.caption_dropout, p.seed, "drop", index, pos):
+            text_key = row["empty_text_key"]
+        crop_left = row["crop_left"]
+        if flip and row.get("resize_w"):
+            # The crop seen from the other side of the flipped image.
+            crop_left = row["resize_w"] - row["bucket_w"] - crop_left
+        lat.append(entry)
+        txt.append(texts[text_key])
+        time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
+                                     (row["bucket_h"], row["bucket_w"])))
+        masks.append(entry.get("mask"))
+        is_reg.append(bool(row.get("is_reg")))
+    mask = None
+    if p.masked_loss:
+        ones = torch.ones_like(lat[0]["mean"][:1])
+        mask = torch.stack([(m.reshape(ones.shape) if m is not None else ones).float() for m in masks])
+    return {
+        "mean": torch.stack([e["mean"] for e in lat]).float(), "std": torch.stack([e["std"] for e in lat]).float(),
+        "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
+        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float(),
+        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float(),
+        "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
+        "is_reg": torch.tensor(is_reg, dtype=torch.bool),
+    }
+
+
+def _loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Generator, device, fixed: bool):
+    """One batch's loss; each step is a function of `training.losses` (see its docstring for the order)."""
+    x0 = (b["mean"] + b["std"] * torch.randn(b["mean"].shape, generator=gen) - b["shift"]) * b["scale"]
     noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    embeds = torch.stack([texts[r["text_key"]]["prompt_embeds"] for r in rows]).float().to(device)
-    pooled = torch.stack([texts[r["text_key"]]["pooled_prompt_embeds"] for r in rows]).float().to(device)
-    time_ids = torch.tensor([
-        add_time_ids((r["height"], r["width"]), (r["crop_top"], r["crop_left"]), (r["bucket_h"], r["bucket_w"]))
-        for r in rows
-    ], dtype=torch.float32, device=device)
-    pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
-        target = noise
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    if p.noise_offset or p.adaptive_noise_scale:
+        noise = losses.offset_noise(noise, x0, p.noise_offset, gen, random_strength=p.noise_offset_random_strength,
+                                    adaptive_scale=p.adaptive_noise_scale)
+    if p.multires_noise_iterations:
+        noise = losses.multires_noise(noise, gen, p.multires_noise_iterations, p.multires_noise_discount)
+    t = losses.sample_timesteps(x0.shape[0], p.min_timestep, p.max_timestep, gen)
+    input_noise = losses.perturbed(noise, p.input_perturbation, gen) if p.input_perturbation and not fixed else noise
+    x0, noise, input_noise, t = x0.to(device), noise.to(device), input_noise.to(device), t.to(device)
+    noisy = losses.add_noise(x0, input_noise, t, alphas_cumprod)
+    pred = unet(noisy, t, b["embeds"].to(device), added_cond_kwargs={
+        "text_embeds": b["pooled"].to(device), "time_ids": b["time_ids"].to(device)}).sample
+    tgt = losses.target(x0, noise, t, alphas_cumprod, prediction_type)
+    c = losses.huber_c(t.cpu(), p.huber_schedule, p.huber_c, alphas_cumprod.cpu()) if p.loss_type in ("huber", "smooth_l1") else None
+    per_sample = losses.per_sample_mean(losses.elementwise_loss(pred, tgt, p.loss_type, c), b["mask"])
+    weight = torch.ones(x0.shape[0])
+    snr_t = losses.snr(alphas_cumprod, t).cpu()
+    if p.min_snr_gamma:
+        weight = weight * losses.min_snr_weight(snr_t, p.min_snr_gamma, prediction_type)
+    if p.debiased_estimation:
+        weight = weight * losses.debiased_weight(snr_t)
+    if p.prior_loss_weight != 1.0:
+        weight = weight * losses.prior_weight(b["is_reg"], p.prior_loss_weight)
+    return (per_sample * weight.to(per_sample.device)).mean()
+
+
+def _validation_size(p, rows: list[dict]) -> tuple[int, int]:
+    if p.validation_size:
+        return (p.validation_size, p.validation_size)
+    # The most common bucket: a size the run actually trains at.
+    counts: dict[tuple[int, int], int] = {}
+    for r in rows:
+        counts[(r["bucket_w"], r["bucket_h"])] = counts.get((r["bucket_w"], r["bucket_h"]), 0) + 1
+    return max(counts, key=counts.get)
 
 
 def _load_cached(rows: list[dict], ctx) -> tuple[dict, dict]:
-    """Every latent and text payload the run needs, decoded once."""
+    """Every latent (flipped ones too) and text payload (variants and the empty caption too), decoded once."""
+    latent_keys = {r["latent_key"] for r in rows} | {r["latent_flip_key"] for r in rows if r.get("latent_flip_key")}
+    text_keys = {r["text_key"] for r in rows} | {r["empty_text_key"] for r in rows if r.get("empty_text_key")}
+    text_keys |= {k for r in rows for k in (r.get("text_variant_keys") or [])}
     latents: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("vae_encode", dict.fromkeys(r["latent_key"] for r in rows)):
+    for key, data in ctx.store.read_many("vae_encode", sorted(latent_keys)):
         if data is not None:
             tensors, meta = decode_tensors(data, "pt")
-            latents[key] = {**tensors, "scaling_factor": meta.get("scaling_factor", "1.0")}
+            latents[key] = {**tensors, "scaling_factor": float(meta.get("scaling_factor", "1.0")),
+                            "shift_factor": float(meta.get("shift_factor", "0.0") or 0.0)}
     texts: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("text_encode", dict.fromkeys(r["text_key"] for r in rows)):
+    for key, data in ctx.store.read_many("text_encode", sorted(text_keys)):
         if data is not None:
             texts[key] = decode_tensors(data, "pt")[0]
-    lost = {r["latent_key"] for r in rows} - latents.keys() | ({r["text_key"] for r in rows} - texts.keys())
+    lost = (latent_keys - latents.keys()) | (text_keys - texts.keys())
     if lost:
         raise UserError(
             f"{len(lost)} cached item(s) in {ctx.store.url} are missing or failed their checksum",
             "run the same command again: the encode stages recompute the damaged items first",
         )
     return latents, texts
-
-
-def _lora_config_dict(config) -> dict:
-    d = config.to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()
-            if isinstance(v, (str, int, float, bool, list, set, dict, type(None)))}
-
-
-def _contiguous(state: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
