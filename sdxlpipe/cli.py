@@ -22,8 +22,10 @@ from sdxlpipe.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="SDXL fine-tuning as content-cached stages.")
 model_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain an artifact store.")
+import_app = typer.Typer(no_args_is_help=True, help="Turn another trainer's dataset config into an sdxlpipe config.")
 app.add_typer(model_app, name="model")
 app.add_typer(store_app, name="store")
+app.add_typer(import_app, name="import")
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config file")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
@@ -133,6 +135,63 @@ def buckets(
         return
     for w, h in found:
         print(f"{w:>5} x {h:<5} aspect {w / h:.3f}")
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="the dataset folder (images and captions, kohya folders, or tars)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to write the config")] = DEFAULT_CONFIG,
+    model: Annotated[str, typer.Option(help="base model: Hub id, diffusers folder, .safetensors file, or tiny")] = "stabilityai/stable-diffusion-xl-base-1.0",
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing config")] = False,
+) -> None:
+    """Look at a dataset folder and write a commented config that runs on it."""
+    from sdxlpipe.datasets.init import write_config
+
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {folder}", "pass the folder that holds your images: sdxlpipe init path/to/images")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
+    path, seen = write_config(folder, output, model)
+    print(f"wrote {path} ({seen['images'] or seen['tars']} {'images' if seen['images'] else 'tar shards'}); "
+          f"check it, then: sdxlpipe inspect -c {path}")
+
+
+@app.command()
+def inspect(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch size for the short-batch count (default: train.batch_size)")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the bucket histogram into this PNG")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The dataset before training: sources, rejected files, buckets, caption lengths, top tags."""
+    from sdxlpipe.config import load_config
+    from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset, plot_buckets
+
+    _setup(_stderr())
+    result = inspect_dataset(load_config(config), batch_size)
+    if plot is not None:
+        result["plot"] = str(plot_buckets(result, plot))
+    print(json.dumps(result, indent=2) if as_json else format_inspect(result))
+
+
+@import_app.command("kohya")
+def import_kohya(
+    dataset_toml: Annotated[Path, typer.Argument(help="kohya's dataset config (--dataset_config)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to write the sdxlpipe config")] = DEFAULT_CONFIG,
+    model: Annotated[str, typer.Option(help="base model for the config")] = "stabilityai/stable-diffusion-xl-base-1.0",
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing config")] = False,
+) -> None:
+    """Map a kohya dataset .toml onto an sdxlpipe config; name what cannot be mapped."""
+    from sdxlpipe.datasets.kohya import convert
+
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
+    text, notes = convert(dataset_toml, output, model)
+    output.write_text(text, encoding="utf-8")
+    err = _stderr()
+    for note in notes:
+        err.print(f"not mapped: {note}", markup=False, highlight=False)
+    print(f"wrote {output}" + (f" ({len(notes)} option(s) not mapped, listed in its header)" if notes else ""))
 
 
 @model_app.command("save")
