@@ -1,0 +1,77 @@
+"""An optional captioner: any local transformers image-to-text model (BLIP, GIT, ...).
+
+It captions only the images that have no caption, and each result is a
+store item keyed by (image content hash, model fingerprint, prompt,
+max_new_tokens): a rerun, another machine on the same store, or a moved
+dataset never captions an image twice. The model loads only when an item
+is missing, so a no-op run imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdxlpipe.pipeline.keys import item_key, xxh3_hex
+
+STAGE = "caption"
+FIELD = "caption.json"
+VERSION = 1
+# Files that shape a model's output; README and the like do not.
+WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
+
+
+def model_fingerprint(model_dir: str, memo) -> str:
+    """xxh3 over the names and content hashes of the model's files (memoized by stat)."""
+    root = Path(model_dir)
+    parts = [f"{p.relative_to(root).as_posix()}={memo.hash_file(p)}"
+             for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    return xxh3_hex("\n".join(parts))
+
+
+def caption_images(rows: list[dict], params, ctx) -> list[str | None]:
+    """A caption per row (None where the store has none and this run made none)."""
+    from sdxlpipe.cache_format import decode_json, encode_json
+
+    if not rows:
+        return []
+    fp = model_fingerprint(params.model, ctx.memo)
+    keys = [item_key({"stage": "captioner", "version": VERSION, "content_hash": r["content_hash"], "model": fp,
+                      "prompt": params.prompt, "max_new_tokens": params.max_new_tokens}) for r in rows]
+    missing = set(ctx.store.missing(STAGE, list(dict.fromkeys(keys))))
+    if missing:
+        ctx.log.info("captioner: %d image(s) to caption with %s", len(missing), params.model)
+    if missing and not ctx.dry_run:
+        first = {}
+        for key, row in zip(keys, rows):
+            if key in missing:
+                first.setdefault(key, row)
+        _generate(list(first.items()), params, ctx, encode_json)
+    out = []
+    for key in keys:
+        data = ctx.store.read(STAGE, key, FIELD) if key not in missing or not ctx.dry_run else None
+        out.append(decode_json(data)["caption"] if data else None)
+    return out
+
+
+def _generate(items: list[tuple[str, dict]], params, ctx, encode_json) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sdxlpipe.datasets.open_image import open_source_image
+
+    processor = AutoProcessor.from_pretrained(params.model, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(params.model, local_files_only=True).eval()
+    model.to(ctx.config.device)
+    with ctx.store.writer(STAGE) as writer, ctx.reporter.track("captioner", len(items)) as advance:
+        for start in range(0, len(items), params.batch_size):
+            batch = items[start:start + params.batch_size]
+            images = [open_source_image(row["source"]) for _, row in batch]
+            kwargs = {"images": images, "return_tensors": "pt"}
+            if params.prompt:
+                kwargs["text"] = [params.prompt] * len(images)
+            inputs = processor(**kwargs).to(ctx.config.device)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False)
+            for (key, _), text in zip(batch, processor.batch_decode(out, skip_special_tokens=True)):
+                writer.add(key, FIELD, encode_json({"caption": text.strip()}))
+            advance(len(batch))

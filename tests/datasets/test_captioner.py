@@ -1,0 +1,71 @@
+"""The optional captioner, with a tiny randomly initialised BLIP built from config (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sdxlpipe.cache_format import open_store
+from sdxlpipe.config import load_config
+from sdxlpipe.pipeline.runner import run_pipeline
+from tests.datasets.files import image_bytes, write
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> Path:
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    d = tmp_path_factory.mktemp("blip")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "red", "blue", "square",
+             "circle", "dog", "cat", "on", "the", "grass"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(d / "vocab.txt"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), max_position_embeddings=64, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3, **small),
+        vision_config=dict(image_size=32, patch_size=16, **small), projection_dim=32)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).eval().save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def _items(config) -> int:
+    return open_store(config.store_url).du()["stages"].get("caption", {}).get("items", 0)
+
+
+def test_captioner_fills_only_missing_captions_and_caches_by_image_model_and_prompt(tmp_path, tiny_blip):
+    write(tmp_path / "images" / "has_caption.png", image_bytes("PNG", seed=1))
+    (tmp_path / "images" / "has_caption.txt").write_text("a written caption")
+    write(tmp_path / "images" / "IMG_0001.jpg", image_bytes("JPEG", seed=2))
+    write(tmp_path / "images" / "IMG_0002.png", image_bytes("PNG", seed=3))
+    cfg_path = tmp_path / "sdxlpipe.toml"
+    cfg_path.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n'
+                        f'[caption.captioner]\nmodel = "{tiny_blip}"\nmax_new_tokens = 6\n')
+    config = load_config(cfg_path)
+
+    run_pipeline(config, "caption")
+
+    rows = {r["source"].rsplit("/", 1)[1]: r for r in
+            pq.read_table(config.workspace / "tables" / "caption.parquet").to_pylist()}
+    assert rows["has_caption.png"]["caption"] == "a written caption"
+    for name in ("IMG_0001.jpg", "IMG_0002.png"):
+        assert rows[name]["caption_origin"] == "captioner"
+        assert rows[name]["caption"] and "IMG" not in rows[name]["caption"]
+    assert _items(config) == 2
+
+    run_pipeline(load_config(cfg_path), "caption")
+    assert _items(config) == 2  # a rerun captions nothing again
+
+    prompted = load_config(cfg_path, ["caption.captioner.prompt='a photo of'"])
+    run_pipeline(prompted, "caption")
+    assert _items(config) == 4  # a new prompt is a new item per image
+    rows = pq.read_table(config.workspace / "tables" / "caption.parquet").to_pylist()
+    assert all(r["caption"].startswith("a photo of") for r in rows if r["caption_origin"] == "captioner")
