@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxlpipe.cache_format import decode_tensors
+from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import add_time_ids
@@ -301,10 +301,9 @@ def _load_cached(rows: list[dict], ctx) -> tuple[dict, dict]:
     for key, data in ctx.store.read_many("text_encode", sorted(text_keys)):
         if data is not None:
             texts[key] = decode_tensors(data, "pt")[0]
-    lost = (latent_keys - latents.keys()) | (text_keys - texts.keys())
-    if lost:
-        raise UserError(
-            f"{len(lost)} cached item(s) in {ctx.store.url} are missing or failed their checksum",
-            "run the same command again: the encode stages recompute the damaged items first",
-        )
+    lost = {"vae_encode": latent_keys - latents.keys(), "text_encode": text_keys - texts.keys()}
+    if any(lost.values()):
+        # The runner recomputes these items and runs the train stage again.
+        raise CacheDamaged({s: k for s, k in lost.items() if k},
+                           f"{sum(map(len, lost.values()))} cached item(s) in {ctx.store.url} are missing or failed their checksum")
     return latents, texts
