@@ -108,7 +108,8 @@ def trained_state(unet, p) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    # A copy: the caller may keep it while training goes on.
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def load_trained_state(unet, p, state: dict[str, torch.Tensor]) -> None:
