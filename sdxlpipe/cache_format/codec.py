@@ -55,11 +55,26 @@ def encode_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
             k: (v.detach().cpu().contiguous() if _is_torch(v) else torch.from_numpy(v.copy()))
             for k, v in tensors.items()
         }
-        return save(as_torch, metadata=meta)
+        return canonical_safetensors(save(as_torch, metadata=meta))
     import numpy as np
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    return canonical_safetensors(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same payload with its JSON header in sorted-key order.
+
+    safetensors writes the header from a hash map, so key order (metadata
+    included) differs between processes. Shards are named by their bytes, and
+    two machines encoding the same items must write the same shard.
+    Offsets in the header are relative to the data, so only the header moves.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

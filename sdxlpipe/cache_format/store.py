@@ -333,18 +333,29 @@ class Store:
                 failures.append((loc, why))
                 problems.append(_problem(stage, shard_id, loc.item_key, why))
             return problems
+        index = self._index(stage)
+        present = index.present()
         with f:
             digest, size = hash_stream(f)
-            if digest != shard_id:
-                problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
-            if "bytes" in doc and doc["bytes"] != size:
-                why = f"tar has {size} bytes, manifest says {doc['bytes']}"
-                problems.append(_problem(stage, shard_id, None, why))
+            item_problems, repaired = [], 0
             for loc in locs:
                 _, why = _check(f, loc)
-                if why is not None:
-                    failures.append((loc, why))
-                    problems.append(_problem(stage, shard_id, loc.item_key, why))
+                if why is None:
+                    continue
+                if index.is_bad(loc) and loc.item_key in present:
+                    repaired += 1  # found before, and recomputed into another shard since
+                    continue
+                failures.append((loc, why))
+                item_problems.append(_problem(stage, shard_id, loc.item_key, why))
+            # A shard whose only damage is in items already recomputed elsewhere is repaired:
+            # its intact items stay usable, and verify stays clean.
+            known_damage = repaired and not item_problems
+            if digest != shard_id and not known_damage:
+                problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
+            if "bytes" in doc and doc["bytes"] != size and not known_damage:
+                why = f"tar has {size} bytes, manifest says {doc['bytes']}"
+                problems.append(_problem(stage, shard_id, None, why))
+            problems += item_problems
         return problems
 
     def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:

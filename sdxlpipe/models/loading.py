@@ -64,6 +64,9 @@ def load_vae(
     from diffusers import AutoencoderKL
 
     if vae_override:
+        single = resolve_spec(vae_override, base_dir, allow_pickle)
+        if single.kind == "file":
+            return _frozen(_vae_from_file(single, spec, base_dir, allow_pickle), dtype, device)
         model = _resolve(vae_override, base_dir, allow_pickle)
         if model.kind == "tiny":
             raise ModelError(f"vae {vae_override!r}: `tiny` names a whole model, not a VAE", "give a VAE directory or Hub id")
@@ -74,6 +77,43 @@ def load_vae(
     if model.kind == "tiny":
         return _frozen(tiny.build_tiny_component("vae"), dtype, device)
     return _frozen(_from_dir(AutoencoderKL, model, "vae", dtype), dtype, device)
+
+
+def _vae_from_file(file: ModelSpec, base_spec: str, base_dir: Path | None, allow_pickle: bool):
+    """A VAE from one weights file (e.g. sdxl_vae.safetensors, diffusers or original layout).
+
+    The architecture comes from the base model's VAE config, so nothing is downloaded.
+    """
+    from diffusers import AutoencoderKL
+
+    if file.path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(file.path))
+    else:  # allowed pickle: tensors only, nothing executed
+        state = torch.load(str(file.path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    # A whole original-layout checkpoint given as the VAE: take its first_stage_model.
+    if any(k.startswith("first_stage_model.") for k in state):
+        state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    base = _resolve(base_spec, base_dir, allow_pickle)
+    if base.kind == "tiny":
+        config = tiny.tiny_configs()["vae"]
+    else:
+        config = _from_dir(AutoencoderKL.load_config, base, "vae")
+    if "encoder.down.0.block.0.conv1.weight" in state:  # original (SGM/LDM) layout
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = convert_ldm_vae_checkpoint(state, dict(config))
+    vae = AutoencoderKL.from_config(config)
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"vae {file.spec!r} does not fit the model's VAE: {len(missing)} weight(s) missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+            "give a VAE for this model (SDXL's VAE for SDXL), in diffusers or original layout",
+        )
+    return vae
 
 
 def load_text_stack(spec: str, dtype="float32", device="cpu", *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict:
