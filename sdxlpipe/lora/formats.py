@@ -91,6 +91,59 @@ def save_kohya_lora(
     return target
 
 
+def save_kohya_lycoris(
+    path: str | Path,
+    peft_state_dict: dict[str, torch.Tensor],
+    lycoris_config: dict,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a peft LoHa or LoKr as a LyCORIS file in kohya naming (what ComfyUI, A1111 and kohya load).
+
+    LoHa keys carry over (`hada_w1_a` ...) with alpha: LyCORIS scales by
+    alpha / rank as peft does. LoKr: LyCORIS readers scale by alpha / dim
+    only when a factor is decomposed and by 1 otherwise, so peft's
+    alpha / r is folded into w1 and alpha is written as that dim.
+    """
+    config = _json_safe(lycoris_config)
+    kind = config.get("peft_type")
+    if kind not in ("LOHA", "LOKR"):
+        raise ValueError(f"peft_type {kind!r}: save_kohya_lycoris writes LOHA or LOKR")
+    target = _target(path, KOHYA_WEIGHT_NAME)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in peft_state_dict.items():
+        module, _, field = key.rpartition(".")
+        modules.setdefault(module, {})[field] = value
+    tensors: dict[str, torch.Tensor] = {}
+    for module, fields in modules.items():
+        name = "lora_unet_" + module.replace(".", "_")
+        from peft.utils.other import get_pattern_key
+
+        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        r = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
+        alpha = float(alphas.get(get_pattern_key(alphas.keys(), module), config["alpha"]))
+        if kind == "LOKR":
+            fields = dict(fields)
+            w1 = "lokr_w1" if "lokr_w1" in fields else "lokr_w1_a"
+            fields[w1] = fields[w1] * (alpha / r)
+            dim = next((fields[f].shape[0] for f in ("lokr_w2_b", "lokr_w1_b") if f in fields), r)
+            alpha = float(dim)
+        for field, value in fields.items():
+            tensors[f"{name}.{field}"] = value
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    meta = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps({"algo": "loha" if kind == "LOHA" else "lokr"}),
+        "ss_network_dim": str(config["r"]),
+        "ss_network_alpha": str(config["alpha"]),
+        "ss_base_model_version": SDXL_BASE_MODEL_VERSION,
+        **{k: str(v) for k, v in (metadata or {}).items()},
+    }
+    tensors = _contiguous(tensors)
+    meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
+    _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
+    return target
+
+
 def _kohya_alpha(config: dict, module: str, rank: int) -> float:
     from peft.utils.other import get_pattern_key
 

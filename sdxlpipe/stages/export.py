@@ -1,9 +1,10 @@
-"""Export: the trained LoRA as files other tools load.
+"""Export: the trained network as files other tools load.
 
 Recipe: the train stage's adapter -> a diffusers-format file (with the
 adapter metadata, so alpha survives) and/or a kohya-format file (`.alpha`
 = the trained alpha) -> `<name>.export.json` beside them records the key,
-so an unchanged export is skipped.
+so an unchanged export is skipped. LoHa and LoKr go out as LyCORIS files in
+kohya naming; a full fine-tune as a diffusers UNet folder.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.errors import UserError
 from sdxlpipe.pipeline.atomic import write_json_atomic
 from sdxlpipe.pipeline.keys import item_key
 
 VERSION = 1
 OUTPUT_COLUMNS = ()
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".diffusers.safetensors"}
+# A full fine-tune's "diffusers" output is a UNet folder, not a LoRA file.
+FULL_SUFFIX = {"diffusers": "-unet"}
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,15 @@ def check(p: Params) -> list[tuple[str, str]]:
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     trained = ctx.outputs.get("train", {})
     out_dir = Path(params.output_dir)
-    paths = {fmt: out_dir / f"{params.name}{SUFFIX[fmt]}" for fmt in params.formats}
+    suffix = FULL_SUFFIX if ctx.config.params["train"].network == "full" else SUFFIX
+    paths = {fmt: out_dir / f"{params.name}{suffix.get(fmt, SUFFIX[fmt])}" for fmt in params.formats}
     record_path = out_dir / f"{params.name}.export.json"
     key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(params.formats)})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
     if _up_to_date(record_path, key, paths.values()):
         ctx.report(items=1, computed=0, reused=1)
         return table
-    if "adapter" not in trained:
+    if "adapter" not in trained and "weights" not in trained:
         reason = "the train stage has not finished" if ctx.dry_run else "no trained adapter"
         ctx.report(items=1, computed=1 if ctx.dry_run else 0, reused=0, failed=0 if ctx.dry_run else 1, reasons=[reason])
         return table
@@ -62,17 +67,38 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 
     from safetensors.torch import load_file
 
-    from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora
+    from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora, save_kohya_lycoris
 
-    state = load_file(trained["adapter"])
-    lora_config = json.loads(Path(trained["adapter_config"]).read_text())
+    state = load_file(trained.get("weights") or trained["adapter"])
+    config = json.loads(Path(trained.get("network_config") or trained["adapter_config"]).read_text())
+    kind = config.get("peft_type") or config.get("network", "LORA")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "diffusers" in paths:
-        save_diffusers_lora(paths["diffusers"], state, lora_config)
-    if "kohya" in paths:
-        save_kohya_lora(paths["kohya"], state, lora_config, _kohya_metadata(table, ctx))
+    if kind == "LORA":
+        if "diffusers" in paths:
+            save_diffusers_lora(paths["diffusers"], state, config)
+        if "kohya" in paths:
+            save_kohya_lora(paths["kohya"], state, config, _kohya_metadata(table, ctx))
+    elif kind in ("LOHA", "LOKR") and set(paths) == {"kohya"}:
+        save_kohya_lycoris(paths["kohya"], state, config, _kohya_metadata(table, ctx))
+    elif kind == "full" and set(paths) == {"diffusers"}:
+        _save_unet(paths["diffusers"], state, ctx)
+    else:
+        can = {"LOHA": '["kohya"] (LyCORIS)', "LOKR": '["kohya"] (LyCORIS)', "full": '["diffusers"] (a UNet folder)'}
+        raise UserError(
+            f"export.formats {list(params.formats)}: a {kind} network cannot be written as {', '.join(params.formats)}",
+            f"set export.formats = {can[kind]}" if kind in can else
+            f"{kind} is not exportable yet; its peft weights are in {trained.get('weights')}")
     write_json_atomic({"key": key, "train": trained.get("key"), "files": {f: str(p) for f, p in paths.items()}}, record_path)
     return table
+
+
+def _save_unet(path: Path, state: dict, ctx) -> None:
+    """A full fine-tune as a diffusers UNet folder (`UNet2DConditionModel.from_pretrained` loads it)."""
+    from sdxlpipe.models import loading
+
+    unet = loading.load_unet(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
+    unet.load_state_dict(state)
+    unet.save_pretrained(path, safe_serialization=True)
 
 
 def _up_to_date(record_path: Path, key: str, paths) -> bool:
