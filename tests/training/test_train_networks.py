@@ -93,6 +93,7 @@ def test_block_lrs_and_lora_plus_set_each_groups_rate():
 
 
 def test_optimizers_adafactor_and_prodigy_train(tmp_path):
+    pytest.importorskip("prodigyopt")  # in the dev extra
     for name, lr in (("adafactor", 1e-2), ("prodigy", 1.0)):
         ctx = make_context(tmp_path / name)
         done = run_train(ctx, build_samples(ctx, 4), params(optimizer=name, learning_rate=lr, conv_rank=4,
