@@ -255,6 +255,42 @@ def store_compact(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None) ->
     print(json.dumps(_store_from(config, store).compact(), indent=2))
 
 
+def _copy_store(src: str, dst: str, as_json: bool) -> None:
+    from sdxlpipe.cache_format import open_store
+
+    _setup(_stderr())
+    source = open_store(src, create=False)
+    report = source.copy_missing_to(open_store(dst, create=True))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for stage, c in report.items():
+            print(f"{stage:12} {c['items']:>8} items copied {c['shards']:>5} shards {c['bytes'] / 1e6:>10.1f} MB"
+                  + (f"  {len(c['damaged'])} damaged, not copied" if c["damaged"] else ""))
+    if any(c["damaged"] for c in report.values()):
+        raise typer.Exit(1)
+
+
+@store_app.command("push")
+def store_push(
+    src: Annotated[str, typer.Argument(help="the store to copy from (path or URL)")],
+    dst: Annotated[str, typer.Argument(help="the store to copy into (created if new)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the items DST lacks from SRC, checking every shard's hash on the way."""
+    _copy_store(src, dst, as_json)
+
+
+@store_app.command("pull")
+def store_pull(
+    src: Annotated[str, typer.Argument(help="the store to copy from (path or URL)")],
+    dst: Annotated[str, typer.Argument(help="the store to copy into (created if new)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the items DST lacks from SRC (same as push; the name says which side you are on)."""
+    _copy_store(src, dst, as_json)
+
+
 @store_app.command("du")
 def store_du(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Bytes per stage."""

@@ -426,6 +426,12 @@ class Store:
             result[st].update(fragments_after=1 if rows else 0, rows_after=len(rows))
         return result
 
+    def copy_missing_to(self, other: "Store") -> dict:
+        """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
+        from .sync import copy_missing
+
+        return copy_missing(self, other, log)
+
     def du(self) -> dict:
         """{"stages": {stage: {"shards", "items", "bytes"}}, "bytes": total of all shards}."""
         stages = {}

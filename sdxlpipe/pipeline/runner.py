@@ -67,14 +67,14 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
         table = module.run(table, ctx.config.params[name], ctx)
         stats = ctx.stats.setdefault(name, StageStats())
         if not stats.reported:
-            _count_changed_rows(stats, previous, table, module.OUTPUT_COLUMNS)
+            _count_changed_rows(stats, previous, table, getattr(module, "OUTPUT_COLUMNS", ()))
         if before is not None:  # a second pass after damage was found: count both passes
             stats.computed += before.computed
             stats.reused = max(stats.items - stats.computed - stats.failed, 0)
             stats.reasons = before.reasons + stats.reasons
             stats.seconds += before.seconds
         stats.seconds = round(stats.seconds + time.monotonic() - began, 3)
-        if not ctx.dry_run and module.OUTPUT_COLUMNS:
+        if not ctx.dry_run and getattr(module, "OUTPUT_COLUMNS", ()):
             ctx.workspace.write_table(name, table)
         ctx.log.debug("%s: %s", name, stats)
 
