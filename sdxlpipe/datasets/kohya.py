@@ -19,7 +19,7 @@ from sdxlpipe.errors import UserError
 
 # kohya option -> (sdxlpipe table, key). Subset-level ones may also sit in [general] or [[datasets]].
 CAPTION_KEYS = {
-    "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tokens", "caption_dropout_rate": "caption_dropout",
+    "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tokens",
     "caption_tag_dropout_rate": "tag_dropout", "caption_prefix": "caption_prefix",
     "caption_suffix": "caption_suffix", "caption_separator": "separator",
 }
@@ -36,7 +36,6 @@ WHY_NOT = {
     "secondary_separator": "not supported yet",
     "enable_wildcard": "wildcards {a|b} are always on in sdxlpipe",
     "conditioning_data_dir": "ControlNet conditioning images are not supported",
-    "alpha_mask": "masked loss from alpha is not supported yet (alpha is laid on white)",
     "cache_info": "sdxlpipe always caches its dataset scan (the stat memo)",
     "enable_bucket": "bucketing is always on",
     "validation_seed": "validation is a train setting",
@@ -59,6 +58,7 @@ def convert(kohya_toml: Path, out: Path, model: str) -> tuple[str, list[str]]:
     caption: dict[str, Any] = {}
     bucket: dict[str, Any] = {}
     train: dict[str, Any] = {}
+    encode: dict[str, Any] = {}
     sources: list[dict[str, Any]] = []
     resolution = None
     base = kohya_toml.parent
@@ -86,11 +86,12 @@ def convert(kohya_toml: Path, out: Path, model: str) -> tuple[str, list[str]]:
                     if resolution is not None and resolution != res:
                         notes.append(f"{where}.resolution {res} differs from {resolution}: kept the first")
                     resolution = resolution or res
-                elif key == "batch_size":
-                    take(where, merged, key, value, train, "batch_size")
+                elif key in ("batch_size", "caption_dropout_rate"):
+                    take(where, merged, key, value, train, "caption_dropout" if key == "caption_dropout_rate" else key)
                 elif key == "flip_aug":
-                    if value:
-                        notes.append(f"{where}.flip_aug: not mapped (flipped latents come with the encode issue)")
+                    take(where, merged, key, bool(value), encode, "flip_aug")
+                elif key == "alpha_mask":
+                    take(where, merged, key, "alpha" if value else "none", encode, "mask_from")
                 elif key == "random_crop":
                     take(where, merged, key, "random" if value else "center", bucket, "crop")
                 elif key in SOURCE_KEYS:
@@ -103,7 +104,7 @@ def convert(kohya_toml: Path, out: Path, model: str) -> tuple[str, list[str]]:
             sources.append(_source(merged, base, out, where, notes))
     if resolution:
         bucket["resolution"] = resolution
-    return _render(kohya_toml, model, sources, caption, bucket, train, notes), _dedupe(notes)
+    return _render(kohya_toml, model, sources, caption, bucket, encode, train, notes), _dedupe(notes)
 
 
 def _source(merged: dict, base: Path, out: Path, where: str, notes: list[str]) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def _dedupe(notes: list[str]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
-def _render(kohya_toml: Path, model: str, sources, caption, bucket, train, notes) -> str:
+def _render(kohya_toml: Path, model: str, sources, caption, bucket, encode, train, notes) -> str:
     q = json.dumps
     lines = [f"# Imported from kohya dataset config {kohya_toml} by `sdxlpipe import kohya`.",
              "# Run: sdxlpipe run all -c THIS_FILE", ""]
@@ -148,7 +149,7 @@ def _render(kohya_toml: Path, model: str, sources, caption, bucket, train, notes
         lines.append("[[sources]]")
         lines += [f"{k} = {value(v)}" for k, v in s.items()]
         lines.append("")
-    for name, table in (("caption", caption), ("bucket", bucket), ("train", train)):
+    for name, table in (("caption", caption), ("bucket", bucket), ("vae_encode", encode), ("train", train)):
         if table:
             lines.append(f"[{name}]")
             lines += [f"{k} = {value(v)}" for k, v in table.items()]

@@ -50,7 +50,12 @@ def read_source_bytes(source: str) -> bytes:
 
 
 def open_source_image(source: str, background: tuple[int, int, int] = ALPHA_BACKGROUND):
-    """The image as training sees it: upright (EXIF), 8-bit RGB, alpha laid on `background`."""
+    """The image as training sees it: upright (EXIF), 8-bit RGB.
+
+    An image with transparency comes back as RGBA whose colour is already laid
+    on `background` and whose alpha is the original (for a masked loss):
+    `.convert("RGB")` gives the training pixels either way.
+    """
     from PIL import Image
 
     fp: BinaryIO | str = io.BytesIO(read_source_bytes(source)) if source.startswith(TAR_PREFIX) else source
@@ -58,8 +63,21 @@ def open_source_image(source: str, background: tuple[int, int, int] = ALPHA_BACK
         return to_rgb(im, background)
 
 
+def open_source_alpha(source: str):
+    """The upright alpha channel ("L", 255 = opaque) for a masked loss, or None if the image has none."""
+    from PIL import Image, ImageOps
+
+    fp: BinaryIO | str = io.BytesIO(read_source_bytes(source)) if source.startswith(TAR_PREFIX) else source
+    with Image.open(fp) as im:
+        im.seek(0)
+        has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+        if not has_alpha:
+            return None
+        return ImageOps.exif_transpose(im).convert("RGBA").getchannel("A")
+
+
 def to_rgb(im, background: tuple[int, int, int] = ALPHA_BACKGROUND):
-    """Upright 8-bit RGB from any PIL mode; animated images give their first frame."""
+    """Upright 8-bit RGB (RGBA if transparent, see above) from any PIL mode; animated: the first frame."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -81,7 +99,10 @@ def to_rgb(im, background: tuple[int, int, int] = ALPHA_BACKGROUND):
     if im.mode in ("RGBA", "RGBa"):
         im = im.convert("RGBA")
         base = Image.new("RGBA", im.size, (*background, 255))
-        return Image.alpha_composite(base, im).convert("RGB")
+        out = Image.alpha_composite(base, im)
+        # Colour already laid on the background; alpha kept for a masked loss.
+        out.putalpha(im.getchannel("A"))
+        return out
     return im.convert("RGB")
 
 

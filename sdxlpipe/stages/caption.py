@@ -6,8 +6,7 @@ else the optional captioner's, else the file stem or instance prompt ->
 prefix and suffix -> `caption_variants`: N seeded variants (shuffled tags
 after the first `keep_tokens`, tag dropout, random wildcard options), or
 just [caption] when nothing is randomised. Caption dropout is no variant:
-the train stage swaps in the cached empty caption with probability
-`caption_dropout` (a column, so it travels with the table).
+the train stage swaps in the cached empty caption (`train.caption_dropout`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 VERSION = 2
-OUTPUT_COLUMNS = ("caption", "caption_variants", "caption_dropout")
+OUTPUT_COLUMNS = ("caption", "caption_variants")
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,6 @@ class Params:
     shuffle_tags: bool = False
     # Chance each tag after keep_tokens is left out of a variant (kohya's caption_tag_dropout_rate).
     tag_dropout: float = 0.0
-    # Chance a training step sees the empty caption instead (kohya's caption_dropout_rate; ED2 uses 0.04).
-    caption_dropout: float = 0.0
     # Fixed variants per image when anything is randomised; each is text-encoded once, so more costs cache.
     variants: int = 8
     # Seeds the variants (with each image's content hash): change it for different shuffles.
@@ -59,9 +56,8 @@ class Params:
 
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
-    for name in ("tag_dropout", "caption_dropout"):
-        if not 0.0 <= getattr(p, name) < 1.0:
-            problems.append((f"caption.{name}", "must be in [0, 1)"))
+    if not 0.0 <= p.tag_dropout < 1.0:
+        problems.append(("caption.tag_dropout", "must be in [0, 1)"))
     if p.keep_tokens < 0:
         problems.append(("caption.keep_tokens", "must be >= 0"))
     if p.variants < 1:
@@ -117,8 +113,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     table = table.drop_columns([c for c in ("caption_origin",) if c in table.column_names])
     table = table.append_column("caption_origin", pa.array(origins, pa.string()))
     table = table.append_column("caption", pa.array(captions, pa.string()))
-    table = table.append_column("caption_variants", pa.array(all_variants, pa.list_(pa.string())))
-    return table.append_column("caption_dropout", pa.array([params.caption_dropout] * len(captions), pa.float32()))
+    return table.append_column("caption_variants", pa.array(all_variants, pa.list_(pa.string())))
 
 
 def _wrap(text: str, p: Params) -> str:

@@ -87,6 +87,7 @@ color_aug = true
   caption_dropout_rate = 0.05
   face_crop_aug_range = [2.0, 4.0]
   random_crop = true
+  flip_aug = true
 
   [[datasets.subsets]]
   image_dir = "train/1_dog"
@@ -97,10 +98,11 @@ color_aug = true
     assert "color_aug" in proc.stderr and "face_crop_aug_range" in proc.stderr
     config = load_config(tmp_path / "sdxlpipe.toml")
     caption, bucket = config.params["caption"], config.params["bucket"]
-    assert (caption.shuffle_tags, caption.keep_tokens, caption.caption_dropout) == (True, 1, 0.05)
+    assert (caption.shuffle_tags, caption.keep_tokens) == (True, 1)
     assert (bucket.resolution, bucket.min_side, bucket.max_side, bucket.step, bucket.no_upscale, bucket.crop) == (
         128, 64, 256, 32, True, "random")
-    assert config.params["train"].batch_size == 2
+    assert config.params["vae_encode"].flip_aug is True
+    assert (config.params["train"].batch_size, config.params["train"].caption_dropout) == (2, 0.05)
     sources = config.params["ingest"].sources
     assert [(s.repeats, s.is_reg, s.prompt) for s in sources] == [(5, False, "sks dog"), (1, True, "dog")]
     run_pipeline(config, "caption")

@@ -194,13 +194,14 @@ def test_every_quirky_image_is_kept_upright_and_every_bad_file_rejected_with_a_r
     # What the encoder will see: 8-bit RGB, upright, alpha on white, 16-bit scaled rather than clipped.
     for name, (w, h) in sizes.items():
         im = open_source_image(rows[name]["source"])
-        assert (im.mode, im.size) == ("RGB", (w, h)), name
+        assert (im.mode, im.size) == ("RGBA" if rows[name]["has_alpha"] else "RGB", (w, h)), name
     grey = np.asarray(open_source_image(rows["sixteen.png"]["source"]))
     assert grey[:, :16].max() < 10 and grey[:, 16:].min() > 220  # scaled; a clip would make both white
     alpha = Image.open(tmp_path / "images" / "alpha.png")
     transparent = np.asarray(alpha)[..., 3] == 0
     if transparent.any():
-        assert (np.asarray(open_source_image(rows["alpha.png"]["source"]))[transparent] == 255).all()
+        rgb = np.asarray(open_source_image(rows["alpha.png"]["source"]).convert("RGB"))
+        assert (rgb[transparent] == 255).all()
 
 
 def test_reg_sources_and_repeats_are_per_source(tmp_path):
@@ -224,3 +225,18 @@ def test_strict_exits_1_on_a_rejected_file(tmp_path):
     strict = cli("run", "ingest", "--strict", "-c", str(tmp_path / "sdxlpipe.toml"), check=False)
     assert strict.returncode == 1
     assert "broken.png: empty file (0 bytes)" in strict.stdout
+
+
+def test_alpha_channel_is_available_for_a_masked_loss(tmp_path):
+    from sdxlpipe.datasets import open_source_alpha
+
+    im = noise((20, 10), 1, "RGBA")
+    im.putalpha(Image.new("L", (20, 10), 0))
+    im.save(tmp_path / "cut.png")
+    noise((20, 10), 2).save(tmp_path / "opaque.png")
+    alpha = open_source_alpha(str(tmp_path / "cut.png"))
+    assert alpha.mode == "L" and alpha.size == (20, 10) and np.asarray(alpha).max() == 0
+    opened = open_source_image(str(tmp_path / "cut.png"))
+    assert (np.asarray(opened.convert("RGB")) == 255).all()  # fully transparent -> white
+    assert np.array_equal(np.asarray(opened.getchannel("A")), np.asarray(alpha))  # alpha kept for masks
+    assert open_source_alpha(str(tmp_path / "opaque.png")) is None
