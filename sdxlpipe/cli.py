@@ -85,6 +85,8 @@ def run(
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r} is not known", f"use one of: {', '.join(ENGINES)}")
     report = run_pipeline(cfg, target, partition=_parse_shards(shards), reporter=Reporter(console), engine=engine)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under accelerate launch / torchrun every process runs; one reports
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])
     if as_json:

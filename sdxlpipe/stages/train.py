@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -200,8 +201,12 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
-def key_doc(table: pa.Table, params: Params, fp: dict[str, str]) -> dict:
-    """Everything that shapes the trained weights: settings, UNet and scheduler weights, every sample input."""
+def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int = 1) -> dict:
+    """Everything that shapes the trained weights: settings, UNet and scheduler weights, every sample input.
+
+    Each process takes its own batches, so the process count changes the
+    weights too; it enters the key only above 1, keeping one-process keys as they were.
+    """
     present = [c for c in SAMPLE_COLUMNS if c in table.column_names]
     cols = table.select(present).to_pydict()
     lines = []
@@ -213,13 +218,15 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str]) -> dict:
         "stage": "train", "version": VERSION, "params": settings,
         "unet": fp["unet"], "scheduler": fp["scheduler"],
         "samples": xxh3_hex("\n".join(lines)), "sample_count": table.num_rows,
+        **({"processes": processes} if processes > 1 else {}),
     }
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     from sdxlpipe.training import checkpoints
 
-    doc = key_doc(table, params, ctx.models.fingerprints())
+    # accelerate launch / torchrun set WORLD_SIZE; reading it needs no torch.
+    doc = key_doc(table, params, ctx.models.fingerprints(), int(os.environ.get("WORLD_SIZE", "1")))
     key = item_key(doc)
     run_dir = ctx.workspace.train_dir(key)
     ctx.outputs["train"] = {"key": key, "dir": str(run_dir)}
