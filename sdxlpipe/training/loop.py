@@ -184,6 +184,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
                     last = save(done)
                 accelerator.wait_for_everyone()
     logs.close()
+    seconds = round(time.monotonic() - began, 3)  # the steps, checkpoints and validations
 
     last = checkpoints.checkpoint_dir(run_dir, max_steps)
     weights = last / ("ema.safetensors" if ema is not None else "weights.safetensors")
@@ -200,7 +201,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
         "steps": max_steps, "final_loss": history["losses"][-1] if history["losses"] else math.nan,
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
-        "processes": world, "seconds": round(time.monotonic() - began, 3), "outputs": outputs,
+        "processes": world, "seconds": seconds, "outputs": outputs,
     }
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
