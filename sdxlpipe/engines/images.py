@@ -12,15 +12,23 @@ import numpy as np
 MASK_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".bmp")
 
 
-def open_image(source: str):
-    """The source as a PIL image; datasets.open_source_image (images in tars) when it exists."""
-    try:
-        from sdxlpipe.datasets import open_source_image  # the ingest side's opener, once it exists
-    except ImportError:
-        from PIL import Image
+def open_image(source: str, want_alpha: bool = False):
+    """(upright 8-bit RGB image, its alpha as "L" or None).
 
-        return Image.open(source)
-    return open_source_image(source)
+    The ingest side's opener (sdxlpipe.datasets: images in tars, odd modes,
+    transparency laid on its background) when it exists, else plain PIL.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        from sdxlpipe.datasets import open_source_alpha, open_source_image
+    except ImportError:
+        with Image.open(source) as raw:
+            im = ImageOps.exif_transpose(raw)
+            alpha = im.convert("RGBA").getchannel("A") if want_alpha else None
+            return im.convert("RGB"), alpha
+    alpha = open_source_alpha(source) if want_alpha else None
+    return open_source_image(source).convert("RGB"), alpha
 
 
 def _fit(im, job: dict):
@@ -40,12 +48,10 @@ def load_job(job: dict) -> dict:
     from PIL import Image, ImageOps
 
     try:
-        with open_image(job["source"]) as raw:
-            im = ImageOps.exif_transpose(raw)
-            alpha = None
-            if job.get("mask") == "alpha":
-                alpha = im.convert("RGBA").getchannel("A")
-            pixels = np.array(_fit(im.convert("RGB"), job), dtype=np.uint8)  # a writable copy for torch
+        im, alpha = open_image(job["source"], want_alpha=job.get("mask") == "alpha")
+        if job.get("mask") == "alpha" and alpha is None:
+            alpha = Image.new("L", im.size, 255)  # an opaque image: every pixel counts
+        pixels = np.array(_fit(im, job), dtype=np.uint8)  # a writable copy for torch
         mask_image = alpha
         if job.get("mask") not in (None, "none", "alpha"):
             if job["mask"]:
@@ -53,10 +59,12 @@ def load_job(job: dict) -> dict:
                     mask_image = ImageOps.exif_transpose(m).convert("L")
                     mask_image.load()
             else:
-                mask_image = Image.new("L", pixels.shape[1::-1], 255)  # no mask file: the whole image counts
+                mask_image = Image.new("L", im.size, 255)  # no mask file: the whole image counts
         mask = None
         if mask_image is not None:
-            fitted = _fit(mask_image, job) if mask_image.size != pixels.shape[1::-1] else mask_image
+            if mask_image.size != im.size:  # a mask file drawn at another resolution
+                mask_image = mask_image.resize(im.size, Image.Resampling.BILINEAR)
+            fitted = _fit(mask_image, job)
             f = job["latent_factor"]
             small = fitted.resize((job["bucket_w"] // f, job["bucket_h"] // f), Image.Resampling.BOX)
             mask = np.asarray(small, dtype=np.float32) / 255.0
