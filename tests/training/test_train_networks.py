@@ -27,7 +27,7 @@ NETWORKS = {
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_each_network_lowers_the_loss_and_its_checkpoint_loads_back(tmp_path, name):
     ctx = make_context(tmp_path / name)
-    p = params(max_steps=10, save_every_steps=10, **NETWORKS[name])
+    p = params(max_steps=6, save_every_steps=6, **NETWORKS[name])
     done = run_train(ctx, build_samples(ctx, 4), p)
     assert done["eval_loss_after"] < done["eval_loss_before"], done
     saved = load_file(done["outputs"]["weights"])

@@ -3,7 +3,7 @@
 The loss compared is the run's fixed-noise evaluation loss (same batches,
 noise and timesteps before and after), so the drop is what was learned, not
 luck of the draw. The base is a LoCon (attention + conv) at a high rate:
-the tiny UNet's attention-only LoRA learns too slowly to show in 12 steps.
+the tiny UNet's attention-only LoRA learns too slowly to show in 8 steps.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from tests.training.conftest import build_samples, make_context, params, run_train
 
-BASE = dict(conv_rank=4, conv_alpha=8.0, learning_rate=1e-2, max_steps=12, save_every_steps=12)
+BASE = dict(conv_rank=4, conv_alpha=8.0, learning_rate=1e-2, max_steps=8, save_every_steps=8)
 
 OPTIONS = {
     "epsilon": dict(prediction_type="epsilon"),
