@@ -81,7 +81,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     history: dict = {"losses": [], "eval_loss_before": None}
     if start:
         ckpt = checkpoints.checkpoint_dir(run_dir, start)
-        networks.load_trained_state(unet, p, load_file(ckpt / "weights.safetensors"))
+        networks.load_trained_state(unet, p, load_file(ckpt / networks.weights_file(p)))
         state = torch.load(ckpt / "training_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -110,13 +110,13 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
 
     def save(step: int) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=run_dir / "checkpoints", prefix=".tmp-"))
-        save_file(networks.trained_state(bare, p), tmp / "weights.safetensors")
+        save_file(networks.trained_state(bare, p), tmp / networks.weights_file(p))
         state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
         if ema is not None:
             state["ema"] = ema.state_dict()
             ema.store(trainable)
             ema.copy_to(trainable)
-            save_file(networks.trained_state(bare, p), tmp / "ema.safetensors")
+            save_file(networks.trained_state(bare, p), tmp / networks.weights_file(p, ema=True))
             ema.restore(trainable)
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
@@ -187,7 +187,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     seconds = round(time.monotonic() - began, 3)  # the steps, checkpoints and validations
 
     last = checkpoints.checkpoint_dir(run_dir, max_steps)
-    weights = last / ("ema.safetensors" if ema is not None else "weights.safetensors")
+    weights = last / networks.weights_file(p, ema=ema is not None)
     outputs = {
         "checkpoint": str(last), "network": p.network, "weights": str(weights),
         "network_config": str(last / "network.json"), "logs": str(run_dir / "logs"),

@@ -100,6 +100,12 @@ def attach(unet, p) -> None:
     unet.add_adapter(peft_config(unet, p), adapter_name=ADAPTER)
 
 
+def weights_file(p, ema: bool = False) -> str:
+    """The checkpoint file of the trained weights (adapter.safetensors: the name the skeleton used)."""
+    name = "unet" if p.network == "full" else "adapter"
+    return f"{name}.ema.safetensors" if ema else f"{name}.safetensors"
+
+
 def trained_state(unet, p) -> dict[str, torch.Tensor]:
     """The weights this run trains, as saved in a checkpoint."""
     if p.network == "full":

@@ -53,7 +53,7 @@ def prepare(root: Path, settings: dict) -> list[str]:
 def final(root: Path, step: int) -> tuple[dict, dict, list]:
     (ckpt,) = (root / ".sdxlpipe" / "train").glob(f"*/checkpoints/step-{step:08d}")
     state = json.loads((ckpt / "state.json").read_text())
-    return load_file(ckpt / "weights.safetensors"), load_file(ckpt / "ema.safetensors"), state["losses"]
+    return load_file(ckpt / "adapter.safetensors"), load_file(ckpt / "adapter.ema.safetensors"), state["losses"]
 
 
 @pytest.mark.slow
