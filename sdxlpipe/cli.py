@@ -303,6 +303,8 @@ def store_du(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json
         return
     for stage, u in usage["stages"].items():
         print(f"{stage:12} {u['items']:>8} items {u['shards']:>5} shards {u['bytes'] / 1e6:>10.1f} MB")
+        for group, nbytes in sorted(u.get("groups", {}).items()):
+            print(f"  {group or '(no fingerprint recorded)'}: {nbytes / 1e6:.1f} MB of items")
     print(f"{'total':12} {usage['bytes'] / 1e6:>32.1f} MB")
 
 

@@ -29,6 +29,8 @@ INDEX_SCHEMA = pa.schema(
         ("xxh3", pa.string()),
     ]
 )
+# Optional 7th column: the model fingerprint the item was made with (for `store du`).
+GROUPED_SCHEMA = INDEX_SCHEMA.append(pa.field("group", pa.string()))
 BAD_SCHEMA = pa.schema([("item_key", pa.string()), ("shard_id", pa.string()), ("fragment", pa.string())])
 # Fragments are small files; 16 threads hide per-file latency on object stores.
 READ_THREADS = 16
@@ -44,6 +46,11 @@ class Location(NamedTuple):
     length: int
     xxh3: str
     fragment: str  # file name of the fragment that listed this row
+    group: str = ""  # the model fingerprint it was made with, when the writer said
+
+    def row(self) -> tuple:
+        """The row as GROUPED_SCHEMA writes it."""
+        return (*self[:6], self.group)
 
 
 def to_parquet(rows: Iterable[tuple], schema: pa.Schema) -> bytes:
@@ -154,10 +161,11 @@ def load_stage(fs, directory: str, log: logging.Logger) -> StageIndex:
             bad.update(zip(cols["item_key"], cols["shard_id"], cols["fragment"]))
         else:
             fragments.append(name)
+            groups = cols.get("group") or [""] * len(cols["item_key"])
             rows.extend(
-                Location(k, f, s, o, n, h, name)
-                for k, f, s, o, n, h in zip(cols["item_key"], cols["field"], cols["shard_id"],
-                                            cols["offset"], cols["length"], cols["xxh3"])
+                Location(k, f, s, o, n, h, name, g or "")
+                for k, f, s, o, n, h, g in zip(cols["item_key"], cols["field"], cols["shard_id"],
+                                               cols["offset"], cols["length"], cols["xxh3"], groups)
             )
     return StageIndex(rows, bad, fragments, bad_fragments, unreadable)
 
@@ -174,4 +182,5 @@ def _try_read(fs, path: str) -> tuple[pa.Table | None, str | None]:
     lacking = [n for n in schema.names if n not in table.column_names]
     if lacking:
         return None, f"columns {lacking} missing"
-    return table.select(schema.names), None
+    extra = ["group"] if schema is INDEX_SCHEMA and "group" in table.column_names else []
+    return table.select(schema.names + extra), None

@@ -22,6 +22,7 @@ from .codec import decode_json, encode_json
 from .index import (
     BAD_PREFIX,
     BAD_SCHEMA,
+    GROUPED_SCHEMA,
     INDEX_SCHEMA,
     Location,
     StageIndex,
@@ -183,15 +184,15 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES) -> "Writer":
+    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES, group: str = "") -> "Writer":
         """A context manager that packs added items into shards of about target_shard_bytes."""
-        return Writer(self, check_stage(stage), target_shard_bytes)
+        return Writer(self, check_stage(stage), target_shard_bytes, group)
 
     def _new_builder(self) -> ShardBuilder:
         # Local stores build the tar inside the store so the final rename is atomic.
         return ShardBuilder(self._tmp if is_local(self.fs) else None)
 
-    def _commit(self, stage: str, builder: ShardBuilder) -> str:
+    def _commit(self, stage: str, builder: ShardBuilder, group: str = "") -> str:
         """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
         try:
             shard_id, nbytes = builder.finish()
@@ -201,7 +202,7 @@ class Store:
         doc = manifest(stage, shard_id, nbytes, builder.members)
         write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
         rows = [
-            (*m["name"].split(".", 1), shard_id, m["offset"], m["length"], m["xxh3"])
+            (*m["name"].split(".", 1), shard_id, m["offset"], m["length"], m["xxh3"], group)
             for m in builder.members
         ]
         fragment = self._path("index", stage, f"{shard_id}.parquet")
@@ -209,7 +210,7 @@ class Store:
             # The same shard again (e.g. recomputed after it was found bad): a fresh fragment
             # name, because bad markers name the fragment whose locations went bad.
             fragment = self._path("index", stage, f"{shard_id}-{secrets.token_hex(4)}.parquet")
-        write_bytes(self.fs, fragment, to_parquet(rows, INDEX_SCHEMA), self._tmp)
+        write_bytes(self.fs, fragment, to_parquet(rows, GROUPED_SCHEMA), self._tmp)
         self._indexes.pop(stage, None)
         return shard_id
 
@@ -407,7 +408,7 @@ class Store:
             self._indexes.pop(st, None)
             index = self._index(st)
             old = index.fragments + index.bad_fragments
-            rows = sorted({loc[:6] for loc in index.rows if not index.is_bad(loc)},
+            rows = sorted({loc.row() for loc in index.rows if not index.is_bad(loc)},
                           key=lambda r: (r[2], r[3], r[0], r[1]))
             result[st] = {"fragments_before": len(old), "fragments_after": len(old),
                           "rows_before": len(index.rows), "rows_after": len(index.rows)}
@@ -415,7 +416,7 @@ class Store:
                 continue
             if rows:
                 name = f"compact-{secrets.token_hex(8)}.parquet"
-                data = to_parquet(rows, INDEX_SCHEMA)
+                data = to_parquet(rows, GROUPED_SCHEMA)
                 write_bytes(self.fs, self._path("index", st, name), data, self._tmp)
             for name in old:
                 try:
@@ -426,6 +427,17 @@ class Store:
             result[st].update(fragments_after=1 if rows else 0, rows_after=len(rows))
         return result
 
+    def _group_bytes(self, stage: str) -> dict[str, int]:
+        index = self._index(stage)
+        seen: set[tuple[str, int]] = set()
+        groups: dict[str, int] = {}
+        for loc in index.rows:
+            if index.is_bad(loc) or (loc.shard_id, loc.offset) in seen:
+                continue
+            seen.add((loc.shard_id, loc.offset))
+            groups[loc.group] = groups.get(loc.group, 0) + loc.length
+        return groups
+
     def copy_missing_to(self, other: "Store") -> dict:
         """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
         from .sync import copy_missing
@@ -433,7 +445,10 @@ class Store:
         return copy_missing(self, other, log)
 
     def du(self) -> dict:
-        """{"stages": {stage: {"shards", "items", "bytes"}}, "bytes": total of all shards}."""
+        """{"stages": {stage: {"shards", "items", "bytes", "groups"}}, "bytes": total of all shards}.
+
+        "groups": bytes of present items per model fingerprint their writer named ("" if none).
+        """
         stages = {}
         for st in self._stage_names():
             directory = self._path("shards", st)
@@ -447,6 +462,7 @@ class Store:
                 "shards": len(tars),
                 "items": len(self._index(st).present()),
                 "bytes": sum(int(e.get("size") or 0) for e in tars),
+                "groups": self._group_bytes(st),
             }
         return {"stages": stages, "bytes": sum(s["bytes"] for s in stages.values())}
 
@@ -462,12 +478,13 @@ class Writer:
     webdataset sees each item as one sample.
     """
 
-    def __init__(self, store: Store, stage: str, target_shard_bytes: int):
+    def __init__(self, store: Store, stage: str, target_shard_bytes: int, group: str = ""):
         if target_shard_bytes <= 0:
             raise StoreError(f"target_shard_bytes must be positive, got {target_shard_bytes}",
                              "leave it at the default unless shards must be smaller")
         self._store = store
         self.stage = stage
+        self.group = group  # recorded in the index beside each item (model fingerprint, for du)
         self.target_shard_bytes = target_shard_bytes
         self.shard_ids: list[str] = []
         self._builder: ShardBuilder | None = None
@@ -505,7 +522,7 @@ class Writer:
         builder, self._builder = self._builder, None
         self._key, self._fields, self._done = None, set(), set()
         if builder is not None and builder.members:
-            self.shard_ids.append(self._store._commit(self.stage, builder))
+            self.shard_ids.append(self._store._commit(self.stage, builder, self.group))
         elif builder is not None:
             builder.discard()
 

@@ -18,7 +18,7 @@ import tempfile
 import xxhash
 
 from .codec import decode_json, encode_json
-from .index import INDEX_SCHEMA, to_parquet
+from .index import GROUPED_SCHEMA, to_parquet
 from .shards import HASH_CHUNK, is_local, manifest, place_file, write_bytes
 
 
@@ -91,9 +91,9 @@ def _copy_shard(src, dst, stage: str, shard_id: str, locs: list) -> tuple[bool, 
                    for k, f, _, o, n_, x in sorted({l[:6] for l in locs}, key=lambda r: r[3])]
         doc = manifest(stage, shard_id, n, members)
     write_bytes(dst.fs, dst._shard(stage, shard_id, "json"), encode_json(doc), dst._tmp)
-    rows = sorted({l[:6] for l in locs}, key=lambda r: (r[3], r[0]))
+    rows = sorted({l.row() for l in locs}, key=lambda r: (r[3], r[0]))
     name = f"{shard_id}-pull-{secrets.token_hex(4)}.parquet"
-    write_bytes(dst.fs, posixpath.join(dst.root, "index", stage, name), to_parquet(rows, INDEX_SCHEMA), dst._tmp)
+    write_bytes(dst.fs, posixpath.join(dst.root, "index", stage, name), to_parquet(rows, GROUPED_SCHEMA), dst._tmp)
     return True, n
 
 

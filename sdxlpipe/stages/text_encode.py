@@ -108,7 +108,9 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
 
 def _write(batches, ctx, advance) -> None:
     """Results (key, payload, note, chunk) in job order; a new shard per chunk."""
-    writer = ctx.store.writer("text_encode", target_shard_bytes=1 << 62)
+    fp = ctx.models.fingerprints()  # `store du` counts bytes per pair of text encoders
+    group = f"text_encoder:{fp['text_encoder']},text_encoder_2:{fp['text_encoder_2']}"
+    writer = ctx.store.writer("text_encode", target_shard_bytes=1 << 62, group=group)
     current = None
     try:
         for results in batches:

@@ -171,6 +171,7 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
     engine = ctx.engine(params.workers)
     failed: set[str] = set()
     total = sum(bool(j["key"]) + bool(j["flip_key"]) for c in chunks for j in c)
+    group = "vae:" + ctx.models.fingerprints()["vae"]  # `store du` counts bytes per VAE
     make_worker = functools.partial(VaeWorker, ctx.models.loader("vae", portable=engine.name != "local"),
                                     params.dtype)
     with ctx.reporter.track("vae_encode", total) as advance:
@@ -182,11 +183,11 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
                 chunk = _still_missing(chunk, ctx)
                 advance(0)
                 write_results(engine.run(chunk, load_job, make_worker, params.batch_size),
-                              "vae_encode", FIELD, ctx, failed, advance)
+                              "vae_encode", FIELD, ctx, failed, advance, group)
         else:
             jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
             write_results(engine.run(jobs, load_job, make_worker, params.batch_size),
-                          "vae_encode", FIELD, ctx, failed, advance)
+                          "vae_encode", FIELD, ctx, failed, advance, group)
     return failed
 
 
@@ -203,10 +204,10 @@ def _still_missing(chunk: list[dict], ctx) -> list[dict]:
     return out
 
 
-def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance) -> None:
+def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:
     """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
     # The writer never rolls over by size: a chunk is sized to be one shard.
-    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62)
+    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62, group=group)
     current = None
     try:
         for results in batches:

@@ -176,6 +176,7 @@ def test_du_counts_shards_items_and_bytes_per_stage(tmp_path, payloads):
         "shards": len(ids),
         "items": len(payloads),
         "bytes": sum(shard_path(tmp_path, s).stat().st_size for s in ids),
+        "groups": {"": sum(len(p) for p in payloads.values())},  # the writer named no fingerprint
     }
     assert usage["stages"]["text"]["items"] == 2
     assert usage["bytes"] == usage["stages"]["vae"]["bytes"] + usage["stages"]["text"]["bytes"]

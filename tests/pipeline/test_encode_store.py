@@ -113,3 +113,22 @@ def test_a_moved_dataset_with_a_fresh_workspace_encodes_nothing(tmp_path):
     report = run_pipeline(load_config(moved), "encode")
     assert computed(report) == dict.fromkeys(STAGES, 0)
     assert report["stages"]["vae_encode"]["reused"] == 8
+
+
+def test_du_counts_bytes_per_model_fingerprint(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdxlpipe.models.tiny import build_tiny_component
+
+    config = make_dataset(tmp_path / "data", 4)
+    cfg = load_config(config)
+    run_pipeline(cfg, "encode")
+    other = tmp_path / "other-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny_component("vae", seed=3).state_dict().items()}, other)
+    run_pipeline(load_config(config, [f'vae="{other}"']), "encode")
+    usage = open_store(cfg.store_url).du()
+    vae_groups = usage["stages"]["vae_encode"]["groups"]
+    assert len(vae_groups) == 2 and all(g.startswith("vae:") and n > 0 for g, n in vae_groups.items())
+    assert sum(vae_groups.values()) <= usage["stages"]["vae_encode"]["bytes"]
+    (text_group,) = usage["stages"]["text_encode"]["groups"]
+    assert text_group.startswith("text_encoder:")
