@@ -73,6 +73,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     config = json.loads(Path(trained.get("network_config") or trained["adapter_config"]).read_text())
     kind = config.get("peft_type") or config.get("network", "LORA")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "text_encoder" in trained:
+        ctx.log.warning("the text encoders' LoRA is not exported yet (only the UNet's); it is in %s and %s",
+                        trained["text_encoder"], trained["text_encoder_2"])
     if kind == "LORA":
         if "diffusers" in paths:
             save_diffusers_lora(paths["diffusers"], state, config)

@@ -31,7 +31,7 @@ NOT_IN_KEY = (
     "validation_steps", "validation_guidance", "validation_size", "validation_seed",
 )
 # Sample columns that shape training; a table from an older run may lack the newer ones.
-SAMPLE_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
+SAMPLE_COLUMNS = ("caption", "caption_variants", "latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
 NUM_BLOCKS = 23  # kohya's SDXL blocks (see training/networks.py)
 
 
@@ -56,6 +56,11 @@ class Params:
     block_dims: tuple[int, ...] = ()
     # Per-block alphas, 23 values; empty: `alpha` everywhere.
     block_alphas: tuple[float, ...] = ()
+    # Also train both text encoders with a LoRA (rank, alpha, dropout as above). Captions are then
+    # encoded in the loop from the table's caption text: the cached text embeddings are not used.
+    train_text_encoder: bool = False
+    # Text-encoder learning rate; 0 takes learning_rate (kohya's advice: about half the UNet's).
+    text_encoder_lr: float = 0.0
     # --- loss and noise ---
     # What the UNet predicts; "" takes the model's scheduler config (SDXL base: epsilon).
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
@@ -172,7 +177,7 @@ def check(p: Params) -> list[tuple[str, str]]:
     for name in ("dropout", "caption_dropout"):
         if not 0 <= getattr(p, name) < 1:
             problems.append((f"train.{name}", "must be in [0, 1)"))
-    for name in ("min_snr_gamma", "noise_offset", "adaptive_noise_scale", "input_perturbation", "weight_decay",
+    for name in ("text_encoder_lr", "min_snr_gamma", "noise_offset", "adaptive_noise_scale", "input_perturbation", "weight_decay",
                  "max_grad_norm", "lora_plus_ratio", "lr_warmup", "prior_loss_weight"):
         if getattr(p, name) < 0:
             problems.append((f"train.{name}", "must be >= 0"))
@@ -219,6 +224,8 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         "unet": fp["unet"], "scheduler": fp["scheduler"],
         "samples": xxh3_hex("\n".join(lines)), "sample_count": table.num_rows,
         **({"processes": processes} if processes > 1 else {}),
+        # Trained text encoders start from these weights; cached embeddings already carry them in text_key.
+        **({"text_encoders": [fp["text_encoder"], fp["text_encoder_2"]]} if params.train_text_encoder else {}),
     }
 
 

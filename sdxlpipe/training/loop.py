@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
-from sdxlpipe.models.sdxl import add_time_ids
+from sdxlpipe.models.sdxl import add_time_ids, encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, validation
 from sdxlpipe.training.data import BatchPlan, choice, coin
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Batches of epoch 0 the fixed-noise evaluation loss is measured on, before and after.
 EVAL_BATCHES = 4
 
@@ -54,7 +55,18 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
 
     # --- data ----------------------------------------------------------------
     rows = table.to_pylist()
-    latents, texts = _load_cached(rows, ctx)
+    if p.train_text_encoder:
+        if world > 1:
+            raise UserError("train.train_text_encoder runs on one process only for now",
+                            "train the text encoders on one process, or set train_text_encoder = false")
+        if "caption" not in table.column_names:
+            raise UserError("train.train_text_encoder needs the caption text, and this table has none",
+                            "run the caption stage (sdxlpipe run all) so the table carries captions")
+        ctx.log.info("train_text_encoder: captions are encoded in the loop; the cached text embeddings are not used")
+    # Encode captions the way text_encode caches them.
+    text_params = ctx.config.params.get("text_encode")
+    text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
+    latents, texts = _load_cached(rows, ctx, texts=not p.train_text_encoder)
     plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
                      p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
@@ -68,9 +80,21 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     unet.train()
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = optimizers.build_optimizer(optimizers.param_groups(unet, p), p)
+    encoders: dict = {}  # the trained text stack, when train_text_encoder
+    groups = optimizers.param_groups(unet, p)
+    if p.train_text_encoder:
+        encoders = loading.load_text_stack(ctx.config.model, device=device, allow_pickle=ctx.config.allow_pickle)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed + 1)
+            for name in TEXT_ENCODERS:
+                networks.attach_text_encoder(encoders[name], p)
+                encoders[name].train()
+        groups.append({"params": [q for n in TEXT_ENCODERS for q in encoders[n].parameters() if q.requires_grad],
+                       "lr": p.text_encoder_lr or p.learning_rate})
+    optimizer = optimizers.build_optimizer(groups, p)
     lr_schedule = optimizers.build_scheduler(optimizer, p, max_steps)
     trainable = [q for q in unet.parameters() if q.requires_grad]
+    trainable += [q for n in TEXT_ENCODERS if encoders for q in encoders[n].parameters() if q.requires_grad]
     ema = EMAModel(trainable, decay=p.ema_decay) if p.ema_decay else None
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -82,6 +106,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     if start:
         ckpt = checkpoints.checkpoint_dir(run_dir, start)
         networks.load_trained_state(unet, p, load_file(ckpt / networks.weights_file(p)))
+        for name in TEXT_ENCODERS if encoders else ():
+            networks.load_text_encoder_state(encoders[name], load_file(ckpt / f"{name}.safetensors"))
         state = torch.load(ckpt / "training_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -97,20 +123,27 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
         epoch, members = plan.batch_at(index)
         batch = _assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
+        if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
+            batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
 
     def eval_loss() -> float:
         """The loss on the first batches with fixed noise: comparable across steps and runs."""
-        bare.eval()
+        models = [bare, *(encoders[n] for n in TEXT_ENCODERS if encoders)]
+        for m in models:
+            m.eval()
         with torch.no_grad():
             values = [float(batch_loss(i, torch.Generator().manual_seed(p.seed + 7919 * i), fixed=True))
                       for i in range(min(EVAL_BATCHES, plan.per_epoch))]
-        bare.train()
+        for m in models:
+            m.train()
         return sum(values) / len(values)
 
     def save(step: int) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=run_dir / "checkpoints", prefix=".tmp-"))
         save_file(networks.trained_state(bare, p), tmp / networks.weights_file(p))
+        for name in TEXT_ENCODERS if encoders else ():
+            save_file(networks.text_encoder_state(encoders[name]), tmp / f"{name}.safetensors")
         state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
         if ema is not None:
             state["ema"] = ema.state_dict()
@@ -131,8 +164,9 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
         if ema is not None:
             ema.store(trainable)
             ema.copy_to(trainable)
+        stack = {**ctx.models.text_stack(), **encoders}
         images = validation.render(
-            bare, ctx.models.text_stack(), ctx.models.vae(), noise_scheduler, p.validation_prompts,
+            bare, stack, ctx.models.vae(), noise_scheduler, p.validation_prompts,
             p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, rows),
             steps=p.validation_steps, guidance=p.validation_guidance)
         if ema is not None:
@@ -194,6 +228,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     }
     if p.network != "full":
         outputs.update({"adapter": str(weights), "adapter_config": str(last / "network.json")})
+    if encoders:
+        outputs.update({name: str(last / f"{name}.safetensors") for name in TEXT_ENCODERS})
     if p.validation_prompts:
         outputs["validation"] = str(run_dir / "validation")
     recent = history["losses"][-20:]
@@ -216,20 +252,24 @@ def _every(n: int, every: int) -> bool:
 def _assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
               fixed: bool) -> dict:
     """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning."""
-    lat, txt, time_ids, masks, is_reg = [], [], [], [], []
+    lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
     for pos, (row, i) in enumerate(zip(rows, members)):
         flip = bool(row.get("latent_flip_key")) and not fixed and coin(0.5, p.seed, "flip", index, pos)
         entry = latents[row["latent_flip_key"] if flip else row["latent_key"]]
-        variants = row.get("text_variant_keys") or [row["text_key"]]
-        text_key = choice(variants, p.seed, "text", epoch, i)
-        if row.get("empty_text_key") and not fixed and coin(p.caption_dropout, p.seed, "drop", index, pos):
-            text_key = row["empty_text_key"]
+        dropped = not fixed and coin(p.caption_dropout, p.seed, "drop", index, pos)
+        if p.train_text_encoder:
+            caption = choice(row.get("caption_variants") or [row["caption"]], p.seed, "text", epoch, i)
+            captions.append("" if dropped else caption)
+        else:
+            text_key = choice(row.get("text_variant_keys") or [row["text_key"]], p.seed, "text", epoch, i)
+            if dropped and row.get("empty_text_key"):
+                text_key = row["empty_text_key"]
+            txt.append(texts[text_key])
         crop_left = row["crop_left"]
         if flip and row.get("resize_w"):
             # The crop seen from the other side of the flipped image.
             crop_left = row["resize_w"] - row["bucket_w"] - crop_left
         lat.append(entry)
-        txt.append(texts[text_key])
         time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
                                      (row["bucket_h"], row["bucket_w"])))
         masks.append(entry.get("mask"))
@@ -241,8 +281,9 @@ def _assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, 
     return {
         "mean": torch.stack([e["mean"] for e in lat]).float(), "std": torch.stack([e["std"] for e in lat]).float(),
         "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
-        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float(),
-        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float(),
+        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float() if txt else None,
+        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float() if txt else None,
+        "captions": captions,
         "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
         "is_reg": torch.tensor(is_reg, dtype=torch.bool),
     }
@@ -287,24 +328,26 @@ def _validation_size(p, rows: list[dict]) -> tuple[int, int]:
     return max(counts, key=counts.get)
 
 
-def _load_cached(rows: list[dict], ctx) -> tuple[dict, dict]:
+def _load_cached(rows: list[dict], ctx, texts: bool = True) -> tuple[dict, dict]:
     """Every latent (flipped ones too) and text payload (variants and the empty caption too), decoded once."""
     latent_keys = {r["latent_key"] for r in rows} | {r["latent_flip_key"] for r in rows if r.get("latent_flip_key")}
     text_keys = {r["text_key"] for r in rows} | {r["empty_text_key"] for r in rows if r.get("empty_text_key")}
     text_keys |= {k for r in rows for k in (r.get("text_variant_keys") or [])}
+    if not texts:
+        text_keys = set()
     latents: dict[str, dict] = {}
     for key, data in ctx.store.read_many("vae_encode", sorted(latent_keys)):
         if data is not None:
             tensors, meta = decode_tensors(data, "pt")
             latents[key] = {**tensors, "scaling_factor": float(meta.get("scaling_factor", "1.0")),
                             "shift_factor": float(meta.get("shift_factor", "0.0") or 0.0)}
-    texts: dict[str, dict] = {}
+    text_payloads: dict[str, dict] = {}
     for key, data in ctx.store.read_many("text_encode", sorted(text_keys)):
         if data is not None:
-            texts[key] = decode_tensors(data, "pt")[0]
-    lost = {"vae_encode": latent_keys - latents.keys(), "text_encode": text_keys - texts.keys()}
+            text_payloads[key] = decode_tensors(data, "pt")[0]
+    lost = {"vae_encode": latent_keys - latents.keys(), "text_encode": text_keys - text_payloads.keys()}
     if any(lost.values()):
         # The runner recomputes these items and runs the train stage again.
         raise CacheDamaged({s: k for s, k in lost.items() if k},
                            f"{sum(map(len, lost.values()))} cached item(s) in {ctx.store.url} are missing or failed their checksum")
-    return latents, texts
+    return latents, text_payloads

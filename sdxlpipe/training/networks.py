@@ -139,3 +139,28 @@ def config_dict(unet, p) -> dict:
     plain = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()
              if isinstance(v, (str, int, float, bool, list, set, dict, type(None)))}
     return plain
+
+
+# The CLIP attention projections kohya's and diffusers' text-encoder LoRAs train.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def attach_text_encoder(encoder, p) -> None:
+    """A LoRA of `p.rank`/`p.alpha` on a CLIP text encoder (in place); the rest stays frozen."""
+    from peft import LoraConfig
+
+    encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights="gaussian",
+                                   target_modules=TEXT_ENCODER_TARGETS), adapter_name=ADAPTER)
+
+
+def text_encoder_state(encoder) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone().contiguous()
+            for k, v in get_peft_model_state_dict(encoder, adapter_name=ADAPTER).items()}
+
+
+def load_text_encoder_state(encoder, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(encoder, state, adapter_name=ADAPTER)

@@ -76,7 +76,8 @@ def build_samples(ctx: Context, n: int = 6, *, size: int = 64, flips: bool = Fal
         empty = text("t-empty")
         for i in range(n + reg):
             rows.append({
-                "key": f"s{i}", "latent_key": latent(f"l{i}"),
+                "key": f"s{i}", "caption": f"a shape number {i}", "caption_variants": None,
+                "latent_key": latent(f"l{i}"),
                 "latent_flip_key": latent(f"lf{i}") if flips else None,
                 "text_key": text(f"t{i}"),
                 "text_variant_keys": [text(f"t{i}v{j}") for j in range(variants)] or None,
