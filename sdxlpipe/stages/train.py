@@ -268,7 +268,8 @@ def _why_new(ctx, doc: dict) -> str:
     if not previous:
         return "no run yet"
     old = json.loads(previous[-1].read_text())
-    changed = [f"train.{k}" for k in doc["params"] if old.get("params", {}).get(k) != doc["params"][k]]
+    new = json.loads(json.dumps(doc))  # tuples as the lists key.json holds
+    changed = [f"train.{k}" for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
     changed += [k for k in ("unet", "scheduler") if old.get(k) != doc[k]]
     if old.get("samples") != doc["samples"]:
         changed.append(f"samples ({old.get('sample_count')} -> {doc['sample_count']})")
