@@ -123,6 +123,8 @@ def _kohya_metadata(table: pa.Table, ctx) -> dict[str, str]:
         "ss_seed": str(train.seed),
         "ss_num_train_images": str(table.num_rows),
         "ss_dataset_dirs": json.dumps(subsets),
+        # Set by the caption stage in this run: {subset: {tag: count}}.
+        "ss_tag_frequency": json.dumps(ctx.outputs.get("tag_frequency", {})),
         "ss_sd_model_name": ctx.config.model,
         "sdxlpipe_train_key": str(ctx.outputs.get("train", {}).get("key")),
     }

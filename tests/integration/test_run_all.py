@@ -61,6 +61,22 @@ def test_first_run_computes_every_stage_and_writes_both_lora_files(finished_run)
     assert all(Path(p).exists() for p in report["outputs"]["lora"])
 
 
+def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):
+    import json
+
+    from safetensors import safe_open
+
+    _, report = finished_run
+    (kohya,) = [p for p in report["outputs"]["lora"] if not p.endswith(".diffusers.safetensors")]
+    with safe_open(kohya, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 8.0
+    assert json.loads(meta["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 32}}
+    tags = json.loads(meta["ss_tag_frequency"])["images"]
+    # "a red circle on a blue background" is one comma-free tag; 30 such captions, 2 from file names.
+    assert sum(tags.values()) == 32
+
+
 def test_rerun_computes_nothing_and_loads_no_model(trained):
     report = cli_json("run", "all", "-c", str(trained))
     assert {n: s["computed"] for n, s in report["stages"].items()} == dict.fromkeys(STAGES, 0)
