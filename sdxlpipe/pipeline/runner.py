@@ -25,6 +25,13 @@ STORE_COLUMNS = {
     "text_encode": ("text_key", "text_variant_keys", "empty_text_key"),
 }
 
+# The weights each stage's items depend on, named in `status` when they change.
+STAGE_MODELS = {
+    "vae_encode": ("vae",),
+    "text_encode": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+    "train": ("unet", "scheduler"),
+}
+
 
 def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
                  partition: tuple[int, int] | None = None, reporter: Reporter | None = None,
@@ -74,8 +81,13 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
             stats.reasons = before.reasons + stats.reasons
             stats.seconds += before.seconds
         stats.seconds = round(stats.seconds + time.monotonic() - began, 3)
-        if not ctx.dry_run and getattr(module, "OUTPUT_COLUMNS", ()):
-            ctx.workspace.write_table(name, table)
+        settings = _settings(ctx, name)
+        if stats.computed:
+            stats.reasons = _setting_changes(name, ctx.workspace.read_settings(name), settings) + stats.reasons
+        if not ctx.dry_run:
+            if getattr(module, "OUTPUT_COLUMNS", ()):
+                ctx.workspace.write_table(name, table)
+            ctx.workspace.write_settings(name, settings)
         ctx.log.debug("%s: %s", name, stats)
 
 
@@ -122,18 +134,54 @@ def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set
     return found
 
 
+def _settings(ctx: Context, name: str) -> dict[str, Any]:
+    fingerprints = ctx.models.fingerprints() if name in STAGE_MODELS else {}
+    return {"params": ctx.config.to_record()[name],
+            "models": {m: fingerprints.get(m) for m in STAGE_MODELS.get(name, ())}}
+
+
+def _setting_changes(name: str, old: dict | None, new: dict) -> list[str]:
+    """`bucket.resolution 1024 -> 896`, `vae weights changed`: what differs from the last run."""
+    if old is None:
+        return []
+    changes = []
+    for key, value in new["params"].items():
+        before = old.get("params", {}).get(key)
+        if before != value:
+            changes.append(f"{name}.{key} {_short(before)} -> {_short(value)}")
+    changes += [f"{m} weights changed" for m, fp in new["models"].items() if old.get("models", {}).get(m) != fp]
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.Table, columns) -> None:
-    """A table stage's rows count as computed when their outputs differ from the last run's."""
+    """A table stage's rows count as computed when their outputs differ from the last run's;
+    the reasons say how many rows are new and which columns changed."""
     stats.items = table.num_rows
-    old: dict[str, tuple] = {}
+    old: dict[str, dict] = {}
     if previous is not None and set(columns) <= set(previous.column_names) and "key" in previous.column_names:
-        cols = previous.select(["key", *columns]).to_pydict()
-        old = {k: tuple(cols[c][i] for c in columns) for i, k in enumerate(cols["key"])}
-    cols = table.select(["key", *columns]).to_pydict() if table.num_rows else {"key": []}
-    changed = sum(1 for i, k in enumerate(cols["key"]) if old.get(k) != tuple(cols[c][i] for c in columns))
-    stats.computed, stats.reused = changed, table.num_rows - changed
+        old = {row["key"]: row for row in previous.select(["key", *columns]).to_pylist()}
+    rows = table.select(["key", *columns]).to_pylist() if table.num_rows else []
+    new, changed, per_column = 0, 0, dict.fromkeys(columns, 0)
+    for row in rows:
+        before = old.get(row["key"])
+        if before is None:
+            new += 1
+            continue
+        differs = [c for c in columns if before[c] != row[c]]
+        changed += bool(differs)
+        for c in differs:
+            per_column[c] += 1
+    stats.computed, stats.reused = new + changed, table.num_rows - new - changed
+    stats.reasons = []
+    if new:
+        stats.reasons.append(f"{new} new row(s)")
     if changed:
-        stats.reasons = [f"{changed} row(s) new or changed"]
+        stats.reasons.append(f"{changed} changed row(s): " + ", ".join(f"{c} ({n})" for c, n in per_column.items() if n))
 
 
 def _report(ctx: Context) -> dict[str, Any]:

@@ -6,6 +6,7 @@ and run records. The store may be shared; the workspace never needs to be.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,17 @@ class Workspace:
 
     def write_table(self, stage: str, table: pa.Table) -> None:
         write_parquet_atomic(table, self.table_path(stage))
+
+    def read_settings(self, stage: str) -> dict | None:
+        """The params and weight fingerprints the stage last ran with (for `status` reasons)."""
+        path = self.root / "tables" / f"{stage}.settings.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_settings(self, stage: str, settings: dict) -> None:
+        write_json_atomic(settings, self.root / "tables" / f"{stage}.settings.json")
 
     @property
     def memo_path(self) -> Path:

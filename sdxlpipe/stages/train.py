@@ -272,5 +272,6 @@ def _why_new(ctx, doc: dict) -> str:
     changed = [f"train.{k}" for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
     changed += [k for k in ("unet", "scheduler") if old.get(k) != doc[k]]
     if old.get("samples") != doc["samples"]:
-        changed.append(f"samples ({old.get('sample_count')} -> {doc['sample_count']})")
+        before, now = old.get("sample_count"), doc["sample_count"]
+        changed.append(f"samples ({before} -> {now} rows)" if before != now else f"the inputs of some of the {now} samples")
     return "changed: " + ", ".join(changed) if changed else "new run"
