@@ -78,16 +78,12 @@ def save_kohya_lora(
             tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(config, module, rank), dtype=torch.float32)
         else:
             tensors[f"{name}.lora_up.weight"] = value
-    meta = {
+    network = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": str(config["lora_alpha"]),
-        "ss_base_model_version": SDXL_BASE_MODEL_VERSION,
-        **{k: str(v) for k, v in (metadata or {}).items()},
     }
-    tensors = _contiguous(tensors)
-    meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
-    _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
+    _write_kohya(target, tensors, network, metadata)
     return target
 
 
@@ -130,18 +126,27 @@ def save_kohya_lycoris(
         for field, value in fields.items():
             tensors[f"{name}.{field}"] = value
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    meta = {
+    network = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps({"algo": "loha" if kind == "LOHA" else "lokr"}),
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": str(config["alpha"]),
+    }
+    _write_kohya(target, tensors, network, metadata)
+    return target
+
+
+def _write_kohya(target: Path, tensors: dict[str, torch.Tensor], network: dict[str, str],
+                 metadata: dict[str, str] | None) -> None:
+    """The kohya metadata (network fields, base model, the caller's, then the data hash) and the file."""
+    meta = {
+        **network,
         "ss_base_model_version": SDXL_BASE_MODEL_VERSION,
         **{k: str(v) for k, v in (metadata or {}).items()},
     }
     tensors = _contiguous(tensors)
     meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
     _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
-    return target
 
 
 def _kohya_alpha(config: dict, module: str, rank: int) -> float:
