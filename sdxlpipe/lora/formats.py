@@ -18,11 +18,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
+
+from sdxlpipe.pipeline.atomic import write_bytes_atomic
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for
 KOHYA_WEIGHT_NAME = "lora.safetensors"
@@ -192,17 +193,7 @@ def _target(path: str | Path, default_name: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename; mode as a plain open() would give (not mkstemp's 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(data, path, mode=0o666 & ~_umask())
 
 
 def _umask() -> int:
