@@ -221,6 +221,8 @@ def _store_from(config: Path, url: str | None):
 
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path or URL (default: the config's)")]
+SrcArg = Annotated[str, typer.Argument(help="the store to copy from (path or URL)")]
+DstArg = Annotated[str, typer.Argument(help="the store to copy into (created if new)")]
 
 
 @store_app.command("verify")
@@ -275,8 +277,8 @@ def _copy_store(src: str, dst: str, as_json: bool) -> None:
 
 @store_app.command("push")
 def store_push(
-    src: Annotated[str, typer.Argument(help="the store to copy from (path or URL)")],
-    dst: Annotated[str, typer.Argument(help="the store to copy into (created if new)")],
+    src: SrcArg,
+    dst: DstArg,
     as_json: JsonOpt = False,
 ) -> None:
     """Copy the items DST lacks from SRC, checking every shard's hash on the way."""
@@ -285,8 +287,8 @@ def store_push(
 
 @store_app.command("pull")
 def store_pull(
-    src: Annotated[str, typer.Argument(help="the store to copy from (path or URL)")],
-    dst: Annotated[str, typer.Argument(help="the store to copy into (created if new)")],
+    src: SrcArg,
+    dst: DstArg,
     as_json: JsonOpt = False,
 ) -> None:
     """Copy the items DST lacks from SRC (same as push; the name says which side you are on)."""
