@@ -1,8 +1,9 @@
-"""Export a trained UNet LoRA as a diffusers or a kohya `.safetensors` file.
+"""Export a trained UNet LoRA (and the text encoders', if trained) as a diffusers or a kohya `.safetensors` file.
 
-Both work from what training saves, without the UNet: the peft state dict
+Both work from what training saves, without the models: the peft state dict
 (`get_peft_model_state_dict(unet)`, keys `<module>.lora_A.weight` /
-`<module>.lora_B.weight`) and the LoraConfig as a dict (`peft_config.to_dict()`).
+`<module>.lora_B.weight`) and the LoraConfig as a dict (`peft_config.to_dict()`),
+for the UNet and optionally for each text encoder.
 
 Facts that shaped this (shared/reference/lora-formats.md): a diffusers file
 without the adapter metadata reloads with alpha = rank, and diffusers' kohya
@@ -28,22 +29,35 @@ from sdxlpipe.pipeline.atomic import write_bytes_atomic
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for
 KOHYA_WEIGHT_NAME = "lora.safetensors"
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL base
+# diffusers' component name -> kohya's key prefix: CLIP-L, OpenCLIP bigG.
+KOHYA_TEXT_ENCODER_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
-def save_diffusers_lora(path: str | Path, peft_state_dict: dict[str, torch.Tensor], lora_config: dict) -> Path:
+def save_diffusers_lora(
+    path: str | Path,
+    peft_state_dict: dict[str, torch.Tensor],
+    lora_config: dict,
+    text_encoders: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None,
+) -> Path:
     """Write a file StableDiffusionXLPipeline.load_lora_weights reads, alpha included.
 
     `path` is the file, or a directory to hold `pytorch_lora_weights.safetensors`.
+    `text_encoders` maps "text_encoder" (CLIP-L) and/or "text_encoder_2"
+    (OpenCLIP bigG) to that encoder's (peft state dict, LoraConfig dict).
     """
     target = _target(path, DIFFUSERS_WEIGHT_NAME)
-    # peft key names under "unet.": what diffusers' loaders convert everything
-    # else to. (diffusers.utils.convert_state_dict_to_diffusers renames only
-    # attention layers to lora.down/lora.up; load_lora_weights then drops
-    # them from a file that mixes both styles.)
-    tensors = {f"unet.{k}": v for k, v in peft_state_dict.items()}
-    # The same layout as StableDiffusionXLPipeline.save_lora_weights(...,
-    # unet_lora_adapter_metadata=config): "unet."-prefixed config keys as JSON.
-    adapter_metadata = {f"unet.{k}": v for k, v in _json_safe(lora_config).items()}
+    # peft key names under "unet." / "text_encoder." / "text_encoder_2.": what
+    # diffusers' loaders convert everything else to. (diffusers.utils.
+    # convert_state_dict_to_diffusers renames only attention layers to
+    # lora.down/lora.up; load_lora_weights then drops them from a file that
+    # mixes both styles.)
+    tensors, adapter_metadata = {}, {}
+    for component, (state, config) in {"unet": (peft_state_dict, lora_config), **_text_parts(text_encoders)}.items():
+        tensors.update({f"{component}.{k}": v for k, v in state.items()})
+        # The same layout as StableDiffusionXLPipeline.save_lora_weights(...,
+        # unet_lora_adapter_metadata=, text_encoder[_2]_lora_adapter_metadata=):
+        # "<component>."-prefixed config keys, all in one JSON.
+        adapter_metadata.update({f"{component}.{k}": v for k, v in _json_safe(config).items()})
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata, indent=2, sort_keys=True)}
     _write_atomic(target, safetensors_bytes(_contiguous(tensors), metadata=metadata))
     return target
@@ -54,35 +68,43 @@ def save_kohya_lora(
     peft_state_dict: dict[str, torch.Tensor],
     lora_config: dict,
     metadata: dict[str, str] | None = None,
+    text_encoders: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None,
 ) -> Path:
-    """Write a kohya sd-scripts style LoRA (lora_unet_*, lora_down/lora_up/alpha).
+    """Write a kohya sd-scripts style LoRA (lora_unet_* / lora_te1_* / lora_te2_*, lora_down/lora_up/alpha).
 
     Module names are diffusers' (lora_unet_down_blocks_1_attentions_0_...),
     which diffusers, ComfyUI and Forge load; kohya's own SDXL files use the
     original SGM names (lora_unet_input_blocks_4_1_...), not written yet.
-    `path` is the file, or a directory to hold `lora.safetensors`.
+    Text encoder modules are the same in both (lora_te1_text_model_encoder_layers_0_...).
+    `path` is the file, or a directory to hold `lora.safetensors`; `text_encoders`
+    as for `save_diffusers_lora`.
     """
-    config = _json_safe(lora_config)
-    if config.get("use_dora"):
-        raise ValueError("a DoRA adapter has magnitude vectors the kohya LoRA format cannot hold; export it as diffusers")
+    parts = {"lora_unet": (peft_state_dict, lora_config)}
+    parts.update({KOHYA_TEXT_ENCODER_PREFIX[n]: part for n, part in _text_parts(text_encoders).items()})
     target = _target(path, KOHYA_WEIGHT_NAME)
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in peft_state_dict.items():
-        module, sep, kind = key.rpartition(".lora_")
-        if not sep or kind not in ("A.weight", "B.weight"):
-            raise ValueError(f"peft LoRA state dict key {key!r} is not <module>.lora_A/lora_B.weight")
-        name = "lora_unet_" + module.replace(".", "_")
-        if kind == "A.weight":
-            tensors[f"{name}.lora_down.weight"] = value
-            rank = value.shape[0]
-            # kohya scales by alpha / rank; write the alpha that gives peft's scale.
-            tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(config, module, rank), dtype=torch.float32)
-        else:
-            tensors[f"{name}.lora_up.weight"] = value
+    for prefix, (state, part_config) in parts.items():
+        config = _json_safe(part_config)
+        if config.get("use_dora"):
+            raise ValueError("a DoRA adapter has magnitude vectors the kohya LoRA format cannot hold; export it as diffusers")
+        for key, value in state.items():
+            module, sep, kind = key.rpartition(".lora_")
+            if not sep or kind not in ("A.weight", "B.weight"):
+                raise ValueError(f"peft LoRA state dict key {key!r} is not <module>.lora_A/lora_B.weight")
+            name = f"{prefix}_" + module.replace(".", "_")
+            if kind == "A.weight":
+                tensors[f"{name}.lora_down.weight"] = value
+                rank = value.shape[0]
+                # kohya scales by alpha / rank; write the alpha that gives peft's scale.
+                tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(config, module, rank), dtype=torch.float32)
+            else:
+                tensors[f"{name}.lora_up.weight"] = value
+    config = _json_safe(lora_config)
     network = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": str(config["lora_alpha"]),
+        "ss_network_train_unet_only": str(not text_encoders),
     }
     _write_kohya(target, tensors, network, metadata)
     return target
@@ -148,6 +170,21 @@ def _write_kohya(target: Path, tensors: dict[str, torch.Tensor], network: dict[s
     tensors = _contiguous(tensors)
     meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
     _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
+
+
+def _text_parts(text_encoders: dict | None) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """The encoders' (state, config), keys under the standard `text_model.` prefix.
+
+    transformers 5 dropped `text_model.` from CLIPTextModel (not from
+    CLIPTextModelWithProjection); kohya files and older loaders name it, and
+    diffusers strips it again for a model without it.
+    """
+    parts = {}
+    for name, (state, config) in (text_encoders or {}).items():
+        if name not in KOHYA_TEXT_ENCODER_PREFIX:
+            raise ValueError(f"text encoder {name!r}: SDXL's are {sorted(KOHYA_TEXT_ENCODER_PREFIX)}")
+        parts[name] = ({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, config)
+    return parts
 
 
 def _kohya_alpha(config: dict, module: str, rank: int) -> float:
