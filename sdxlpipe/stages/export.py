@@ -1,10 +1,12 @@
 """Export: the trained network as files other tools load.
 
-Recipe: the train stage's adapter -> a diffusers-format file (with the
-adapter metadata, so alpha survives) and/or a kohya-format file (`.alpha`
-= the trained alpha) -> `<name>.export.json` beside them records the key,
-so an unchanged export is skipped. LoHa and LoKr go out as LyCORIS files in
-kohya naming; a full fine-tune as a diffusers UNet folder.
+Recipe: the train stage's adapter, and the text encoders' LoRA when it
+trained them -> a diffusers-format file (with the adapter metadata, so
+alpha survives) and/or a kohya-format file (`.alpha` = the trained alpha;
+lora_te1 / lora_te2 for the encoders) -> `<name>.export.json` beside them
+records the key, so an unchanged export is skipped. LoHa and LoKr go out
+as LyCORIS files in kohya naming; a full fine-tune as a diffusers UNet
+folder.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sdxlpipe.errors import UserError
 from sdxlpipe.pipeline.atomic import write_json_atomic
 from sdxlpipe.pipeline.keys import item_key
 
-VERSION = 1
+VERSION = 2  # 2: the text encoders' LoRA goes into the files too
 OUTPUT_COLUMNS = ()
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".diffusers.safetensors"}
 # A full fine-tune's "diffusers" output is a UNet folder, not a LoRA file.
@@ -73,14 +75,15 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     config = json.loads(Path(trained.get("network_config") or trained["adapter_config"]).read_text())
     kind = config.get("peft_type") or config.get("network", "LORA")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "text_encoder" in trained:
-        ctx.log.warning("the text encoders' LoRA is not exported yet (only the UNet's); it is in %s and %s",
+    text = _text_encoders(trained, config) if kind == "LORA" else {}
+    if "text_encoder" in trained and kind != "LORA":
+        ctx.log.warning("the text encoders' LoRA goes out only with network = \"lora\"; it is in %s and %s",
                         trained["text_encoder"], trained["text_encoder_2"])
     if kind == "LORA":
         if "diffusers" in paths:
-            save_diffusers_lora(paths["diffusers"], state, config)
+            save_diffusers_lora(paths["diffusers"], state, config, text_encoders=text)
         if "kohya" in paths:
-            save_kohya_lora(paths["kohya"], state, config, _kohya_metadata(table, ctx))
+            save_kohya_lora(paths["kohya"], state, config, _kohya_metadata(table, ctx), text_encoders=text)
     elif kind in ("LOHA", "LOKR") and set(paths) == {"kohya"}:
         save_kohya_lycoris(paths["kohya"], state, config, _kohya_metadata(table, ctx))
     elif kind == "full" and set(paths) == {"diffusers"}:
@@ -93,6 +96,33 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
             f"{kind} is not exportable yet; its peft weights are in {trained.get('weights')}")
     write_json_atomic({"key": key, "train": trained.get("key"), "files": {f: str(p) for f, p in paths.items()}}, record_path)
     return table
+
+
+def _text_encoders(trained: dict, unet_config: dict) -> dict[str, tuple[dict, dict]]:
+    """{"text_encoder": (peft state, LoraConfig dict), "text_encoder_2": ...} when train_text_encoder, else {}.
+
+    The checkpoint keeps only the encoders' weights. Training gives them a
+    LoRA of train.rank / train.alpha on the CLIP attention projections, and
+    the UNet's network.json records that alpha as `lora_alpha`; so the config
+    is rebuilt from the weights (rank, modules) and that alpha.
+    """
+    if "text_encoder" not in trained:
+        return {}
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    alpha = unet_config.get("lora_alpha")
+    out = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        state = load_file(trained[name])
+        downs = {k.removesuffix(".lora_A.weight"): v for k, v in state.items() if k.endswith(".lora_A.weight")}
+        ranks = {v.shape[0] for v in downs.values()}
+        if len(ranks) != 1 or alpha is None:
+            raise UserError(f"{trained[name]}: cannot tell the text encoder LoRA's rank {sorted(ranks)} and alpha {alpha}",
+                            "re-run the train stage (sdxlpipe run train) with this version of sdxlpipe")
+        targets = sorted({module.rpartition(".")[2] for module in downs})
+        out[name] = (state, LoraConfig(r=ranks.pop(), lora_alpha=alpha, target_modules=targets).to_dict())
+    return out
 
 
 def _save_unet(path: Path, state: dict, ctx) -> None:

@@ -74,3 +74,41 @@ def test_loha_with_diffusers_format_is_a_clear_error(tmp_path):
     ctx.stage = "export"
     with pytest.raises(UserError, match="kohya"):
         export.run(table, dataclasses.replace(export.Params(), output_dir=str(tmp_path / "o")), ctx)
+
+
+def test_text_encoder_lora_goes_into_both_files_and_reloads_as_trained(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from sdxlpipe.models.tiny import save_tiny
+
+    ctx = make_context(tmp_path / "te", rank=4, alpha=8.0, train_text_encoder=True)
+    table = build_samples(ctx, 2)
+    p = params(train_text_encoder=True, text_encoder_lr=1e-2, max_steps=2, save_every_steps=2)
+    done = run_train(ctx, table, p)
+    ctx.stage = "export"
+    export.run(table, export.Params(output_dir=str(tmp_path / "out"), name="te"), ctx)
+    kohya, diffusers = tmp_path / "out" / "te.safetensors", tmp_path / "out" / "te.diffusers.safetensors"
+    with safe_open(kohya, "pt") as f:
+        te_alphas = {float(f.get_tensor(k)) for k in f.keys() if k.startswith("lora_te") and k.endswith(".alpha")}
+        assert {k[:8] for k in f.keys()} == {"lora_une", "lora_te1", "lora_te2"}
+    assert te_alphas == {8.0}
+
+    def embeds(pipe):
+        with torch.no_grad():
+            e, _, pooled, _ = pipe.encode_prompt("a shape number 1", device="cpu", do_classifier_free_guidance=False)
+        return torch.cat([e.flatten(), pooled.flatten()])
+
+    model = save_tiny(tmp_path / "tiny")
+    trained = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    base = embeds(trained)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(trained, name)
+        networks.attach_text_encoder(encoder, p)
+        networks.load_text_encoder_state(encoder, load_file(done["outputs"][name]))
+    want = embeds(trained)
+    assert (want - base).abs().max() > 1e-4, "two steps at lr 1e-2 must move the encoders"
+    for path in (kohya, diffusers):
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+        pipe.load_lora_weights(str(path))
+        assert (embeds(pipe) - want).abs().max() < 1e-5, path.name
