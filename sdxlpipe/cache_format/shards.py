@@ -188,13 +188,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _rename_durably(src: str, dest: str) -> None:
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    os.replace(src, dest)
+    _fsync_dir(parent)
+
+
 def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
     """Move a finished local file to `dest` in one step, as readers must never see half of it."""
     if is_local(fs):
-        parent = os.path.dirname(dest)
-        os.makedirs(parent, exist_ok=True)
-        os.replace(local_path, dest)
-        _fsync_dir(parent)
+        _rename_durably(local_path, dest)
         return
     tmp = posixpath.join(remote_tmp_dir, secrets.token_hex(8))
     try:
@@ -217,10 +221,7 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            parent = os.path.dirname(dest)
-            os.makedirs(parent, exist_ok=True)
-            os.replace(tmp, dest)
-            _fsync_dir(parent)
+            _rename_durably(tmp, dest)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
