@@ -1,7 +1,8 @@
-"""Which items of a store stage must be computed in this run.
+"""Which items of a store stage must be computed in this run, and how their results are stored.
 
 Shared by the encode stages: unique keys -> the ones the store lacks -> the
-ones in this machine's partition (`--shards K/N`) -> counted in the report.
+ones in this machine's partition (`--shards K/N`) -> counted in the report;
+then the engine's results -> one shard per chunk.
 """
 
 from __future__ import annotations
@@ -32,3 +33,26 @@ def plan_items(ctx, keys: Iterable[str]) -> list[str]:
         reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0]}/{ctx.partition[1]})")
     ctx.report(items=len(unique), computed=len(todo), reused=len(unique) - len(missing), reasons=reasons)
     return todo
+
+
+def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:
+    """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
+    # The writer never rolls over by size: a chunk is sized to be one shard.
+    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62, group=group)
+    current = None
+    try:
+        for results in batches:
+            for key, payload, note, chunk, source in results:
+                if chunk != current:
+                    writer.close()
+                    current = chunk
+                if note:
+                    ctx.log.warning("%s", note)
+                if payload is None:
+                    failed.add(key)
+                    ctx.reject(source, note or "could not be encoded")
+                else:
+                    writer.add(key, field, payload)
+            advance(len(results))
+    finally:
+        writer.close()

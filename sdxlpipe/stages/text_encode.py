@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items
+from sdxlpipe.pipeline.plan import plan_items, write_results
 
 VERSION = 1
 OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
@@ -93,6 +93,10 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
     chunks = _chunks(texts, key_of, len(key_of), params)
     make_worker = functools.partial(TextWorker, ctx.models.loader("text", portable=engine.name != "local"),
                                     params.max_token_length, params.clip_skip)
+    fp = ctx.models.fingerprints()  # `store du` counts bytes per pair of text encoders
+    group = f"text_encoder:{fp['text_encoder']},text_encoder_2:{fp['text_encoder_2']}"
+    # The text encoders never fail an item (no notes, no None payloads), so `failed` stays empty.
+    write = functools.partial(write_results, stage="text_encode", field=FIELD, ctx=ctx, failed=set(), group=group)
     with ctx.reporter.track("text_encode", len(texts)) as advance:
         if engine.name == "local":
             start = random.randrange(len(chunks)) if chunks else 0
@@ -100,28 +104,10 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
                 ctx.store.refresh()
                 missing = set(ctx.store.missing("text_encode", [j["key"] for j in chunk]))
                 chunk = [j for j in chunk if j["key"] in missing]
-                _write(engine.run(chunk, None, make_worker, params.batch_size), ctx, advance)
+                write(engine.run(chunk, None, make_worker, params.batch_size), advance=advance)
         else:
             jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
-            _write(engine.run(jobs, None, make_worker, params.batch_size), ctx, advance)
-
-
-def _write(batches, ctx, advance) -> None:
-    """Results (key, payload, note, chunk) in job order; a new shard per chunk."""
-    fp = ctx.models.fingerprints()  # `store du` counts bytes per pair of text encoders
-    group = f"text_encoder:{fp['text_encoder']},text_encoder_2:{fp['text_encoder_2']}"
-    writer = ctx.store.writer("text_encode", target_shard_bytes=1 << 62, group=group)
-    current = None
-    try:
-        for results in batches:
-            for key, payload, _note, chunk, _ in results:
-                if chunk != current:
-                    writer.close()
-                    current = chunk
-                writer.add(key, FIELD, payload)
-            advance(len(results))
-    finally:
-        writer.close()
+            write(engine.run(jobs, None, make_worker, params.batch_size), advance=advance)
 
 
 class TextWorker:

@@ -25,7 +25,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items
+from sdxlpipe.pipeline.plan import plan_items, write_results
 
 VERSION = 1
 OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
@@ -202,29 +202,6 @@ def _still_missing(chunk: list[dict], ctx) -> list[dict]:
         if j["key"] or j["flip_key"]:
             out.append(j)
     return out
-
-
-def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:
-    """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
-    # The writer never rolls over by size: a chunk is sized to be one shard.
-    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62, group=group)
-    current = None
-    try:
-        for results in batches:
-            for key, payload, note, chunk, source in results:
-                if chunk != current:
-                    writer.close()
-                    current = chunk
-                if note:
-                    ctx.log.warning("%s", note)
-                if payload is None:
-                    failed.add(key)
-                    ctx.reject(source, note or "could not be encoded")
-                else:
-                    writer.add(key, field, payload)
-            advance(len(results))
-    finally:
-        writer.close()
 
 
 class VaeWorker:
