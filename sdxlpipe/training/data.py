@@ -87,11 +87,3 @@ def coin(probability: float, seed: int, *where) -> bool:
     if probability <= 0:
         return False
     return random.Random("/".join(map(str, (seed, "coin", *where)))).random() < probability
-
-
-def batches_from(step: int, buckets, repeats, batch_size: int, seed: int):
-    """(epoch, batch) for every batch from `step` on, forever (one process, no accumulation)."""
-    plan = BatchPlan(buckets, repeats, batch_size, seed)
-    while True:
-        yield plan.batch_at(step)
-        step += 1
