@@ -248,6 +248,15 @@ class Store:
             if failures:
                 self._record_bad(stage, failures)
 
+    def locate(self, stage: str, keys: Iterable[str], field: str | None = None) -> list[Location | None]:
+        """The first good location of each key's field, in the keys' order (None when absent).
+
+        For readers that fetch payloads themselves by (shard_id, offset, length) and check
+        them against xxh3, such as training's per-batch reads.
+        """
+        index = self._index(stage)
+        return [next(iter(index.good(key, field, stage)), None) for key in keys]
+
     def read_many(
         self, stage: str, keys: Iterable[str], field: str | None = None
     ) -> Iterator[tuple[str, bytes | None]]:

@@ -28,12 +28,12 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
-from sdxlpipe.models.sdxl import add_time_ids, encode_prompts
+from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, validation
-from sdxlpipe.training.data import BatchPlan, choice, coin
+from sdxlpipe.training.batches import assemble, load_cached
+from sdxlpipe.training.data import BatchPlan
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Batches of epoch 0 the fixed-noise evaluation loss is measured on, before and after.
@@ -66,7 +66,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    latents, texts = _load_cached(rows, ctx, texts=not p.train_text_encoder)
+    latents, texts = load_cached(rows, ctx, texts=not p.train_text_encoder)
     plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
                      p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
@@ -122,7 +122,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
         epoch, members = plan.batch_at(index)
-        batch = _assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
+        batch = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
         if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
             batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
@@ -249,46 +249,6 @@ def _every(n: int, every: int) -> bool:
     return every > 0 and n % every == 0
 
 
-def _assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
-              fixed: bool) -> dict:
-    """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning."""
-    lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
-    for pos, (row, i) in enumerate(zip(rows, members)):
-        flip = bool(row.get("latent_flip_key")) and not fixed and coin(0.5, p.seed, "flip", index, pos)
-        entry = latents[row["latent_flip_key"] if flip else row["latent_key"]]
-        dropped = not fixed and coin(p.caption_dropout, p.seed, "drop", index, pos)
-        if p.train_text_encoder:
-            caption = choice(row.get("caption_variants") or [row["caption"]], p.seed, "text", epoch, i)
-            captions.append("" if dropped else caption)
-        else:
-            text_key = choice(row.get("text_variant_keys") or [row["text_key"]], p.seed, "text", epoch, i)
-            if dropped and row.get("empty_text_key"):
-                text_key = row["empty_text_key"]
-            txt.append(texts[text_key])
-        crop_left = row["crop_left"]
-        if flip and row.get("resize_w"):
-            # The crop seen from the other side of the flipped image.
-            crop_left = row["resize_w"] - row["bucket_w"] - crop_left
-        lat.append(entry)
-        time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
-                                     (row["bucket_h"], row["bucket_w"])))
-        masks.append(entry.get("mask"))
-        is_reg.append(bool(row.get("is_reg")))
-    mask = None
-    if p.masked_loss:
-        ones = torch.ones_like(lat[0]["mean"][:1])
-        mask = torch.stack([(m.reshape(ones.shape) if m is not None else ones).float() for m in masks])
-    return {
-        "mean": torch.stack([e["mean"] for e in lat]).float(), "std": torch.stack([e["std"] for e in lat]).float(),
-        "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
-        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float() if txt else None,
-        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float() if txt else None,
-        "captions": captions,
-        "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
-        "is_reg": torch.tensor(is_reg, dtype=torch.bool),
-    }
-
-
 def _loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Generator, device, fixed: bool):
     """One batch's loss; each step is a function of `training.losses` (see its docstring for the order)."""
     x0 = (b["mean"] + b["std"] * torch.randn(b["mean"].shape, generator=gen) - b["shift"]) * b["scale"]
@@ -326,28 +286,3 @@ def _validation_size(p, rows: list[dict]) -> tuple[int, int]:
     for r in rows:
         counts[(r["bucket_w"], r["bucket_h"])] = counts.get((r["bucket_w"], r["bucket_h"]), 0) + 1
     return max(counts, key=counts.get)
-
-
-def _load_cached(rows: list[dict], ctx, texts: bool = True) -> tuple[dict, dict]:
-    """Every latent (flipped ones too) and text payload (variants and the empty caption too), decoded once."""
-    latent_keys = {r["latent_key"] for r in rows} | {r["latent_flip_key"] for r in rows if r.get("latent_flip_key")}
-    text_keys = {r["text_key"] for r in rows} | {r["empty_text_key"] for r in rows if r.get("empty_text_key")}
-    text_keys |= {k for r in rows for k in (r.get("text_variant_keys") or [])}
-    if not texts:
-        text_keys = set()
-    latents: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("vae_encode", sorted(latent_keys)):
-        if data is not None:
-            tensors, meta = decode_tensors(data, "pt")
-            latents[key] = {**tensors, "scaling_factor": float(meta.get("scaling_factor", "1.0")),
-                            "shift_factor": float(meta.get("shift_factor", "0.0") or 0.0)}
-    text_payloads: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("text_encode", sorted(text_keys)):
-        if data is not None:
-            text_payloads[key] = decode_tensors(data, "pt")[0]
-    lost = {"vae_encode": latent_keys - latents.keys(), "text_encode": text_keys - text_payloads.keys()}
-    if any(lost.values()):
-        # The runner recomputes these items and runs the train stage again.
-        raise CacheDamaged({s: k for s, k in lost.items() if k},
-                           f"{sum(map(len, lost.values()))} cached item(s) in {ctx.store.url} are missing or failed their checksum")
-    return latents, text_payloads
