@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items, write_results
+from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
 OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
@@ -101,8 +101,7 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
         if engine.name == "local":
             start = random.randrange(len(chunks)) if chunks else 0
             for chunk in chunks[start:] + chunks[:start]:
-                ctx.store.refresh()
-                missing = set(ctx.store.missing("text_encode", [j["key"] for j in chunk]))
+                missing = still_missing(ctx, "text_encode", [j["key"] for j in chunk])
                 chunk = [j for j in chunk if j["key"] in missing]
                 write(engine.run(chunk, None, make_worker, params.batch_size), advance=advance)
         else:

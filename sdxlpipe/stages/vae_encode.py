@@ -25,7 +25,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items, write_results
+from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
 OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
@@ -193,8 +193,7 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
 
 def _still_missing(chunk: list[dict], ctx) -> list[dict]:
     """The chunk without the latents another writer committed since we planned."""
-    ctx.store.refresh()
-    missing = set(ctx.store.missing("vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k]))
+    missing = still_missing(ctx, "vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k])
     out = []
     for j in chunk:
         j = {**j, "key": j["key"] if j["key"] in missing else "",
