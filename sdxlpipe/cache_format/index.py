@@ -84,7 +84,8 @@ def table_bytes(table: pa.Table) -> bytes:
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
     # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset (0.5 s) on every no-op run.
-    return pq.ParquetFile(pa.BufferReader(data)).read()
+    # use_threads=False: fragments are small and are read many at once on our own threads.
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
 def list_entries(fs, directory: str, suffix: str) -> dict[str, tuple]:
@@ -161,40 +162,69 @@ def _plain_name(text) -> bool:
     return bool(text) and not any(c in text for c in "/\\\0") and not text.startswith(".")
 
 
-def _check_fragment(name: str, table: pa.Table) -> tuple[dict | None, str | None]:
-    """The rows of an index fragment as numpy columns, or None and why it is refused."""
+def _hex_rows(column) -> np.ndarray:
+    """Per row of a string column: is it 32 lowercase hex digits? (One pass over the bytes.)"""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, bool)
+    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
+    ok = np.diff(offsets) == HEX_LEN
+    if arr.null_count:
+        ok &= arr.is_valid().to_numpy(zero_copy_only=False)
+    start, end = int(offsets[0]), int(offsets[-1])
+    if end > start:
+        data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
+        wrong = np.flatnonzero(_HEX_LUT[data] == 255) + start
+        if len(wrong):
+            ok[np.searchsorted(offsets, wrong, "right") - 1] = False
+    return ok
+
+
+def _prepare(table: pa.Table) -> tuple[pa.Table | None, str | None]:
+    """A fragment's table in GROUPED_SCHEMA (group "" when absent), or None and why not."""
     lacking = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     if lacking:
         return None, f"columns {lacking} missing"
-    cols = {}
+    if "group" not in table.column_names:
+        table = table.append_column("group", pa.nulls(table.num_rows, pa.string()))
+    table = table.select(GROUPED_SCHEMA.names)
+    if table.schema != GROUPED_SCHEMA:
+        try:
+            table = table.cast(GROUPED_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            return None, f"columns of the wrong type ({e})"
+    return table, None
+
+
+def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows of GROUPED_SCHEMA against the grammar in README.md, all fragments at once.
+
+    Returns the per-row verdict and, per fragment code with a failing row, why
+    (the first rule it breaks).
+    """
+    ok = np.ones(table.num_rows, bool)
+    why: dict[int, str] = {}
+
+    def fail(bad: np.ndarray, reason: str) -> None:
+        for code in np.unique(frag[bad]).tolist():
+            why.setdefault(code, reason)
+        ok[bad] = False
+
     for col in ("item_key", "shard_id", "xxh3"):
-        cols[col] = hex_column(table.column(col))
-        if cols[col] is None:
-            return None, f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits"
+        fail(~_hex_rows(table.column(col)), f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits")
     for col in ("offset", "length"):
         values = table.column(col)
-        if values.null_count or not pa.types.is_integer(values.type):
-            return None, f"column {col} holds a null or non-integer"
-        cols[col] = values.to_numpy().astype(np.int64)
-        if len(cols[col]) and cols[col].min() < 0:
-            return None, f"column {col} holds a negative value"
-    fields = table.column("field").combine_chunks()
-    if fields.null_count:
-        return None, "column field holds a null"
-    field_dict = fields.dictionary_encode()
-    bad_fields = [f for f in field_dict.dictionary.to_pylist() if not _plain_name(f)]
-    if bad_fields:
-        return None, f"field {bad_fields[0]!r} is not a plain member name (no '/', '\\', leading '.')"
-    cols["field_names"] = field_dict.dictionary.to_pylist()
-    cols["field"] = field_dict.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-    if "group" in table.column_names:
-        groups = table.column("group").combine_chunks().cast(pa.string()).fill_null("").dictionary_encode()
-        cols["group_names"] = groups.dictionary.to_pylist()
-        cols["group"] = groups.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-    else:
-        cols["group_names"] = [""]
-        cols["group"] = np.zeros(table.num_rows, np.int32)
-    return cols, None
+        bad = ~values.is_valid().to_numpy(zero_copy_only=False)
+        bad |= values.fill_null(0).to_numpy() < 0
+        fail(bad, f"column {col} holds a null or negative value")
+    fields = table.column("field").combine_chunks().dictionary_encode()
+    names = fields.dictionary.to_pylist()
+    wrong = np.array([not _plain_name(f) for f in names] + [True], bool)  # last: null
+    codes = fields.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
+    fail(wrong[codes], "column field holds a null or a name that is not a plain member name "
+                       "(no '/', '\\', leading '.')")
+    return ok, why
 
 
 def _check_markers(table: pa.Table) -> tuple[list | None, str | None]:
@@ -337,18 +367,16 @@ class StageIndex:
         self.reads += len(new) + len(new_markers)
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
         gone_markers = [n for n in self.bad_fragments if n not in markers]
-        added = []
-        segment_cols = []
+        tables, names = [], []
         for name in new:
             table, error = results[name]
-            cols, why = (None, error) if error else _check_fragment(name, table)
+            table, why = (None, error) if error else _prepare(table)
             if why is not None:
                 self._refuse(name, why, frags[name])
                 continue
-            self.unreadable.pop(name, None)
-            self.refused.pop(name, None)
-            segment_cols.append(self._encode(name, cols))
-            added.append(name)
+            tables.append(table)
+            names.append(name)
+        added, segment_cols = self._take(tables, names, frags)
         marker_rows = []
         for name in new_markers:
             table, error = results[name]
@@ -390,11 +418,12 @@ class StageIndex:
         """A fragment this process just wrote: cached without reading it back."""
         if name in self._frag_code:
             return
-        cols, why = _check_fragment(name, table)
-        if why is not None:
-            raise StoreError(f"index fragment {name} about to be cached is invalid: {why}",
+        table, why = _prepare(table)
+        added, parts = self._take([table], [name], {name: None}) if why is None else ([], [])
+        if not added:
+            raise StoreError(f"index fragment {name} this process wrote breaks the grammar: {why}",
                              "this is a bug in sdxlpipe's writer; please report it")
-        self._add_segment([self._encode(name, cols)])
+        self._add_segment(parts)
         self._apply_markers([m for m in self.bad if m[2] == name])
 
     def _code(self, names: list[str], codes: dict[str, int], value: str) -> int:
@@ -403,22 +432,50 @@ class StageIndex:
             names.append(value)
         return codes[value]
 
-    def _encode(self, name: str, cols: dict) -> dict[str, np.ndarray]:
-        """A fragment's checked columns with this index's codes for shards, fields, groups, fragment."""
-        code = self._code(self.fragments, self._frag_code, name)
-        self._live.add(code)
-        uniq, inverse = np.unique(cols["shard_id"], return_inverse=True)
-        shard_map = np.array([self._code(self.shards, self._shard_code, s.decode()) for s in uniq], np.int32)
-        field_map = np.array([self._code(self.field_names, self._field_code, f) for f in cols["field_names"]], np.int32)
-        group_map = np.array([self._code(self.group_names, self._group_code, g) for g in cols["group_names"]], np.int32)
-        n = len(cols["item_key"])
-        return {
-            "key": cols["item_key"], "shard": shard_map[inverse.reshape(-1)] if n else np.zeros(0, np.int32),
-            "field": field_map[cols["field"]] if n else np.zeros(0, np.int32),
-            "offset": cols["offset"], "length": cols["length"], "xxh3": cols["xxh3"],
-            "group": group_map[cols["group"]] if n else np.zeros(0, np.int32),
-            "frag": np.full(n, code, np.int32), "bad": np.zeros(n, bool),
+    def _take(self, tables: list[pa.Table], names: list[str], signatures: dict) -> tuple[list[str], list[dict]]:
+        """Check the rows of new fragments in one vectorised pass; refuse the fragments with a
+        bad row (whole: none of their rows is used), encode the rest as numpy columns."""
+        if not tables:
+            return [], []
+        table = pa.concat_tables(tables)
+        lengths = np.array([t.num_rows for t in tables], np.int64)
+        local = np.repeat(np.arange(len(tables), dtype=np.int32), lengths)
+        ok, why = check_rows(table, local)
+        for code, reason in why.items():
+            self._refuse(names[code], reason, signatures[names[code]])
+        kept = [n for i, n in enumerate(names) if i not in why]
+        if why:
+            keep = ~np.isin(local, np.fromiter(why, np.int32, len(why)))
+            table, local = table.filter(pa.array(keep)), local[keep]
+        for name in kept:
+            self.unreadable.pop(name, None)
+            self.refused.pop(name, None)
+        frag_map = np.full(len(names), -1, np.int32)
+        for i, name in enumerate(names):
+            if i not in why:
+                frag_map[i] = self._code(self.fragments, self._frag_code, name)
+                self._live.add(int(frag_map[i]))
+        if table.num_rows == 0:
+            return kept, []
+        table = table.combine_chunks()
+
+        def coded(column: str, names_: list[str], codes_: dict) -> np.ndarray:
+            d = table.column(column).chunk(0).cast(pa.string()).fill_null("").dictionary_encode()
+            mapping = np.array([self._code(names_, codes_, v) for v in d.dictionary.to_pylist()], np.int32)
+            return mapping[d.indices.to_numpy(zero_copy_only=False)]
+
+        cols = {
+            "key": hex_column(table.column("item_key")),
+            "shard": coded("shard_id", self.shards, self._shard_code),
+            "field": coded("field", self.field_names, self._field_code),
+            "offset": table.column("offset").to_numpy(),
+            "length": table.column("length").to_numpy(),
+            "xxh3": hex_column(table.column("xxh3")),
+            "group": coded("group", self.group_names, self._group_code),
+            "frag": frag_map[local],
+            "bad": np.zeros(table.num_rows, bool),
         }
+        return kept, [cols]
 
     def _add_segment(self, parts: list[dict]) -> None:
         parts = [p for p in parts if len(p["key"])]
