@@ -58,6 +58,11 @@ DEFAULT_SHARD_BYTES = 256 << 20
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0
+# Past this many index fragments in a stage, the run that notices compacts it (housekeep):
+# loading costs ~1.5 ms per fragment however small, a compacted million rows ~0.5 s.
+COMPACT_FRAGMENTS = 256
+# Past this many bad-marker files (one per run that found damage), compact too.
+COMPACT_MARKERS = 16
 
 log = logging.getLogger("sdxlpipe.store")
 
@@ -480,31 +485,54 @@ class Store:
         see an item vanish. Returns {stage: {"fragments_before", "fragments_after",
         "rows_before", "rows_after"}}.
         """
-        result = {}
-        for st in [check_stage(stage)] if stage else self._stage_names():
-            index = self._fresh_index(st)
-            old = index.live_fragments + list(index.bad_fragments)
-            rows_before = index.row_count
-            result[st] = {"fragments_before": len(old), "fragments_after": len(old),
-                          "rows_before": rows_before, "rows_after": rows_before}
-            if len(index.live_fragments) <= 1 and not index.bad_fragments:
-                continue
-            table = index.table(good_only=True)
-            # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
-            table = table.group_by(table.column_names, use_threads=False).aggregate([])
-            table = table.sort_by([("shard_id", "ascending"), ("offset", "ascending"),
-                                   ("item_key", "ascending"), ("field", "ascending")])
-            if table.num_rows:
-                name = f"compact-{secrets.token_hex(8)}.parquet"
-                write_bytes(self.fs, self._path("index", st, name), table_bytes(table), self._tmp)
-            for name in old:
-                try:
-                    self.fs.rm(self._path("index", st, name))
-                except FileNotFoundError:
-                    pass  # a concurrent compact removed it
-            self._indexes.pop(st, None)
-            self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped) or named gone fragments
-            result[st].update(fragments_after=1 if table.num_rows else 0, rows_after=table.num_rows)
+        return {st: self._compact(st, self._fresh_index(st))
+                for st in ([check_stage(stage)] if stage else self._stage_names())}
+
+    def housekeep(self, stage: str, max_fragments: int = COMPACT_FRAGMENTS,
+                  max_markers: int = COMPACT_MARKERS) -> dict | None:
+        """Compact a stage if this Store's view of it holds more than max_fragments fragments
+        or max_markers bad-marker files; the result of compact for it, or None.
+
+        Uses the index as last listed (call refresh first to include others' commits): a
+        fragment committed after that listing is neither merged nor deleted, so a writer
+        running meanwhile loses nothing.
+        """
+        index = self._index(stage)
+        if len(index.live_fragments) <= max_fragments and len(index.bad_fragments) <= max_markers:
+            return None
+        log.info("store %s: stage %s holds %d index fragments and %d bad-marker files; compacting",
+                 self.url, stage, len(index.live_fragments), len(index.bad_fragments))
+        return self._compact(stage, index)
+
+    def _compact(self, st: str, index: StageIndex) -> dict:
+        old = index.live_fragments + list(index.bad_fragments)
+        rows_before = index.row_count
+        result = {"fragments_before": len(old), "fragments_after": len(old),
+                  "rows_before": rows_before, "rows_after": rows_before}
+        if len(index.live_fragments) <= 1 and not index.bad_fragments:
+            return result
+        table = index.table(good_only=True)
+        # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
+        table = table.group_by(table.column_names, use_threads=False).aggregate([])
+        table = table.sort_by([("shard_id", "ascending"), ("offset", "ascending"),
+                               ("item_key", "ascending"), ("field", "ascending")])
+        merged = None
+        if table.num_rows:
+            merged = f"compact-{secrets.token_hex(8)}.parquet"
+            write_bytes(self.fs, self._path("index", st, merged), table_bytes(table), self._tmp)
+        for name in old:
+            try:
+                self.fs.rm(self._path("index", st, name))
+            except FileNotFoundError:
+                pass  # a concurrent compact removed it
+        # The new view: the merged fragment as written; the next lookup lists once for the rest.
+        fresh = StageIndex(log, self._path("index", st))
+        if merged is not None:
+            fresh.add_written(merged, table)
+        self._indexes[st] = fresh
+        self._stale.add(st)
+        self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped)
+        result.update(fragments_after=1 if table.num_rows else 0, rows_after=table.num_rows)
         return result
 
     def _group_bytes(self, stage: str) -> dict[str, int]:

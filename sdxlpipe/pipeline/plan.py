@@ -43,7 +43,9 @@ def still_missing(ctx, stage: str, keys: Iterable[str]) -> set[str]:
     own commits are already cached), so this costs one listing, not a reload.
     """
     ctx.store.refresh(stage)
-    return set(ctx.store.missing(stage, keys))
+    missing = set(ctx.store.missing(stage, keys))
+    ctx.store.housekeep(stage)  # our chunks add a fragment each: merge them past the threshold
+    return missing
 
 
 def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:

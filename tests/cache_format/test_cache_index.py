@@ -110,3 +110,56 @@ def test_bad_markers_from_one_store_go_into_one_file(tmp_path, payloads):
     markers = list((tmp_path / "index" / "vae").glob("bad-*.parquet"))
     assert len(markers) == 1 and pq.read_table(markers[0]).num_rows == 4
     assert open_store(str(tmp_path)).damaged("vae", keys) == keys[:4]
+
+
+def test_housekeeping_compacts_past_the_threshold_and_keeps_a_later_commit(tmp_path, payloads):
+    keys = sorted(payloads)
+    a, b = open_store(str(tmp_path)), open_store(str(tmp_path))
+    for key in keys[:6]:
+        write(a, {key: payloads[key]})
+    assert a.housekeep("vae", max_fragments=6) is None  # at the threshold: nothing to do
+    a.refresh()
+    a.missing("vae", keys)  # a lists the stage ...
+    write(b, {keys[6]: payloads[keys[6]]})  # ... then b commits, unseen by a
+    result = a.housekeep("vae", max_fragments=4)
+    assert result["fragments_before"] == 6 and result["fragments_after"] == 1
+    names = sorted(p.name for p in (tmp_path / "index" / "vae").glob("*.parquet"))
+    assert len(names) == 2 and any(n.startswith("compact-") for n in names)  # merged + b's
+    fresh = open_store(str(tmp_path))
+    assert fresh.missing("vae", keys) == keys[7:]
+    assert all(fresh.read("vae", k, FIELD) == payloads[k] for k in keys[:7])
+    a.refresh()
+    assert a.missing("vae", keys) == keys[7:]
+
+
+WRITER = """
+import sys
+from sdxlpipe.cache_format import open_store
+store = open_store(sys.argv[1])
+for i in range(20):
+    with store.writer("vae") as w:
+        w.add(f"{i:032x}", "latent.safetensors", bytes([i]) * 500)
+"""
+
+
+def test_auto_compaction_beside_a_concurrent_writer_loses_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store = open_store(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env)
+    compactions = 0
+    while writer.poll() is None or compactions == 0:
+        store.refresh()
+        store.missing("vae", [])
+        compactions += store.housekeep("vae", max_fragments=2) is not None
+        time.sleep(0.02)
+    assert writer.wait() == 0
+    keys = [f"{i:032x}" for i in range(20)]
+    fresh = open_store(str(tmp_path))
+    assert fresh.missing("vae", keys) == []
+    assert all(fresh.read("vae", k, FIELD) == bytes([i]) * 500 for i, k in enumerate(keys))
+    assert compactions >= 1
