@@ -51,8 +51,8 @@ HEX_LEN = 32
 MERGE_SHARE = 8
 MAX_SEGMENTS = 32
 
-_HEX_LUT = np.full(256, 255, np.uint8)
-_HEX_LUT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+# Fragments parsed and checked per batch: bounds the Arrow memory held at once while loading.
+LOAD_BATCH = 128
 
 
 class Location(NamedTuple):
@@ -111,8 +111,11 @@ def list_files(fs, directory: str, suffix: str) -> list[str]:
 # -- the grammar of rows -----------------------------------------------------------------
 
 
-def hex_column(column) -> np.ndarray | None:
-    """A string column of 32 lowercase hex digits as a numpy 'S32' array; None if any row is not."""
+def hex_column(column, checked: bool = False) -> np.ndarray | None:
+    """A string column of 32 lowercase hex digits as a numpy 'S32' array; None if any row is not.
+
+    checked: the rows were already checked (check_rows), skip the pass over the bytes.
+    """
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if arr.type == pa.large_string():
         arr = arr.cast(pa.string())
@@ -126,9 +129,20 @@ def hex_column(column) -> np.ndarray | None:
         return None
     start = int(offsets[0])
     raw = np.frombuffer(arr.buffers()[2], np.uint8, n * HEX_LEN, start)
-    if (_HEX_LUT[raw] == 255).any():
+    if not checked and not _all_hex(raw):
         return None
     return raw.view(f"S{HEX_LEN}")
+
+
+def _hex_bytes(raw: np.ndarray) -> np.ndarray:
+    """Per byte: is it one of 0-9a-f? (uint8 arithmetic wraps, so each test is one compare.)"""
+    return ((raw - np.uint8(48)) < 10) | ((raw - np.uint8(97)) < 6)
+
+
+def _all_hex(raw: np.ndarray) -> bool:
+    # In blocks, so that the temporaries stay small at a million keys.
+    block = 1 << 22
+    return all(_hex_bytes(raw[i:i + block]).all() for i in range(0, len(raw), block))
 
 
 def keys_array(keys) -> np.ndarray:
@@ -148,13 +162,15 @@ def is_key(key) -> bool:
     return isinstance(key, str) and len(key) == HEX_LEN and all(c in "0123456789abcdef" for c in key)
 
 
-def top64(keys: np.ndarray) -> np.ndarray:
-    """The first 16 hex digits of each 'S32' key as uint64 (b'' -> 0): the sort and search key."""
+def top64(keys: np.ndarray, low: bool = False) -> np.ndarray:
+    """The first (low: last) 16 hex digits of each 'S32' key as uint64: the sort and search key."""
     if len(keys) == 0:
         return np.zeros(0, np.uint64)
-    nib = _HEX_LUT[keys.view(np.uint8).reshape(-1, HEX_LEN)[:, :16]]
-    nib[nib == 255] = 0  # b'' (a query key that is not hex): any value, its full key never matches
-    packed = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2])
+    chars = keys.view(np.uint8).reshape(-1, HEX_LEN)[:, 16:] if low else keys.view(np.uint8).reshape(-1, HEX_LEN)[:, :16]
+    # '0'-'9' -> 0-9, 'a'-'f' -> 10-15; b'' (a query key that is not hex) gives some value,
+    # and its full key never matches.
+    nib = (chars & np.uint8(15)) + np.uint8(9) * (chars >> np.uint8(6))
+    packed = np.ascontiguousarray((nib[:, 0::2] << np.uint8(4)) | nib[:, 1::2])
     return packed.view(">u8").reshape(-1).astype(np.uint64)
 
 
@@ -162,7 +178,7 @@ def _plain_name(text) -> bool:
     return bool(text) and not any(c in text for c in "/\\\0") and not text.startswith(".")
 
 
-def _hex_rows(column) -> np.ndarray:
+def _hex_rows(column, chars: bool = True) -> np.ndarray:
     """Per row of a string column: is it 32 lowercase hex digits? (One pass over the bytes.)"""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
@@ -173,10 +189,10 @@ def _hex_rows(column) -> np.ndarray:
     if arr.null_count:
         ok &= arr.is_valid().to_numpy(zero_copy_only=False)
     start, end = int(offsets[0]), int(offsets[-1])
-    if end > start:
+    if chars and end > start:
         data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
-        wrong = np.flatnonzero(_HEX_LUT[data] == 255) + start
-        if len(wrong):
+        if not _all_hex(data):
+            wrong = np.flatnonzero(~_hex_bytes(data)) + start
             ok[np.searchsorted(offsets, wrong, "right") - 1] = False
     return ok
 
@@ -211,8 +227,10 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
             why.setdefault(code, reason)
         ok[bad] = False
 
-    for col in ("item_key", "shard_id", "xxh3"):
+    for col in ("item_key", "shard_id"):
         fail(~_hex_rows(table.column(col)), f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits")
+    # A checksum is only ever compared with a digest, never used as a name: its length suffices.
+    fail(~_hex_rows(table.column("xxh3"), chars=False), f"column xxh3 holds a value that is not {HEX_LEN} characters")
     for col in ("offset", "length"):
         values = table.column(col)
         bad = ~values.is_valid().to_numpy(zero_copy_only=False)
@@ -367,16 +385,22 @@ class StageIndex:
         self.reads += len(new) + len(new_markers)
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
         gone_markers = [n for n in self.bad_fragments if n not in markers]
-        tables, names = [], []
-        for name in new:
-            table, error = results[name]
-            table, why = (None, error) if error else _prepare(table)
-            if why is not None:
-                self._refuse(name, why, frags[name])
-                continue
-            tables.append(table)
-            names.append(name)
-        added, segment_cols = self._take(tables, names, frags)
+        added, segment_cols = [], []
+        for start in range(0, len(new), LOAD_BATCH):
+            batch = new[start:start + LOAD_BATCH]
+            tables, names = [], []
+            for name, (table, error) in zip(batch, _parse_all([results.pop(n) for n in batch])):
+                table, why = (None, error) if error else _prepare(table)
+                if why is not None:
+                    self._refuse(name, why, frags[name])
+                    continue
+                tables.append(table)
+                names.append(name)
+            kept, parts = self._take(tables, names, frags)
+            added += kept
+            segment_cols += parts
+        for name in new_markers:
+            results[name] = _parse_all([results[name]])[0]
         marker_rows = []
         for name in new_markers:
             table, error = results[name]
@@ -465,12 +489,13 @@ class StageIndex:
             return mapping[d.indices.to_numpy(zero_copy_only=False)]
 
         cols = {
-            "key": hex_column(table.column("item_key")),
+            # Copies out of the Arrow buffers, so the parsed fragments can be freed.
+            "key": hex_column(table.column("item_key"), checked=True).copy(),
             "shard": coded("shard_id", self.shards, self._shard_code),
             "field": coded("field", self.field_names, self._field_code),
             "offset": table.column("offset").to_numpy(),
             "length": table.column("length").to_numpy(),
-            "xxh3": hex_column(table.column("xxh3")),
+            "xxh3": hex_column(table.column("xxh3"), checked=True).copy(),
             "group": coded("group", self.group_names, self._group_code),
             "frag": frag_map[local],
             "bad": np.zeros(table.num_rows, bool),
@@ -564,9 +589,16 @@ class StageIndex:
         return out
 
     def present_keys(self) -> np.ndarray:
-        """Sorted unique 'S32' keys with a good row."""
-        parts = [s.cols["key"][~s.cols["bad"]] for s in self.segments]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, "S32")
+        """Unique 'S32' keys with a good row, sorted by their 128 bits."""
+        if not self.segments:
+            return np.zeros(0, "S32")
+        keys = np.concatenate([s.cols["key"][~s.cols["bad"]] for s in self.segments])
+        hi, lo = top64(keys), top64(keys, low=True)
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+        first = np.ones(len(order), bool)
+        first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        return keys[order[first]]
 
     def present(self) -> set[str]:
         return {k.decode() for k in self.present_keys()}
@@ -683,7 +715,8 @@ def _decode(names: list[str], codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), dictionary).dictionary_decode()
 
 
-def _read_all(fs, directory: str, names: list[str]) -> dict[str, tuple[pa.Table | None, str | None]]:
+def _read_all(fs, directory: str, names: list[str]) -> dict[str, bytes | str]:
+    """{name: its bytes, or why it could not be read}; raises FileNotFoundError if one vanished."""
     if not names:
         return {}
     paths = [posixpath.join(directory, n) for n in names]
@@ -693,11 +726,28 @@ def _read_all(fs, directory: str, names: list[str]) -> dict[str, tuple[pa.Table 
         return dict(zip(names, pool.map(lambda p: _try_read(fs, p), paths)))
 
 
-def _try_read(fs, path: str) -> tuple[pa.Table | None, str | None]:
-    """(table, None), or (None, why) for a file that cannot be parsed; raises if it vanished."""
+def _try_read(fs, path: str) -> bytes | str:
     try:
-        return read_parquet_bytes(fs.cat_file(path)), None
+        return fs.cat_file(path)
     except FileNotFoundError:
         raise
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _parse(data: bytes | str) -> tuple[pa.Table | None, str | None]:
+    """(table, None), or (None, why) for bytes that are not a parquet file."""
+    if isinstance(data, str):
+        return None, data
+    try:
+        return read_parquet_bytes(data), None
     except (OSError, pa.ArrowException) as e:
         return None, f"{type(e).__name__}: {e}"
+
+
+def _parse_all(datas: list) -> list[tuple[pa.Table | None, str | None]]:
+    if len(datas) <= 2:
+        return [_parse(d) for d in datas]
+    # Parsing releases the GIL: use both cores of a small machine, more of a big one.
+    with ThreadPoolExecutor(min(4, len(datas))) as pool:
+        return list(pool.map(_parse, datas))
