@@ -14,6 +14,7 @@ See README.md for the columns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -363,47 +364,47 @@ class StageIndex:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def update(self, fs) -> list[str]:
-        """List the stage once and read what is new; returns the new fragment names."""
-        for _ in range(RELIST_ATTEMPTS):
-            listed = list_entries(fs, self.directory, ".parquet")
-            frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
-            markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
-            new = [n for n in frags if n not in self._frag_code
-                   and not (n in self.refused and self.refused[n] == frags[n])]
-            new_markers = [n for n, sig in markers.items() if self.bad_fragments.get(n) != sig]
-            try:
-                results = _read_all(fs, self.directory, new + new_markers)
-                break
-            except FileNotFoundError:
-                continue  # `compact` replaced fragments after we listed them: list again.
-        else:
-            raise StoreError(
-                f"index fragments in {self.directory} kept vanishing while being read",
-                "another process is compacting this stage; retry when it is done",
-            )
-        self.reads += len(new) + len(new_markers)
+    def update(self, fs, attempts: int = RELIST_ATTEMPTS) -> list[str]:
+        """List the stage once and read what is new; returns the new fragment names.
+
+        A fragment deleted between the listing and its read (a `compact` replaced it)
+        makes us list again, for the merged fragment that holds its rows.
+        """
+        listed = list_entries(fs, self.directory, ".parquet")
+        frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
+        markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
+        new = [n for n in frags if n not in self._frag_code
+               and not (n in self.refused and self.refused[n] == frags[n])]
+        new_markers = [n for n, sig in markers.items() if self.bad_fragments.get(n) != sig]
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
         gone_markers = [n for n in self.bad_fragments if n not in markers]
-        added, segment_cols = [], []
-        for start in range(0, len(new), LOAD_BATCH):
-            batch = new[start:start + LOAD_BATCH]
-            tables, names = [], []
-            for name, (table, error) in zip(batch, _parse_all([results.pop(n) for n in batch])):
-                table, why = (None, error) if error else _prepare(table)
-                if why is not None:
-                    self._refuse(name, why, frags[name])
-                    continue
-                tables.append(table)
-                names.append(name)
-            kept, parts = self._take(tables, names, frags)
-            added += kept
-            segment_cols += parts
-        for name in new_markers:
-            results[name] = _parse_all([results[name]])[0]
+        added, segment_cols, lost = [], [], []
+        read = functools.partial(_load, fs, self.directory)
+        with ThreadPoolExecutor(min(READ_THREADS, max(1, len(new) + len(new_markers)))) as pool:
+            results = dict(zip(new_markers, pool.map(read, new_markers)))
+            for start in range(0, len(new), LOAD_BATCH):
+                batch = new[start:start + LOAD_BATCH]
+                tables, names = [], []
+                for name, (table, error) in zip(batch, pool.map(read, batch)):
+                    if error is _VANISHED:
+                        lost.append(name)
+                        continue
+                    table, why = (None, error) if error else _prepare(table)
+                    if why is not None:
+                        self._refuse(name, why, frags[name])
+                        continue
+                    tables.append(table)
+                    names.append(name)
+                kept, parts = self._take(tables, names, frags)
+                added += kept
+                segment_cols += parts
+        self.reads += len(new) + len(new_markers) - len(lost)
         marker_rows = []
         for name in new_markers:
             table, error = results[name]
+            if error is _VANISHED:
+                lost.append(name)
+                continue
             rows, why = (None, error) if error else _check_markers(table)
             if why is not None:
                 self._refuse(name, why, markers[name])
@@ -428,6 +429,13 @@ class StageIndex:
         else:
             # New markers apply to every row; known markers to the rows just added.
             self._apply_markers(marker_rows + [m for m in self.bad if m[2] in set(added)])
+        if lost:
+            if attempts <= 1:
+                raise StoreError(
+                    f"index fragments in {self.directory} kept vanishing while being read",
+                    "another process is compacting this stage; retry when it is done",
+                )
+            return added + self.update(fs, attempts - 1)  # compacted meanwhile: list again
         return added
 
     def _refuse(self, name: str, why: str, signature) -> None:
@@ -506,7 +514,8 @@ class StageIndex:
         parts = [p for p in parts if len(p["key"])]
         if not parts:
             return
-        cols = {c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS}
+        # Column by column, dropping each column's parts once joined: peak memory ~ one copy.
+        cols = {c: np.concatenate([p.pop(c) for p in parts]) if len(parts) > 1 else parts[0][c] for c in _COLUMNS}
         self.segments.append(_Segment(cols))
         self._present_count = None
         big = max(s.n for s in self.segments)
@@ -715,24 +724,18 @@ def _decode(names: list[str], codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), dictionary).dictionary_decode()
 
 
-def _read_all(fs, directory: str, names: list[str]) -> dict[str, bytes | str]:
-    """{name: its bytes, or why it could not be read}; raises FileNotFoundError if one vanished."""
-    if not names:
-        return {}
-    paths = [posixpath.join(directory, n) for n in names]
-    if len(names) == 1:
-        return {names[0]: _try_read(fs, paths[0])}
-    with ThreadPoolExecutor(min(READ_THREADS, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda p: _try_read(fs, p), paths)))
+_VANISHED = "vanished"
 
 
-def _try_read(fs, path: str) -> bytes | str:
+def _load(fs, directory: str, name: str) -> tuple[pa.Table | None, str | None]:
+    """(table, None), (None, why it is unusable), or (None, _VANISHED) if it was deleted."""
     try:
-        return fs.cat_file(path)
+        data = fs.cat_file(posixpath.join(directory, name))
     except FileNotFoundError:
-        raise
+        return None, _VANISHED
     except OSError as e:
-        return f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}"
+    return _parse(data)
 
 
 def _parse(data: bytes | str) -> tuple[pa.Table | None, str | None]:
@@ -743,11 +746,3 @@ def _parse(data: bytes | str) -> tuple[pa.Table | None, str | None]:
         return read_parquet_bytes(data), None
     except (OSError, pa.ArrowException) as e:
         return None, f"{type(e).__name__}: {e}"
-
-
-def _parse_all(datas: list) -> list[tuple[pa.Table | None, str | None]]:
-    if len(datas) <= 2:
-        return [_parse(d) for d in datas]
-    # Parsing releases the GIL: use both cores of a small machine, more of a big one.
-    with ThreadPoolExecutor(min(4, len(datas))) as pool:
-        return list(pool.map(_parse, datas))
