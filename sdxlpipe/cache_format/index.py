@@ -175,6 +175,20 @@ def top64(keys: np.ndarray, low: bool = False) -> np.ndarray:
     return packed.view(">u8").reshape(-1).astype(np.uint64)
 
 
+def _np(arr: pa.Array) -> np.ndarray:
+    """A null-free integer or boolean Arrow array as numpy, straight from its buffer.
+
+    Not to_numpy(zero_copy_only=False): that path imports pandas (1.4 s) on the no-op path.
+    """
+    n = len(arr)
+    if pa.types.is_boolean(arr.type):
+        bits = np.frombuffer(arr.buffers()[1], np.uint8) if n else np.zeros(0, np.uint8)
+        return np.unpackbits(bits, bitorder="little")[arr.offset:arr.offset + n].astype(bool)
+    dtype = np.dtype(str(arr.type))  # int8 ... uint64: the same names in both
+    return np.frombuffer(arr.buffers()[1], dtype, n, arr.offset * dtype.itemsize) if n \
+        else np.zeros(0, dtype)
+
+
 def _plain_name(text) -> bool:
     return bool(text) and not any(c in text for c in "/\\\0") and not text.startswith(".")
 
@@ -188,7 +202,7 @@ def _hex_rows(column, chars: bool = True) -> np.ndarray:
     offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
     ok = np.diff(offsets) == HEX_LEN
     if arr.null_count:
-        ok &= arr.is_valid().to_numpy(zero_copy_only=False)
+        ok &= _np(arr.is_valid())
     start, end = int(offsets[0]), int(offsets[-1])
     if chars and end > start:
         data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
@@ -233,14 +247,14 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
     # A checksum is only ever compared with a digest, never used as a name: its length suffices.
     fail(~_hex_rows(table.column("xxh3"), chars=False), f"column xxh3 holds a value that is not {HEX_LEN} characters")
     for col in ("offset", "length"):
-        values = table.column(col)
-        bad = ~values.is_valid().to_numpy(zero_copy_only=False)
-        bad |= values.fill_null(0).to_numpy() < 0
+        values = table.column(col).combine_chunks()
+        bad = ~_np(values.is_valid())
+        bad |= _np(values.fill_null(0)) < 0
         fail(bad, f"column {col} holds a null or negative value")
     fields = table.column("field").combine_chunks().dictionary_encode()
     names = fields.dictionary.to_pylist()
     wrong = np.array([not _plain_name(f) for f in names] + [True], bool)  # last: null
-    codes = fields.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
+    codes = _np(fields.indices.fill_null(len(names)))
     fail(wrong[codes], "column field holds a null or a name that is not a plain member name "
                        "(no '/', '\\', leading '.')")
     return ok, why
@@ -494,15 +508,15 @@ class StageIndex:
         def coded(column: str, names_: list[str], codes_: dict) -> np.ndarray:
             d = table.column(column).chunk(0).cast(pa.string()).fill_null("").dictionary_encode()
             mapping = np.array([self._code(names_, codes_, v) for v in d.dictionary.to_pylist()], np.int32)
-            return mapping[d.indices.to_numpy(zero_copy_only=False)]
+            return mapping[_np(d.indices)]
 
         cols = {
             # Copies out of the Arrow buffers, so the parsed fragments can be freed.
             "key": hex_column(table.column("item_key"), checked=True).copy(),
             "shard": coded("shard_id", self.shards, self._shard_code),
             "field": coded("field", self.field_names, self._field_code),
-            "offset": table.column("offset").to_numpy(),
-            "length": table.column("length").to_numpy(),
+            "offset": _np(table.column("offset").chunk(0)),
+            "length": _np(table.column("length").chunk(0)),
             "xxh3": hex_column(table.column("xxh3"), checked=True).copy(),
             "group": coded("group", self.group_names, self._group_code),
             "frag": frag_map[local],

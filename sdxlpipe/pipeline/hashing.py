@@ -53,7 +53,7 @@ class ContentMemo:
         self.hashed = 0  # files whose bytes were read in this process
         self.dirty = False
         if memo_path.exists():
-            t = pq.read_table(memo_path).to_pydict()
+            t = pq.ParquetFile(memo_path).read().to_pydict()  # not pq.read_table: it imports pyarrow.dataset
             for i, p in enumerate(t["path"]):
                 self.entries[p] = (
                     t["size"][i], t["mtime_ns"][i], t["ctime_ns"][i],

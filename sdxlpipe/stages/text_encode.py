@@ -23,6 +23,10 @@ from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
+# The table columns holding keys of this stage's store items: the runner checks them for damage.
+STORE_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
 FIELD = "text.safetensors"
 # The store's own default shard size (256 MiB): chunks are sized to fill one shard.

@@ -28,6 +28,10 @@ from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
+# The table columns holding keys of this stage's store items: the runner checks them for damage.
+STORE_COLUMNS = ("latent_key", "latent_flip_key")
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("vae",)
 OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
 FIELD = "latent.safetensors"
 # SDXL's VAE downsamples x8 (so does tiny's); the mask is stored at this resolution.
