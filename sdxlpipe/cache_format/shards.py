@@ -195,10 +195,26 @@ def _rename_durably(src: str, dest: str) -> None:
     _fsync_dir(parent)
 
 
+# Object stores whose PUT makes an object appear whole or not at all (multipart uploads
+# too): a file is written straight to its final name, no upload to tmp/ and server-side copy.
+ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+
+
+def atomic_put(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(set(protocols) & ATOMIC_PUT_PROTOCOLS)
+
+
 def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
     """Move a finished local file to `dest` in one step, as readers must never see half of it."""
     if is_local(fs):
         _rename_durably(local_path, dest)
+        return
+    if atomic_put(fs):
+        try:
+            fs.put_file(local_path, dest)
+        finally:
+            os.remove(local_path)
         return
     tmp = posixpath.join(remote_tmp_dir, secrets.token_hex(8))
     try:
@@ -225,6 +241,9 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        return
+    if atomic_put(fs):
+        fs.pipe_file(dest, data)
         return
     tmp = posixpath.join(tmp_dir, secrets.token_hex(8))
     try:
