@@ -15,7 +15,7 @@ and measures, each store loaded in a fresh process:
              missing(); with 0% missing, and with 1% missing where each chunk
              with work commits one real shard (that write time reported apart)
 noop: a real folder of small images, `sdxlpipe run all` once to fill the store
-  (tiny model, 1 training step), then the no-op `run all`, `status` and
+  (tiny model, 64 px, 1 training step), then the no-op `run all`, `status` and
   `sdxlpipe --help` in fresh processes, best of 3 each, as ratios to --help.
 Targets (issue 8): load <= 2 s in <= 300 MB, missing 10k <= 50 ms, planning a
 1M encode <= 60 s; no-op run all over 2k images <= 2x --help.
@@ -172,7 +172,7 @@ def make_images(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
         (folder / f"{i:06d}.txt").write_text(f"a picture number {i}")
 
 
@@ -191,19 +191,22 @@ def bench_noop(images: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_images(work / "images", images)
-        subprocess.run([*cli, "tiny", str(work / "tiny")], cwd=work, check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-        (work / "sdxlpipe.toml").write_text(f"""
-[model]
-base = "{work / 'tiny'}"
-[ingest]
-sources = ["{work / 'images'}"]
+        (work / "sdxlpipe.toml").write_text("""
+model = "tiny"
+[[sources]]
+path = "images"
 [bucket]
-preset = "none"
 resolution = 64
+step = 32
+min_side = 32
+max_side = 128
+[vae_encode]
+workers = 0
 [train]
 max_steps = 1
 batch_size = 4
+[export]
+output_dir = "output"
 """)
         t = time.perf_counter()
         first = subprocess.run([*cli, "run", "all"], cwd=work, capture_output=True, text=True,
