@@ -21,6 +21,9 @@ import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST_FORMAT = 1
+# 256 MiB: a shard streams at full disk/network speed and a million latents make a few
+# thousand files; lower it if losing one shard to corruption must cost less recomputation.
+SHARD_BYTES = 256 << 20
 # 8 MiB reads: large enough to run at disk/network speed, small enough to not matter for memory.
 HASH_CHUNK = 8 << 20
 
@@ -252,6 +255,17 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def items_per_shard(item_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
+    """How many items of about `item_bytes` fill one shard: the encode stages' chunk size."""
+    return max(1, shard_bytes // max(1, item_bytes))
+
+
+def hash_file(path) -> str:
+    """xxh3_128 hex of a local file's bytes, read in HASH_CHUNK pieces."""
+    with open(path, "rb") as f:
+        return hash_stream(f)[0]
 
 
 def hash_stream(f: BinaryIO) -> tuple[str, int]:

@@ -36,6 +36,7 @@ from .index import (
     to_parquet,
 )
 from .shards import (
+    SHARD_BYTES,
     ShardBuilder,
     StoreError,
     check_item_name,
@@ -52,9 +53,7 @@ from .shards import (
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
 STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
-# 256 MiB: a shard streams at full disk/network speed and a million latents make a few
-# thousand files; lower it if losing one shard to corruption must cost less recomputation.
-DEFAULT_SHARD_BYTES = 256 << 20
+DEFAULT_SHARD_BYTES = SHARD_BYTES  # 256 MiB; why: see shards.py
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import xxhash
 
+from sdxlpipe.cache_format.shards import hash_file
 from sdxlpipe.pipeline.atomic import write_parquet_atomic
-
-# 8 MiB reads: large enough that xxh3 runs at memory speed, small enough that
-# hashing a big checkpoint does not hold it all in RAM.
-READ_CHUNK = 8 << 20
 
 _SCHEMA = pa.schema(
     [
@@ -37,11 +33,7 @@ _SCHEMA = pa.schema(
 
 
 def hash_bytes_of_file(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path)  # the one streaming hasher (cache_format/shards.py)
 
 
 class ContentMemo:
