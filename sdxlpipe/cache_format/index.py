@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, NamedTuple
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import StoreError
+from .shards import StoreError, is_local
 
 BAD_PREFIX = "bad-"
 INDEX_SCHEMA = pa.schema(
@@ -89,8 +90,28 @@ def read_parquet_bytes(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
-def list_entries(fs, directory: str, suffix: str) -> dict[str, tuple]:
-    """{base name: (size, modified)} of the files in `directory` ending with `suffix`."""
+def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> dict[str, tuple]:
+    """{base name: (size, modified)} of the files in `directory` ending with `suffix`.
+
+    On a local disk only names starting with `detail_prefix` are stat'ed (the rest get
+    (None, "")): a stage of a thousand immutable fragments lists in a millisecond.
+    """
+    if is_local(fs):
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(suffix))
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for n in names:
+            if detail_prefix and n.startswith(detail_prefix):
+                try:
+                    st = os.stat(os.path.join(directory, n))
+                except FileNotFoundError:
+                    continue
+                out[n] = (st.st_size, str(st.st_mtime_ns))
+            elif detail_prefix or os.path.isfile(os.path.join(directory, n)):
+                out[n] = (None, "")  # index dirs hold only files: no stat per fragment
+        return out
     fs.invalidate_cache(directory)  # s3fs and friends cache listings; fragments come and go.
     try:
         entries = fs.ls(directory, detail=True)
@@ -312,7 +333,14 @@ class _Segment:
         found = np.full(len(q_keys), -1, np.int64)
         if len(hi_s) == 0 or len(q_keys) == 0:
             return found
-        i = np.searchsorted(hi_s, q_hi, "left")
+        if len(q_hi) > 4096:
+            # Sorted needles make searchsorted walk the array in order (numpy reuses the last
+            # position as a bound): ~10x fewer cache misses for a million keys.
+            by = np.argsort(q_hi, kind="stable")
+            i = np.empty(len(q_hi), np.int64)
+            i[by] = np.searchsorted(hi_s, q_hi[by], "left")
+        else:
+            i = np.searchsorted(hi_s, q_hi, "left")
         inside = i < len(hi_s)
         i_c = np.minimum(i, len(hi_s) - 1)
         hit = inside & (hi_s[i_c] == q_hi)
@@ -385,7 +413,7 @@ class StageIndex:
         A fragment deleted between the listing and its read (a `compact` replaced it)
         makes us list again, for the merged fragment that holds its rows.
         """
-        listed = list_entries(fs, self.directory, ".parquet")
+        listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX)
         frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
         markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
         new = [n for n in frags if n not in self._frag_code

@@ -188,9 +188,10 @@ class Store:
 
     def missing(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that are not present, in their order, each once."""
-        unique = list(dict.fromkeys(keys))
-        present = self._index(stage).present_mask(keys_array(unique))
-        return [k for k, here in zip(unique, present.tolist()) if not here]
+        keys = keys if isinstance(keys, list) else list(keys)
+        present = self._index(stage).present_mask(keys_array(keys))
+        # Deduplicate only what is missing: usually few, where a dict of a million keys is not.
+        return list(dict.fromkeys(k for k, here in zip(keys, present.tolist()) if not here))
 
     def damaged(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that were written but whose every copy is known bad (checksum, truncation, lost shard)."""
