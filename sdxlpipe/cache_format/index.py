@@ -416,7 +416,8 @@ class StageIndex:
         listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX)
         frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
         markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
-        new = [n for n in frags if n not in self._frag_code
+        # A name seen before but compacted away may be written again (the same shard recomputed).
+        new = [n for n in frags if not self._is_live(n)
                and not (n in self.refused and self.refused[n] == frags[n])]
         new_markers = [n for n, sig in markers.items() if self.bad_fragments.get(n) != sig]
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
@@ -491,7 +492,7 @@ class StageIndex:
 
     def add_written(self, name: str, table: pa.Table) -> None:
         """A fragment this process just wrote: cached without reading it back."""
-        if name in self._frag_code:
+        if self._is_live(name):
             return
         table, why = _prepare(table)
         added, parts = self._take([table], [name], {name: None}) if why is None else ([], [])
@@ -500,6 +501,9 @@ class StageIndex:
                              "this is a bug in sdxlpipe's writer; please report it")
         self._add_segment(parts)
         self._apply_markers([m for m in self.bad if m[2] == name])
+
+    def _is_live(self, name: str) -> bool:
+        return name in self._frag_code and self._frag_code[name] in self._live
 
     def _code(self, names: list[str], codes: dict[str, int], value: str) -> int:
         if value not in codes:
