@@ -40,6 +40,12 @@ INDEX_SCHEMA = pa.schema(
 )
 # Optional 7th column: the model fingerprint the item was made with (for `store du`).
 GROUPED_SCHEMA = INDEX_SCHEMA.append(pa.field("group", pa.string()))
+# Fragments are read with these columns as dictionaries: parquet stores them so, and the
+# codes come without `dictionary_encode`, whose first call imports pyarrow.compute (0.45 s)
+# on every no-op run.
+CODED = ("shard_id", "field", "group")
+_DICT = pa.dictionary(pa.int32(), pa.string())
+READ_SCHEMA = pa.schema([pa.field(f.name, _DICT) if f.name in CODED else f for f in GROUPED_SCHEMA])
 BAD_SCHEMA = pa.schema([("item_key", pa.string()), ("shard_id", pa.string()), ("fragment", pa.string())])
 # Fragments are small files; 16 threads hide per-file latency on object stores.
 READ_THREADS = 16
@@ -84,10 +90,11 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def read_parquet_bytes(data: bytes) -> pa.Table:
+def read_parquet_bytes(data: bytes, dictionary: tuple[str, ...] = ()) -> pa.Table:
+    """dictionary: columns to read as dictionary arrays (see CODED)."""
     # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset (0.5 s) on every no-op run.
     # use_threads=False: fragments are small and are read many at once on our own threads.
-    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+    return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
 
 
 def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> dict[str, tuple]:
@@ -234,16 +241,16 @@ def _hex_rows(column, chars: bool = True) -> np.ndarray:
 
 
 def _prepare(table: pa.Table) -> tuple[pa.Table | None, str | None]:
-    """A fragment's table in GROUPED_SCHEMA (group "" when absent), or None and why not."""
+    """A fragment's table in READ_SCHEMA (group "" when absent), or None and why not."""
     lacking = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     if lacking:
         return None, f"columns {lacking} missing"
     if "group" not in table.column_names:
-        table = table.append_column("group", pa.nulls(table.num_rows, pa.string()))
-    table = table.select(GROUPED_SCHEMA.names)
-    if table.schema != GROUPED_SCHEMA:
+        table = table.append_column("group", pa.nulls(table.num_rows, _DICT))
+    table = table.select(READ_SCHEMA.names)
+    if table.schema != READ_SCHEMA:  # this process's own writes, or another writer's types
         try:
-            table = table.cast(GROUPED_SCHEMA)
+            table = table.cast(READ_SCHEMA)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             return None, f"columns of the wrong type ({e})"
     return table, None
@@ -259,12 +266,16 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
     why: dict[int, str] = {}
 
     def fail(bad: np.ndarray, reason: str) -> None:
+        if not bad.any():  # np.unique would import numpy.ma (0.13 s) on the no-op path
+            return
         for code in np.unique(frag[bad]).tolist():
             why.setdefault(code, reason)
         ok[bad] = False
 
-    for col in ("item_key", "shard_id"):
-        fail(~_hex_rows(table.column(col)), f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits")
+    fail(~_hex_rows(table.column("item_key")), f"column item_key holds a value that is not {HEX_LEN} lowercase hex digits")
+    shards = table.column("shard_id").combine_chunks()
+    fail(~np.append(_hex_rows(shards.dictionary), False)[_codes(shards)],
+         f"column shard_id holds a value that is not {HEX_LEN} lowercase hex digits")
     # A checksum is only ever compared with a digest, never used as a name: its length suffices.
     fail(~_hex_rows(table.column("xxh3"), chars=False), f"column xxh3 holds a value that is not {HEX_LEN} characters")
     for col in ("offset", "length"):
@@ -273,13 +284,20 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
         if values.null_count:  # fill_null is slow (~0.1 s per million): only when needed
             bad |= ~_np(values.is_valid())
         fail(bad, f"column {col} holds a null or negative value")
-    fields = table.column("field").combine_chunks().dictionary_encode()
-    names = fields.dictionary.to_pylist()
-    wrong = np.array([not _plain_name(f) for f in names] + [True], bool)  # last: null
-    codes = _np(fields.indices.fill_null(len(names)) if fields.null_count else fields.indices)
-    fail(wrong[codes], "column field holds a null or a name that is not a plain member name "
+    fields = table.column("field").combine_chunks()
+    wrong = np.array([not _plain_name(f) for f in fields.dictionary.to_pylist()] + [True], bool)  # last: null
+    fail(wrong[_codes(fields)], "column field holds a null or a name that is not a plain member name "
                        "(no '/', '\\', leading '.')")
     return ok, why
+
+
+def _codes(arr: pa.DictionaryArray) -> np.ndarray:
+    """A dictionary array's indices as numpy, a null slot as len(dictionary)."""
+    codes = _np(arr.indices)
+    if arr.null_count:
+        valid = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
+        codes = np.where(valid[arr.offset:arr.offset + len(arr)].astype(bool), codes, len(arr.dictionary))
+    return codes
 
 
 def _check_markers(table: pa.Table) -> tuple[list | None, str | None]:
@@ -542,9 +560,9 @@ class StageIndex:
             values = table.column(column).chunk(0)
             if values.null_count == len(values):  # e.g. no group column: all ""
                 return np.full(len(values), self._code(names_, codes_, ""), np.int32)
-            d = (values.fill_null("") if values.null_count else values).dictionary_encode()
-            mapping = np.array([self._code(names_, codes_, v) for v in d.dictionary.to_pylist()], np.int32)
-            return mapping[_np(d.indices)]
+            mapping = np.array([self._code(names_, codes_, v) for v in [*values.dictionary.to_pylist(), ""]],
+                               np.int32)  # last: a null counts as ""
+            return mapping[_codes(values)]
 
         cols = {
             # Copies out of the Arrow buffers, so the parsed fragments can be freed.
@@ -785,14 +803,14 @@ def _load(fs, directory: str, name: str) -> tuple[pa.Table | None, str | None]:
         return None, _VANISHED
     except OSError as e:
         return None, f"{type(e).__name__}: {e}"
-    return _parse(data)
+    return _parse(data, () if name.startswith(BAD_PREFIX) else CODED)
 
 
-def _parse(data: bytes | str) -> tuple[pa.Table | None, str | None]:
+def _parse(data: bytes | str, dictionary: tuple[str, ...] = ()) -> tuple[pa.Table | None, str | None]:
     """(table, None), or (None, why) for bytes that are not a parquet file."""
     if isinstance(data, str):
         return None, data
     try:
-        return read_parquet_bytes(data), None
+        return read_parquet_bytes(data, dictionary), None
     except (OSError, pa.ArrowException) as e:
         return None, f"{type(e).__name__}: {e}"
