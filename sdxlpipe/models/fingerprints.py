@@ -9,6 +9,7 @@ imports torch, diffusers or transformers.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -65,6 +66,7 @@ def _component(spec: ModelSpec, name: str, hash_file: Callable[[Path], str], vae
     return _digest({"component": name, "files": files})
 
 
+@functools.cache  # importlib.metadata scans every installed package per call: once per process
 def _tiny_library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

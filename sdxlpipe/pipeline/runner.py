@@ -88,21 +88,25 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
         before = ctx.stats.pop(name, None)
         table = module.run(table, ctx.config.params[name], ctx)
         stats = ctx.stats.setdefault(name, StageStats())
+        unchanged = previous is not None and previous.equals(table)  # the no-op case, in C++
         if not stats.reported:
-            _count_changed_rows(stats, previous, table, getattr(module, "OUTPUT_COLUMNS", ()))
+            _count_changed_rows(stats, previous, table, getattr(module, "OUTPUT_COLUMNS", ()), unchanged)
         if before is not None:  # a second pass after damage was found: count both passes
             stats.computed += before.computed
             stats.reused = max(stats.items - stats.computed - stats.failed, 0)
             stats.reasons = before.reasons + stats.reasons
             stats.seconds += before.seconds
         stats.seconds = round(stats.seconds + time.monotonic() - began, 3)
-        settings = _settings(ctx, name)
+        settings, last = _settings(ctx, name), ctx.workspace.read_settings(name)
         if stats.computed:
-            stats.reasons = _setting_changes(name, ctx.workspace.read_settings(name), settings) + stats.reasons
+            stats.reasons = _setting_changes(name, last, settings) + stats.reasons
         if not ctx.dry_run:
-            if getattr(module, "OUTPUT_COLUMNS", ()):
+            # A no-op rewrites nothing: an equal table or settings file stays as it is
+            # (each write is a parquet encode and an fsync, per stage).
+            if getattr(module, "OUTPUT_COLUMNS", ()) and not unchanged:
                 ctx.workspace.write_table(name, table)
-            ctx.workspace.write_settings(name, settings)
+            if settings != last:
+                ctx.workspace.write_settings(name, settings)
         ctx.log.debug("%s: %s", name, stats)
 
 
@@ -178,10 +182,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.Table, columns) -> None:
+def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.Table, columns,
+                        unchanged: bool = False) -> None:
     """A table stage's rows count as computed when their outputs differ from the last run's;
-    the reasons say how many rows are new and which columns changed."""
+    the reasons say how many rows are new and which columns changed.
+
+    unchanged: the table equals the last run's, so no row differs (no per-row diff).
+    """
     stats.items = table.num_rows
+    if unchanged:
+        stats.computed, stats.reused, stats.reasons = 0, table.num_rows, []
+        return
     old: dict[str, dict] = {}
     if previous is not None and set(columns) <= set(previous.column_names) and "key" in previous.column_names:
         old = {row["key"]: row for row in previous.select(["key", *columns]).to_pylist()}

@@ -17,7 +17,9 @@ try:
     app()
 except SystemExit as e:
     assert e.code in (0, None, 1), e.code
-heavy = [m for m in ('torch', 'pyarrow.dataset', 'pandas', 'diffusers', 'transformers') if m in sys.modules]
+# pyarrow.compute (0.45 s) and numpy.ma (0.13 s): index fragments are read as dictionaries, no np.unique
+heavy = [m for m in ('torch', 'pyarrow.dataset', 'pandas', 'diffusers', 'transformers', 'pyarrow.compute',
+                    'numpy.ma') if m in sys.modules]
 print('HEAVY', heavy, file=sys.stderr)
 """
 
