@@ -99,7 +99,7 @@ def run(
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
     from sdxlpipe.pipeline.progress import Reporter
-    from sdxlpipe.pipeline.runner import run_pipeline
+    from sdxlpipe.pipeline.runner import ITEM_NAMES, run_pipeline
 
     console = _stderr()
     _setup(console, quiet=quiet, verbose=verbose)
@@ -131,7 +131,7 @@ def run(
         print(json.dumps(report, indent=2))
     else:
         for name, s in report["stages"].items():
-            print(f"{name:12} {s['items']:>7} items  {s['computed']:>7} computed  {s['reused']:>7} reused"
+            print(f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['computed']:>7} computed  {s['reused']:>7} reused"
                   + (f"  {s['failed']} failed" if s["failed"] else "") + f"  {s['seconds']:.1f}s"
                   + (f"  ({'; '.join(s['reasons'])})" if name in failed and s["reasons"] else ""))
         for r in report["rejected"]:
@@ -196,21 +196,29 @@ def buckets(
 
 @app.command()
 def init(
-    folder: Annotated[Path, typer.Argument(help="the dataset folder (images and captions, kohya folders, or tars)")],
+    folder: Annotated[Path, typer.Argument(help="the dataset: a folder (images and captions, kohya or EveryDream tree, img2dataset tars) or a .jsonl/.csv/.parquet manifest")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the config")] = DEFAULT_CONFIG,
-    model: Annotated[str, typer.Option(help="base model: Hub id, diffusers folder, .safetensors file, or tiny")] = "stabilityai/stable-diffusion-xl-base-1.0",
+    model: Annotated[str, typer.Option(help="base model: Hub id, diffusers folder, .safetensors file, or tiny; sets resolution and training defaults")] = "stabilityai/stable-diffusion-xl-base-1.0",
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing config")] = False,
 ) -> None:
-    """Look at a dataset folder and write a commented config that runs on it."""
+    """Look at a dataset and the model, and write a commented config that runs on them."""
     from sdxlpipe.datasets.init import write_config
 
-    if not folder.is_dir():
-        raise UserError(f"not a folder: {folder}", "pass the folder that holds your images: sdxlpipe init path/to/images")
+    if not folder.exists():
+        raise UserError(f"not found: {folder}", "pass the folder that holds your images: sdxlpipe init path/to/images")
     if output.exists() and not force:
         raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
-    path, seen = write_config(folder, output, model)
-    print(f"wrote {path} ({seen['images'] or seen['tars']} {'images' if seen['images'] else 'tar shards'}); "
-          f"check it, then: sdxlpipe inspect -c {path}")
+    path, sources = write_config(folder, output, model)
+    err = _stderr()
+    for s in sources:
+        for where, reason in s.rejected:
+            err.print(f"left out: {where}: {reason}", markup=False, highlight=False)
+    samples = sum(s.samples for s in sources)
+    rejected = sum(len(s.rejected) for s in sources)
+    tars = sum(s.tars for s in sources)
+    print(f"wrote {path}: {samples} {'samples in ' + str(tars) + ' tar shard(s)' if tars else 'images'}"
+          + (f", {rejected} left out (listed above)" if rejected else ""))
+    print(f"next: sdxlpipe inspect -c {path}   (check it), then: sdxlpipe run all -c {path}")
 
 
 @app.command()

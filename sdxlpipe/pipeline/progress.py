@@ -31,7 +31,7 @@ log = logging.getLogger("sdxlpipe")
 LINE_SECONDS = 10.0
 # ... and at every 5% of the work, so short stages still show their counts.
 LINE_FRACTION = 0.05
-# What one unit of work is called in a log line, per tracked task (default "items").
+# What one unit of work is called in a log line, per tracked task (default: item).
 UNITS = {"train": "step"}
 
 
@@ -88,19 +88,19 @@ class Reporter:
 def _log_lines(description: str, total: int, clock=time.monotonic) -> Iterator[Callable[..., None]]:
     """Progress as `vae_encode 12/32 items (38%)  3.1 items/s  ETA 6s` lines on the sdxlpipe logger."""
     logger = logging.getLogger(f"sdxlpipe.{description}")
-    unit = UNITS.get(description, "items")
+    unit = UNITS.get(description, "item")
     began = clock()
     state = {"done": 0, "at": began, "fraction": 0.0, "fields": {}}
-    logger.info("%s: %d %s to do", description, total, unit if unit == "items" else unit + "s")
+    logger.info("%s: %d %ss to do", description, total, unit)
 
     def line() -> None:
         done, elapsed = state["done"], clock() - began
         rate = done / elapsed if elapsed > 0 else 0.0
-        text = f"{description} {unit} {done}/{total}" if unit != "items" else f"{description} {done}/{total} items"
+        text = f"{description} {unit} {done}/{total}" if unit != "item" else f"{description} {done}/{total} items"
         text += f" ({100 * done / total:.0f}%)"
         if done:
             # Slow work (a train step on a CPU) reads better as seconds per unit.
-            text += f"  {rate:.2f} {unit}/s" if rate >= 1 else f"  {1 / rate:.2f} s/{unit}" if rate else ""
+            text += f"  {rate:.2f} {unit}s/s" if rate >= 1 else f"  {1 / rate:.2f} s/{unit}" if rate else ""
             text += f"  elapsed {_duration(elapsed)}"
             if done < total:
                 text += f"  ETA {_duration((total - done) / rate)}"

@@ -26,6 +26,10 @@ STORE_COLUMNS = {
     "text_encode": ("text_key", "text_variant_keys", "empty_text_key"),
 }
 
+# What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
+# variants and the empty caption), vae_encode latents (flipped ones too), not images.
+ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", "export": "exports"}
+
 # The weights each stage's items depend on, named in `status` when they change.
 STAGE_MODELS = {
     "vae_encode": ("vae",),
@@ -179,6 +183,9 @@ def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.
             per_column[c] += 1
     stats.computed, stats.reused = new + changed, table.num_rows - new - changed
     stats.reasons = []
+    gone = len(old.keys() - {row["key"] for row in rows})
+    if gone:
+        stats.reasons.append(f"{gone} row(s) gone since the last run")
     if new:
         stats.reasons.append(f"{new} new row(s)")
     if changed:

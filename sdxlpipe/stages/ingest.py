@@ -29,7 +29,8 @@ REJECTED_TABLE = "ingest_rejected"
 class Source:
     # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
     path: str = field(metadata={"path": True})
-    # "auto" decides from the path: manifest by extension, webdataset for .tar files or a folder of only tars.
+    # "auto" decides from the path: manifest by extension; webdataset for a .tar, or a folder with tars and
+    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder.
     kind: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
@@ -85,12 +86,19 @@ def source_kind(s: Source) -> str:
         return "manifest"
     if path.suffix.lower() == ".tar":
         return "webdataset"
-    if path.is_dir():
-        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-        if entries and all(p.suffix.lower() == ".tar" or p.suffix.lower() == ".parquet" for p in entries) \
-                and any(p.suffix.lower() == ".tar" for p in entries):
-            return "webdataset"  # img2dataset output: shards plus a parquet per shard
+    if path.is_dir() and looks_like_webdataset(path):
+        return "webdataset"
     return "folder"
+
+
+def looks_like_webdataset(folder: Path) -> bool:
+    """img2dataset output (`00000.tar` + `00000.parquet` + `00000_stats.json`, or any tar shards):
+    tars at the top and no loose images beside them. Other files (parquet, json, logs) are ignored."""
+    from sdxlpipe.datasets.base import IMAGE_EXTENSIONS
+
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+    return any(p.suffix.lower() == ".tar" for p in entries) and not any(
+        p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
 
 
 SCHEMA = pa.schema([
@@ -148,7 +156,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
             rejected[name].append(value)
 
     for source in params.sources:
+        listed = 0
         for c, container_hash in candidates(source, ctx.memo.hash_file):
+            listed += 1
             if c.reject:
                 reject(c, None, c.reject, container_hash)
                 continue
@@ -186,11 +196,25 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
             }
             for name in SCHEMA.names:
                 rows[name].append(values[name])
+        if not listed:
+            ctx.log.warning("%s: no images found (read as a %s source); if it holds tar shards or a manifest, "
+                            "set kind = \"webdataset\" or \"manifest\" in its [[sources]] entry",
+                            source.path, source_kind(source))
+        elif source_kind(source) == "folder" and not source.kohya_folders and _kohya_tree(Path(source.path)):
+            ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
+                         "to take repeats and class tokens from their names", source.path)
     ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     if not ctx.dry_run:
         ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
     return pa.table(rows, schema=SCHEMA)
+
+
+def _kohya_tree(folder: Path) -> bool:
+    from sdxlpipe.datasets.folder import KOHYA_FOLDER
+
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and all(KOHYA_FOLDER.match(p.name) for p in subdirs)
 
 
 def _known(previous: pa.Table | None, rejected: pa.Table | None):
