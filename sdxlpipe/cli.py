@@ -190,8 +190,9 @@ def buckets(
     if as_json:
         print(json.dumps([list(b) for b in found]))
         return
+    print(f"{'width':>5}   {'height':<6} aspect (width / height)")
     for w, h in found:
-        print(f"{w:>5} x {h:<5} aspect {w / h:.3f}")
+        print(f"{w:>5} x {h:<6} {w / h:.3f}")
 
 
 @app.command()
@@ -235,8 +236,10 @@ def inspect(
     _setup(_stderr())
     result = inspect_dataset(load_config(config), batch_size)
     if plot is not None:
-        result["plot"] = str(plot_buckets(result, plot))
+        result["plot"] = str(plot_buckets(result, plot).absolute())
     print(json.dumps(result, indent=2) if as_json else format_inspect(result))
+    if plot is not None and not as_json:
+        print(f"wrote {result['plot']}")
 
 
 @import_app.command("kohya")

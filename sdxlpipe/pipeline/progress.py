@@ -12,6 +12,7 @@ adds debug messages.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -53,9 +54,10 @@ def setup_logging(console: Console, debug: bool = False, quiet: bool = False) ->
 
 
 class Reporter:
-    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(self, console: Console | None = None, enabled: bool = True, clock=time.monotonic) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
+        self.clock = clock  # seconds; a test gives its own to check the cadence
         # Bars only on a terminal: a log file or a pipe gets plain progress lines.
         self.bars = enabled and self.console.is_terminal
 
@@ -66,7 +68,7 @@ class Reporter:
             yield lambda n=1, **fields: None
             return
         if not self.bars:
-            with _log_lines(description, total) as advance:
+            with _log_lines(description, total, self.clock) as advance:
                 yield advance
             return
         columns = [
@@ -90,7 +92,8 @@ def _log_lines(description: str, total: int, clock=time.monotonic) -> Iterator[C
     logger = logging.getLogger(f"sdxlpipe.{description}")
     unit = UNITS.get(description, "item")
     began = clock()
-    state = {"done": 0, "at": began, "fraction": 0.0, "fields": {}}
+    every = max(1, math.ceil(total * LINE_FRACTION))  # units between lines, whatever the time
+    state = {"done": 0, "at": began, "printed": 0, "fields": {}}
     logger.info("%s: %d %ss to do", description, total, unit)
 
     def line() -> None:
@@ -108,17 +111,17 @@ def _log_lines(description: str, total: int, clock=time.monotonic) -> Iterator[C
         if extra:
             text += "  " + "  ".join(f"{k} {v}" for k, v in extra.items())
         logger.info("%s", text)
-        state["at"], state["fraction"] = clock(), done / total
+        state["at"], state["printed"] = clock(), done
 
     def advance(n: int = 1, **fields) -> None:
         state["done"] += n
         state["fields"].update(fields)
-        if n and (clock() - state["at"] >= LINE_SECONDS or state["done"] / total - state["fraction"] >= LINE_FRACTION
+        if n and (clock() - state["at"] >= LINE_SECONDS or state["done"] - state["printed"] >= every
                   or state["done"] >= total):
             line()
 
     yield advance
-    if state["done"] / total != state["fraction"]:
+    if state["done"] != state["printed"]:
         line()  # where it stopped, if the last advance did not print
 
 
