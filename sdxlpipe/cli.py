@@ -64,14 +64,14 @@ def _check_store(url: str, must_exist: bool, flag: str) -> None:
 
     `flag` is where the user set it (`--store`, `[store] url in sdxlpipe.toml`), so the hint names it.
     """
-    if "://" in url and not url.startswith("file://"):
-        return  # remote stores are checked by open_store, which names the URL
-    path = Path(url.removeprefix("file://"))
-    if path.exists() and not path.is_dir():
-        raise UserError(f"the store {path} is a file, not a folder",
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.isfile(root):
+        raise UserError(f"the store {url} is a file, not a folder",
                         f"point {flag} at a folder (a new one starts an empty store)")
-    if must_exist and not (path / "FORMAT").is_file():
-        raise UserError(f"no sdxlpipe store at {path}" + ("" if path.exists() else " (it does not exist)"),
+    if must_exist and not fs.isfile(root.rstrip("/") + "/FORMAT"):
+        raise UserError(f"no sdxlpipe store at {url}" + ("" if fs.exists(root) else " (it does not exist)"),
                         f"check {flag}; a store is made by `sdxlpipe run encode` or as the target of `sdxlpipe store pull`")
 
 
@@ -121,8 +121,11 @@ def run(
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r} is not known", f"use one of: {', '.join(ENGINES)}")
     _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
-    report = run_pipeline(cfg, target, partition=partition, reporter=Reporter(console, enabled=not quiet), engine=engine)
-    if int(os.environ.get("RANK", "0")) != 0:
+    # Under accelerate launch / torchrun every process runs; only rank 0 shows progress.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    report = run_pipeline(cfg, target, partition=partition, reporter=Reporter(console, enabled=not quiet and main_process),
+                          engine=engine)
+    if not main_process:
         return  # under accelerate launch / torchrun every process runs; one reports
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])

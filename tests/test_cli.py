@@ -76,6 +76,21 @@ def test_shards_count_from_one_and_a_zero_is_an_error_with_the_fix(example, monk
     assert_user_error(sdxlpipe(monkeypatch, capsys, "run", "encode", "-c", str(example), "--shards", shards), *words)
 
 
+def test_shards_with_training_is_refused_with_the_two_commands_to_run(example, monkeypatch, capsys):
+    assert_user_error(sdxlpipe(monkeypatch, capsys, "run", "all", "-c", str(example), "--shards", "1/2"),
+                      "sdxlpipe run encode --shards K/N", "sdxlpipe run all")
+
+
+def test_status_names_rows_gone_when_an_image_is_deleted(example, monkeypatch, capsys):
+    from sdxlpipe.config import load_config
+    from sdxlpipe.pipeline.runner import run_pipeline
+
+    run_pipeline(load_config(example), "ingest")
+    (example.parent / "images" / "000_yellow_circle.png").unlink()
+    code, out, _ = sdxlpipe(monkeypatch, capsys, "status", "-c", str(example), "--json")
+    assert json.loads(out)["stages"]["ingest"]["reasons"] == ["1 row(s) gone since the last run"]
+
+
 def test_shards_help_says_k_counts_from_one(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "300")
     code, out, _ = sdxlpipe(monkeypatch, capsys, "run", "--help")
