@@ -143,8 +143,11 @@ def run(
         for path in report["outputs"].get("lora", []):
             print(f"wrote {path}" if path in written else f"up to date: {path}")
     if failed:
-        _stderr().print(f"Error: stage(s) failed: {', '.join(failed)} (reasons above; nothing was exported)"
-                        if "export" in failed else f"Error: stage(s) failed: {', '.join(failed)}", markup=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),
+                  markup=False)
+        err.print("Hint: the reasons are in the report above (--json: stages.*.reasons); "
+                  f"`sdxlpipe inspect -c {config}` shows the dataset and its rejected files", markup=False)
         raise typer.Exit(1)
     if failed_strict:
         _stderr().print("Error: --strict: input files were rejected (listed above)", markup=False)

@@ -138,7 +138,7 @@ def test_a_run_with_nothing_to_train_on_exits_1_and_writes_nothing(tmp_path, mon
     code, out, err = sdxlpipe(monkeypatch, capsys, "run", "all", "-c", str(config))
     assert code == 1, err
     assert "wrote" not in out and "no samples to train on" in out
-    assert "Error: stage(s) failed: train, export" in err
+    assert "Error: stage(s) failed: train, export" in err and "Hint: " in err
     assert not (tmp_path / "output").exists()
     code, out, _ = sdxlpipe(monkeypatch, capsys, "run", "all", "-c", str(config), "--json")
     report = json.loads(out)
