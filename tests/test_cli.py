@@ -7,6 +7,7 @@ script's entry point), so a mistake costs no interpreter start.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -19,8 +20,13 @@ def sdxlpipe(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run `sdxlpipe ARGS`; (exit code, stdout, stderr)."""
     monkeypatch.delenv("SDXLPIPE_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["sdxlpipe", *args])
-    with pytest.raises(SystemExit) as done:
-        main()
+    logger = logging.getLogger("sdxlpipe")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:  # the CLI wires sdxlpipe's logger to this test's stderr: leave it as it was
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
     out = capsys.readouterr()
     return done.value.code or 0, out.out, out.err
 
