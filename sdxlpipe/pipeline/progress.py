@@ -62,9 +62,12 @@ class Reporter:
         self.bars = enabled and self.console.is_terminal
 
     @contextmanager
-    def track(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        """Yield `advance(n=1, **fields)`: a bar on a terminal, log lines elsewhere, nothing when disabled."""
-        if not self.enabled or total <= 0:
+    def track(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+        """Yield `advance(n=1, **fields)`: a bar on a terminal, log lines elsewhere, nothing when disabled.
+
+        `total=None`: not known in advance (ingest walking a folder); counts and rate, no ETA.
+        """
+        if not self.enabled or (total is not None and total <= 0):
             yield lambda n=1, **fields: None
             return
         if not self.bars:
@@ -87,25 +90,28 @@ class Reporter:
 
 
 @contextmanager
-def _log_lines(description: str, total: int, clock=time.monotonic) -> Iterator[Callable[..., None]]:
+def _log_lines(description: str, total: int | None, clock=time.monotonic) -> Iterator[Callable[..., None]]:
     """Progress as `vae_encode 12/32 items (38%)  3.1 items/s  ETA 6s` lines on the sdxlpipe logger."""
     logger = logging.getLogger(f"sdxlpipe.{description}")
     unit = UNITS.get(description, "item")
     began = clock()
-    every = max(1, math.ceil(total * LINE_FRACTION))  # units between lines, whatever the time
+    # Units between lines, whatever the time; with no total, only the clock sets the pace.
+    every = max(1, math.ceil(total * LINE_FRACTION)) if total else math.inf
     state = {"done": 0, "at": began, "printed": 0, "fields": {}}
-    logger.info("%s: %d %ss to do", description, total, unit)
+    if total:
+        logger.info("%s: %d %ss to do", description, total, unit)
 
     def line() -> None:
         done, elapsed = state["done"], clock() - began
         rate = done / elapsed if elapsed > 0 else 0.0
-        text = f"{description} {unit} {done}/{total}" if unit != "item" else f"{description} {done}/{total} items"
-        text += f" ({100 * done / total:.0f}%)"
+        of = f"/{total}" if total else ""
+        text = f"{description} {unit} {done}{of}" if unit != "item" else f"{description} {done}{of} items"
+        text += f" ({100 * done / total:.0f}%)" if total else ""
         if done:
             # Slow work (a train step on a CPU) reads better as seconds per unit.
             text += f"  {rate:.2f} {unit}s/s" if rate >= 1 else f"  {1 / rate:.2f} s/{unit}" if rate else ""
             text += f"  elapsed {_duration(elapsed)}"
-            if done < total:
+            if total and done < total:
                 text += f"  ETA {_duration((total - done) / rate)}"
         extra = {k: v for k, v in state["fields"].items() if k != "it_s"}  # the rate is already there
         if extra:
@@ -117,11 +123,11 @@ def _log_lines(description: str, total: int, clock=time.monotonic) -> Iterator[C
         state["done"] += n
         state["fields"].update(fields)
         if n and (clock() - state["at"] >= LINE_SECONDS or state["done"] - state["printed"] >= every
-                  or state["done"] >= total):
+                  or (total and state["done"] >= total)):
             line()
 
     yield advance
-    if state["done"] != state["printed"]:
+    if state["done"] != state["printed"] and (total or state["printed"]):  # a quick unknown-length task stays quiet
         line()  # where it stopped, if the last advance did not print
 
 

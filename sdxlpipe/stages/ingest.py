@@ -21,6 +21,8 @@ VERSION = 2
 # `source` (an absolute path) is left out: a moved dataset is not a changed one.
 OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "is_reg", "has_alpha",
                   "sidecar_caption", "caption_origin", "default_caption")
+# Files between progress updates: often enough for a person, cheap on a no-op rerun of a million.
+PROGRESS_EVERY = 64
 # Rejected files of the last run, so a rerun answers them from the memo too.
 REJECTED_TABLE = "ingest_rejected"
 
@@ -155,54 +157,59 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         for name, value in zip(REJECTED_SCHEMA.names, (c.display, c.source, digest, reason, container_hash)):
             rejected[name].append(value)
 
-    for source in params.sources:
-        listed = 0
-        for c, container_hash in candidates(source, ctx.memo.hash_file):
-            listed += 1
-            if c.reject:
-                reject(c, None, c.reject, container_hash)
-                continue
-            data = None
-            if c.file is not None:
-                digest = ctx.memo.hash_file(c.file)
-            else:
-                digest = member_hash.get((container_hash, c.source))
-                if digest is None:
-                    data = read_source_bytes(c.source)
-                    digest = xxh3_hex(data)
-            info = good.get(digest) or bad.get(digest)
-            if info is None:
-                info = probe_image(data if data is not None else c.file, params.max_pixels)
-                read_bytes += 1
-                if isinstance(info, ImageInfo) and info.notes:
-                    ctx.log.info("%s: %s", c.display, "; ".join(info.notes))
-            if isinstance(info, str):
-                reject(c, digest, info, container_hash)
-                continue
-            if digest in seen:
-                # Listed with the rejects so a person sees it; `duplicate_of` tells --strict it is no error.
-                ctx.rejected.append({"path": c.display, "reason": f"duplicate: same bytes as {seen[digest]} (kept once)",
-                                     "duplicate_of": seen[digest]})
-                ctx.log.info("duplicate image %s is the same file as %s: kept once", c.display, seen[digest])
-                continue
-            seen[digest] = c.display
-            values = {
-                # The sample's identity in the tables (not a cache key): subset + path inside the source.
-                "key": hashlib.blake2b(f"{c.subset}/{c.rel}".encode(), digest_size=8).hexdigest(),
-                "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
-                "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
-                "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
-                "default_caption": c.default_caption, "container_hash": container_hash,
-            }
-            for name in SCHEMA.names:
-                rows[name].append(values[name])
-        if not listed:
-            ctx.log.warning("%s: no images found (read as a %s source); if it holds tar shards or a manifest, "
-                            "set kind = \"webdataset\" or \"manifest\" in its [[sources]] entry",
-                            source.path, source_kind(source))
-        elif source_kind(source) == "folder" and not source.kohya_folders and _kohya_tree(Path(source.path)):
-            ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
-                         "to take repeats and class tokens from their names", source.path)
+    # The number of files is not known until every source is listed: progress counts files read.
+    with ctx.reporter.track("ingest", None) as advance:
+        for source in params.sources:
+            listed = 0
+            for c, container_hash in candidates(source, ctx.memo.hash_file):
+                listed += 1
+                if listed % PROGRESS_EVERY == 0:
+                    advance(PROGRESS_EVERY)
+                if c.reject:
+                    reject(c, None, c.reject, container_hash)
+                    continue
+                data = None
+                if c.file is not None:
+                    digest = ctx.memo.hash_file(c.file)
+                else:
+                    digest = member_hash.get((container_hash, c.source))
+                    if digest is None:
+                        data = read_source_bytes(c.source)
+                        digest = xxh3_hex(data)
+                info = good.get(digest) or bad.get(digest)
+                if info is None:
+                    info = probe_image(data if data is not None else c.file, params.max_pixels)
+                    read_bytes += 1
+                    if isinstance(info, ImageInfo) and info.notes:
+                        ctx.log.info("%s: %s", c.display, "; ".join(info.notes))
+                if isinstance(info, str):
+                    reject(c, digest, info, container_hash)
+                    continue
+                if digest in seen:
+                    # Listed with the rejects so a person sees it; `duplicate_of` tells --strict it is no error.
+                    ctx.rejected.append({"path": c.display, "reason": f"duplicate: same bytes as {seen[digest]} (kept once)",
+                                         "duplicate_of": seen[digest]})
+                    ctx.log.info("duplicate image %s is the same file as %s: kept once", c.display, seen[digest])
+                    continue
+                seen[digest] = c.display
+                values = {
+                    # The sample's identity in the tables (not a cache key): subset + path inside the source.
+                    "key": hashlib.blake2b(f"{c.subset}/{c.rel}".encode(), digest_size=8).hexdigest(),
+                    "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
+                    "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
+                    "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
+                    "default_caption": c.default_caption, "container_hash": container_hash,
+                }
+                for name in SCHEMA.names:
+                    rows[name].append(values[name])
+            advance(listed % PROGRESS_EVERY)
+            if not listed:
+                ctx.log.warning("%s: no images found (read as a %s source); if it holds tar shards or a manifest, "
+                                "set kind = \"webdataset\" or \"manifest\" in its [[sources]] entry",
+                                source.path, source_kind(source))
+            elif source_kind(source) == "folder" and not source.kohya_folders and _kohya_tree(Path(source.path)):
+                ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
+                             "to take repeats and class tokens from their names", source.path)
     ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     if not ctx.dry_run:

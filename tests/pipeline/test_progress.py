@@ -70,3 +70,20 @@ def test_quiet_prints_no_progress_but_warnings_still_show(log_file):
         advance(10)
     logging.getLogger("sdxlpipe.ingest").warning("skipped x.png: empty file")
     assert lines(log_file) == [lines(log_file)[0]] and "skipped x.png" in lines(log_file)[0]
+
+
+def test_work_of_unknown_size_logs_counts_and_rate_every_10_seconds_and_nothing_when_quick(log_file):
+    setup_logging(log_file)
+    clock = Clock()
+    reporter = Reporter(log_file, clock=clock)
+    with reporter.track("ingest", None) as advance:
+        for _ in range(25):
+            clock.now += 1.0
+            advance(64)
+    out = lines(log_file)
+    assert [line.split(" INFO ")[1].split("  ")[0] for line in out] == [
+        "ingest 640 items", "ingest 1280 items", "ingest 1600 items"]
+    assert "64.00 items/s" in out[0] and "ETA" not in out[0] and "%" not in out[0]
+    with reporter.track("ingest", None) as advance:
+        advance(64)
+    assert len(lines(log_file)) == 3  # a quick ingest adds no line
