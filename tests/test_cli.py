@@ -168,3 +168,11 @@ def test_shards_1_of_2_then_2_of_2_encode_everything_between_them(tmp_path, monk
     code, out, _ = sdxlpipe(monkeypatch, capsys, "status", "-c", str(config), "--json")
     stages = json.loads(out)["stages"]
     assert stages["vae_encode"]["to_compute"] == stages["text_encode"]["to_compute"] == 0
+
+
+def test_buckets_output_says_which_number_is_the_width(monkeypatch, capsys):
+    code, out, _ = sdxlpipe(monkeypatch, capsys, "buckets", "--resolution", "128", "--step", "32",
+                            "--min-side", "64", "--max-side", "256")
+    header, first, *_ = out.splitlines()
+    assert code == 0 and header.split()[:2] == ["width", "height"]
+    assert first.split()[:3] == ["64", "x", "256"]  # width 64, height 256: a tall bucket
