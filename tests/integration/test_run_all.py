@@ -62,6 +62,7 @@ def test_first_run_computes_every_stage_and_writes_both_lora_files(finished_run)
     assert sorted(Path(p).name for p in report["outputs"]["lora"]) == [
         "tiny-shapes.diffusers.safetensors", "tiny-shapes.safetensors"]
     assert all(Path(p).exists() for p in report["outputs"]["lora"])
+    assert report["outputs"]["written"] == report["outputs"]["lora"] and report["failed_stages"] == []
 
 
 def test_a_run_logging_to_a_file_shows_vae_encode_and_train_progress_with_counts(finished_run):
