@@ -65,7 +65,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     # dotted key -> the `--set` text that gave it, so its problems are blamed on --set, not the file.
     from_set: dict[str, str] = {}
     for item in overrides or []:
+        before = len(problems)
         dotted = _apply_override(raw, item, problems)
+        for key, _ in problems[before:]:  # `--set foo` without =, `--set model.x=1`
+            from_set[key] = item
         if dotted:
             from_set[dotted] = item
     base = path.parent.absolute()
