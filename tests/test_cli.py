@@ -151,6 +151,7 @@ def test_a_run_with_nothing_to_train_on_exits_1_and_writes_nothing(tmp_path, mon
     assert code == 1 and report["failed_stages"] == ["train", "export"] and "written" not in report["outputs"]
 
 
+@pytest.mark.slow  # two real encodes with the tiny model: ~16 s on 2 idle cores
 def test_shards_1_of_2_then_2_of_2_encode_everything_between_them(tmp_path, monkeypatch, capsys):
     config = make_dataset(tmp_path, 8)
     reports = []
