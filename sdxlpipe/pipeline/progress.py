@@ -79,7 +79,8 @@ class Reporter:
             TaskProgressColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=self.console, transient=False) as bar:
+        # A bar of unknown length (ingest listing files) is gone when done: the summary says the rest.
+        with Progress(*columns, console=self.console, transient=total is None) as bar:
             task = bar.add_task(description, total=total, info="")
 
             def advance(n: int = 1, **fields) -> None:

@@ -98,7 +98,18 @@ def test_init_reads_a_kohya_img_and_reg_tree_and_an_imagefolder_manifest(tmp_pat
     out = tmp_path / "hf.toml"
     assert sdxlpipe(monkeypatch, capsys, "init", str(tmp_path / "hf"), "--model", "tiny", "-o", str(out))[0] == 0
     config = load_config(out)
+    assert config.params["ingest"].sources[0].image_column == "file_name"
     run_pipeline(config, "caption")
     rows = pq.read_table(tmp_path / ".sdxlpipe" / "tables" / "caption.parquet").to_pylist()
     assert [r["caption"] for r in rows] == ["a caption"]
 
+
+
+def test_init_on_a_manifest_file_writes_it_as_the_source(tmp_path, monkeypatch, capsys):
+    write(tmp_path / "pics" / "a.png", image_bytes("PNG", (64, 48), 1))
+    (tmp_path / "list.csv").write_text("image,caption\npics/a.png,a red thing\npics/gone.png,lost\n")
+    out = tmp_path / "sdxlpipe.toml"
+    code, stdout, err = sdxlpipe(monkeypatch, capsys, "init", str(tmp_path / "list.csv"), "--model", "tiny", "-o", str(out))
+    assert code == 0 and "1 images, 1 left out" in stdout and "gone.png" in err
+    (source,) = load_config(out).params["ingest"].sources
+    assert (source.path, source.image_column, source.caption_column) == (str(tmp_path / "list.csv"), "image", "caption")
