@@ -96,11 +96,20 @@ def source_kind(s: Source) -> str:
 def looks_like_webdataset(folder: Path) -> bool:
     """img2dataset output (`00000.tar` + `00000.parquet` + `00000_stats.json`, or any tar shards):
     tars at the top and no loose images beside them. Other files (parquet, json, logs) are ignored."""
+    import os
+
     from sdxlpipe.datasets.base import IMAGE_EXTENSIONS
 
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
-    return any(p.suffix.lower() == ".tar" for p in entries) and not any(
-        p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
+    has_tar = False
+    with os.scandir(folder) as entries:  # names only, no stat: a flat folder of a million images stops at once
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if entry.name.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                return False
+            has_tar = has_tar or suffix == ".tar"
+    return has_tar
 
 
 SCHEMA = pa.schema([
@@ -207,7 +216,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                 ctx.log.warning("%s: no images found (read as a %s source); if it holds tar shards or a manifest, "
                                 "set kind = \"webdataset\" or \"manifest\" in its [[sources]] entry",
                                 source.path, source_kind(source))
-            elif source_kind(source) == "folder" and not source.kohya_folders and _kohya_tree(Path(source.path)):
+            elif (previous is None and source_kind(source) == "folder" and not source.kohya_folders
+              and _kohya_tree(Path(source.path))):  # first run only: the hint costs a directory scan
                 ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
                              "to take repeats and class tokens from their names", source.path)
     ctx.memo.save()
@@ -220,8 +230,11 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 def _kohya_tree(folder: Path) -> bool:
     from sdxlpipe.datasets.folder import KOHYA_FOLDER
 
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return bool(subdirs) and all(KOHYA_FOLDER.match(p.name) for p in subdirs)
+    import os
+
+    with os.scandir(folder) as entries:
+        subdirs = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    return bool(subdirs) and all(KOHYA_FOLDER.match(name) for name in subdirs)
 
 
 def _known(previous: pa.Table | None, rejected: pa.Table | None):
