@@ -240,7 +240,9 @@ def inspect(
     from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset, plot_buckets
 
     _setup(_stderr())
-    result = inspect_dataset(load_config(config), batch_size)
+    cfg = load_config(config)
+    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    result = inspect_dataset(cfg, batch_size)
     if plot is not None:
         result["plot"] = str(plot_buckets(result, plot).absolute())
     print(json.dumps(result, indent=2) if as_json else format_inspect(result))

@@ -54,7 +54,7 @@ def store_is_a_file(example):
     return example
 
 
-@pytest.mark.parametrize("command", [["run", "encode"], ["status"], ["store", "du"], ["store", "verify"]])
+@pytest.mark.parametrize("command", [["run", "encode"], ["status"], ["inspect"], ["store", "du"], ["store", "verify"]])
 def test_a_store_path_that_is_a_file_is_one_error_naming_it(store_is_a_file, monkeypatch, capsys, command):
     text = assert_user_error(sdxlpipe(monkeypatch, capsys, *command, "-c", str(store_is_a_file)),
                              "store-file", "is a file", "[store] url")
