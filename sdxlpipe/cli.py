@@ -99,7 +99,8 @@ def run(
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
     from sdxlpipe.pipeline.progress import Reporter
-    from sdxlpipe.pipeline.runner import ITEM_NAMES, run_pipeline
+    from sdxlpipe.pipeline.progress import ITEM_NAMES
+    from sdxlpipe.pipeline.runner import run_pipeline
 
     console = _stderr()
     _setup(console, quiet=quiet, verbose=verbose)

@@ -26,10 +26,6 @@ STORE_COLUMNS = {
     "text_encode": ("text_key", "text_variant_keys", "empty_text_key"),
 }
 
-# What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
-# variants and the empty caption), vae_encode latents (flipped ones too), not images.
-ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", "export": "exports"}
-
 # The weights each stage's items depend on, named in `status` when they change.
 STAGE_MODELS = {
     "vae_encode": ("vae",),

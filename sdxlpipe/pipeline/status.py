@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from sdxlpipe.config import Config
-from sdxlpipe.pipeline.runner import ITEM_NAMES, run_pipeline
+from sdxlpipe.pipeline.progress import ITEM_NAMES
+from sdxlpipe.pipeline.runner import run_pipeline
 
 
 def status(config: Config, target: str = "all") -> dict[str, Any]:
