@@ -123,6 +123,14 @@ def test_a_string_where_a_list_belongs_is_an_error(example, monkeypatch, capsys)
                       "export.formats", "must be a list", 'formats = ["kohya"]')
 
 
+def test_a_source_with_no_image_files_is_an_error_naming_the_kind_to_set(tmp_path, monkeypatch, capsys):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "notes.md").write_text("the tars are elsewhere")
+    (tmp_path / "sdxlpipe.toml").write_text('model = "tiny"\n[[sources]]\npath = "shards"\n')
+    assert_user_error(sdxlpipe(monkeypatch, capsys, "run", "ingest", "-c", str(tmp_path / "sdxlpipe.toml")),
+                      "sources[0]", "no image files", 'kind = "webdataset"')
+
+
 def test_a_misspelt_stage_suggests_the_right_one(example, monkeypatch, capsys):
     assert_user_error(sdxlpipe(monkeypatch, capsys, "run", "vae_encod", "-c", str(example)), "did you mean vae_encode")
 

@@ -213,11 +213,14 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     rows[name].append(values[name])
             advance(listed % PROGRESS_EVERY)
             if not listed:
-                ctx.log.warning("%s: no images found (read as a %s source); if it holds tar shards or a manifest, "
-                                "set kind = \"webdataset\" or \"manifest\" in its [[sources]] entry",
-                                source.path, source_kind(source))
-            elif (previous is None and source_kind(source) == "folder" and not source.kohya_folders
-              and _kohya_tree(Path(source.path))):  # first run only: the hint costs a directory scan
+                from sdxlpipe.errors import UserError
+
+                index = params.sources.index(source)
+                raise UserError(f"sources[{index}]: no image files in {source.path} (read as a {source_kind(source)} source)",
+                                "point path at the images; for tar shards or a manifest elsewhere set "
+                                "kind = \"webdataset\" or \"manifest\" in that [[sources]] entry")
+            if (previous is None and source_kind(source) == "folder" and not source.kohya_folders
+                    and _kohya_tree(Path(source.path))):  # first run only: the hint costs a directory scan
                 ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
                              "to take repeats and class tokens from their names", source.path)
     ctx.memo.save()
