@@ -87,3 +87,11 @@ def test_work_of_unknown_size_logs_counts_and_rate_every_10_seconds_and_nothing_
     with reporter.track("ingest", None) as advance:
         advance(64)
     assert len(lines(log_file)) == 3  # a quick ingest adds no line
+
+
+def test_work_done_before_the_clock_moves_logs_without_a_rate(log_file):
+    setup_logging(log_file)
+    with Reporter(log_file, clock=Clock()).track("text_encode", 40) as advance:
+        advance(10)
+        advance(30)
+    assert "text_encode 10/40 items (25%)" in lines(log_file)[1] and "ETA" not in lines(log_file)[1]
