@@ -116,7 +116,7 @@ def _log_lines(description: str, total: int | None, clock=time.monotonic) -> Ite
             # Slow work (a train step on a CPU) reads better as seconds per unit.
             text += f"  {rate:.2f} {unit}s/s" if rate >= 1 else f"  {1 / rate:.2f} s/{unit}" if rate else ""
             text += f"  elapsed {_duration(elapsed)}"
-            if total and done < total:
+            if total and done < total and rate:
                 text += f"  ETA {_duration((total - done) / rate)}"
         extra = {k: v for k, v in state["fields"].items() if k != "it_s"}  # the rate is already there
         if extra:
