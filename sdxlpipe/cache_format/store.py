@@ -443,7 +443,30 @@ class Store:
 
     def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:
         """Remove shards and manifests no index fragment references, and stale temp files,
-        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove)."""
+        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove).
+
+        Writers run meanwhile, so each file's reference and age are checked again right
+        before it is deleted: a shard committed again under the same content name, or a
+        temp file a live writer touched, since the first look is kept.
+        """
+        referenced = self._referenced_shards()
+        now = time.time()
+        removed = [p for p in self._gc_candidates(referenced) if self._age(p, now) > grace_seconds]
+        if dry_run or not removed:
+            return removed
+        referenced = self._referenced_shards()  # what writers committed since the first look
+        kept = []
+        for path in removed:
+            if self._shard_key(path) in referenced or self._age(path, time.time()) <= grace_seconds:
+                kept.append(path)
+                continue
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass  # another gc got there first
+        return [p for p in removed if p not in kept]
+
+    def _referenced_shards(self) -> set[tuple[str, str]]:
         referenced: set[tuple[str, str]] = set()
         for st in self._stage_names():
             self._indexes.pop(st, None)
@@ -455,22 +478,23 @@ class Store:
                     "run `sdxlpipe store verify`, restore or delete those fragments, then gc again",
                 )
             referenced |= {(st, loc.shard_id) for loc in index.rows}
+        return referenced
+
+    def _gc_candidates(self, referenced: set[tuple[str, str]]) -> list[str]:
         candidates = [
             self._path("shards", st, name)
             for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
             for name in list_files(self.fs, self._path("shards", st), "")
             if (st, name.split(".", 1)[0]) not in referenced
         ]
-        candidates += [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
-        now = time.time()
-        removed = [p for p in candidates if self._age(p, now) > grace_seconds]
-        if not dry_run:
-            for path in removed:
-                try:
-                    self.fs.rm(path)
-                except FileNotFoundError:
-                    pass  # another gc got there first
-        return removed
+        return candidates + [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
+
+    def _shard_key(self, path: str) -> tuple[str, str] | None:
+        """(stage, shard_id) of a path under shards/, None for a temp file."""
+        parent, name = posixpath.split(path)
+        if posixpath.dirname(parent) != self._path("shards"):
+            return None
+        return posixpath.basename(parent), name.split(".", 1)[0]
 
     def _age(self, path: str, now: float) -> float:
         try:
