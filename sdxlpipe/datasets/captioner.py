@@ -42,8 +42,11 @@ def caption_images(rows: list[dict], params, ctx) -> list[str | None]:
     if not rows:
         return []
     fp = model_fingerprint(params.model, ctx.memo)
+    from sdxlpipe.datasets import open_image
+
     keys = [item_key({"stage": "captioner", "version": VERSION, "content_hash": r["content_hash"], "model": fp,
-                      "prompt": params.prompt, "max_new_tokens": params.max_new_tokens}) for r in rows]
+                      "prompt": params.prompt, "max_new_tokens": params.max_new_tokens,
+                      "pixels": open_image.VERSION}) for r in rows]
     unique = list(dict.fromkeys(keys))
     missing = set(ctx.store.missing(STAGE, unique))
     seen = _seen_captions(ctx)
