@@ -224,6 +224,12 @@ class Store:
     def _commit(self, stage: str, builder: ShardBuilder, group: str = "") -> str:
         """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
         try:
+            return self._commit_steps(stage, builder, group)
+        except OSError as e:
+            raise _write_error(self, stage, e) from e
+
+    def _commit_steps(self, stage: str, builder: ShardBuilder, group: str) -> str:
+        try:
             shard_id, nbytes = builder.finish()
             place_file(self.fs, builder.path, self._shard(stage, shard_id), self._tmp)
         finally:
@@ -402,7 +408,8 @@ class Store:
                 problems.append(_problem(stage, shard_id, None, f"manifest says xxh3 {doc.get('xxh3')}, "
                                                                  "not the shard's name"))
         except FileNotFoundError:
-            problems.append(_problem(stage, shard_id, None, "manifest missing"))
+            if locs:  # else a writer stopped between shard and manifest: unused, gc takes it
+                problems.append(_problem(stage, shard_id, None, "manifest missing"))
         except (OSError, ValueError) as e:
             problems.append(_problem(stage, shard_id, None, f"manifest unreadable: {e}"))
         path = self._shard(stage, shard_id)
@@ -573,6 +580,15 @@ class Store:
         return {"stages": stages, "bytes": sum(s["bytes"] for s in stages.values())}
 
 
+def _write_error(store: Store, stage: str, e: OSError) -> StoreError:
+    return StoreError(
+        f"could not write to store {store.url} (stage {stage}): {e.strerror or e}"
+        + (f": {e.filename}" if e.filename else ""),
+        "free space (or fix permissions) where the store and its tmp/ live, then run the same "
+        "command again: items committed so far are kept, the unfinished shard is never visible",
+    )
+
+
 def _close_quietly(f) -> None:
     if f is not None:
         try:
@@ -639,12 +655,29 @@ class Writer:
         if self._builder is not None and self._builder.members and \
                 self._builder.size + size > self.target_shard_bytes:
             self._flush()
-        if self._builder is None:
-            self._builder = self._store._new_builder()
-            self._start_keepalive(self._builder.path)
-        for name, _, payload in pending:
-            self._builder.add(name, payload)
+        try:
+            if self._builder is None:
+                self._builder = self._store._new_builder()
+                self._start_keepalive(self._builder.path)
+            for name, _, payload in pending:
+                self._builder.add(name, payload)
+        except OSError as e:
+            # The temp tar may now end mid-member: nothing of it can be committed.
+            self._discard()
+            raise _write_error(self._store, self.stage, e) from e
         self._done.add(key)
+
+    def _discard(self) -> None:
+        builder, self._builder = self._builder, None
+        self._stop_keepalive()
+        self._done = set()
+        if builder is not None:
+            builder.discard()
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.set()
+            self._keepalive = None
 
     def _start_keepalive(self, path: str) -> None:
         # Only a local store keeps the builder in its tmp/, where gc looks.
@@ -663,9 +696,7 @@ class Writer:
 
     def _flush(self) -> None:
         builder, self._builder = self._builder, None
-        if self._keepalive is not None:
-            self._keepalive.set()
-            self._keepalive = None
+        self._stop_keepalive()
         self._done = set()
         if builder is not None and builder.members:
             self.shard_ids.append(self._store._commit(self.stage, builder, self.group))
