@@ -425,27 +425,37 @@ class Store:
             return problems
         index = self._index(stage)
         present = index.present()
-        with f:
-            digest, size = hash_stream(f)
-            item_problems, repaired = [], 0
-            for loc in locs:
-                _, why = _check(f, loc)
-                if why is None:
-                    continue
-                if index.is_bad(loc) and loc.item_key in present:
-                    repaired += 1  # found before, and recomputed into another shard since
-                    continue
-                failures.append((loc, why))
-                item_problems.append(_problem(stage, shard_id, loc.item_key, why))
-            # A shard whose only damage is in items already recomputed elsewhere is repaired:
-            # its intact items stay usable, and verify stays clean.
-            known_damage = repaired and not item_problems
-            if digest != shard_id and not known_damage:
-                problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
-            if "bytes" in doc and doc["bytes"] != size and not known_damage:
-                why = f"tar has {size} bytes, manifest says {doc['bytes']}"
-                problems.append(_problem(stage, shard_id, None, why))
-            problems += item_problems
+        try:
+            with f:
+                return problems + self._verify_items(stage, shard_id, locs, failures, f, doc, index, present)
+        except OSError as e:  # not damage: say which shard could not be read, mark nothing
+            raise StoreError(f"verify could not read shard {path}: {e}",
+                             "the store's disk or network is failing; run verify again once it is reachable") from e
+
+    def _verify_items(self, stage: str, shard_id: str, locs: list[Location], failures: list, f: BinaryIO,
+                      doc: dict, index: StageIndex, present: set[str]) -> list[dict]:
+        """Problems of one open shard: its hash and size, and each indexed item's checksum."""
+        problems: list[dict] = []
+        digest, size = hash_stream(f)
+        item_problems, repaired = [], 0
+        for loc in locs:
+            _, why = _check(f, loc)
+            if why is None:
+                continue
+            if index.is_bad(loc) and loc.item_key in present:
+                repaired += 1  # found before, and recomputed into another shard since
+                continue
+            failures.append((loc, why))
+            item_problems.append(_problem(stage, shard_id, loc.item_key, why))
+        # A shard whose only damage is in items already recomputed elsewhere is repaired:
+        # its intact items stay usable, and verify stays clean.
+        known_damage = repaired and not item_problems
+        if digest != shard_id and not known_damage:
+            problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
+        if "bytes" in doc and doc["bytes"] != size and not known_damage:
+            why = f"tar has {size} bytes, manifest says {doc['bytes']}"
+            problems.append(_problem(stage, shard_id, None, why))
+        problems += item_problems
         return problems
 
     def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:

@@ -68,3 +68,15 @@ def test_a_read_failing_mid_shard_reopens_it_and_loses_nothing(tmp_path, payload
     assert dict(store.read_many("vae", payloads, FIELD)) == payloads
     assert store.fs.shard_opens == 4  # the first open, then one reopen per failed read
     assert _bad_markers(root) == []
+
+
+def test_verify_on_a_failing_store_raises_naming_the_shard_and_marks_nothing_bad(tmp_path, payloads):
+    root = _filled(tmp_path, payloads)
+    store = _faulty(root, fail_reads=100)
+    shard = next(Path(root, "shards", "vae").glob("*.tar"))
+
+    with pytest.raises(StoreError, match=shard.name):
+        store.verify()
+
+    assert _bad_markers(root) == []
+    assert open_store(root).verify() == []
