@@ -272,7 +272,8 @@ class Store:
                 log.warning("store %s: reading %s failed (%s); retrying in %.1f s", self.url, what, e, delay)
                 time.sleep(delay)
 
-    def _read_checked(self, stage: str, loc: Location, f: BinaryIO | None) -> tuple[bytes | None, str | None, BinaryIO | None]:
+    def _read_checked(self, stage: str, loc: Location,
+                      f: BinaryIO | None) -> tuple[bytes | None, str | None, BinaryIO | None]:
         """(payload, None, f) or (None, why the location is bad, f); f is the open shard to reuse.
 
         Only a missing shard, a short payload or a checksum mismatch is damage; an I/O
