@@ -78,3 +78,45 @@ def test_a_writer_killed_mid_commit_leaves_a_store_that_verifies_and_a_rerun_com
     assert fragments_before <= set(Path(root, "index", "vae").glob("*.parquet"))
     store.gc(grace_seconds=0)
     assert os.listdir(Path(root, "tmp")) == [] and store.verify() == []
+
+
+# `sdxlpipe run ARGS...` that SIGKILLs itself at the fsync of a file whose path contains
+# argv[1]: every workspace and store write fsyncs its temp file just before the rename.
+CLI_CHILD = r"""
+import os, signal, sys
+real, target = os.fsync, sys.argv[1]
+def fsync(fd):
+    if target in os.readlink(f"/proc/self/fd/{fd}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(fd)
+os.fsync = fsync
+sys.argv = ["sdxlpipe", *sys.argv[2:]]
+from sdxlpipe.cli import main
+main()
+"""
+
+
+def _ingest_table(config: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(config.parent / ".sdxlpipe" / "tables" / "ingest.parquet").to_pylist()
+    return sorted(({k: v for k, v in r.items() if k != "source"} for r in rows), key=lambda r: r["key"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fsynced files")
+def test_ingest_killed_while_writing_its_table_then_rerun_ends_with_the_table_of_an_unbroken_run(tmp_path):
+    from tests.conftest import cli, copy_example
+
+    unbroken = copy_example(tmp_path / "unbroken")
+    cli("run", "ingest", "-c", str(unbroken))
+    killed = copy_example(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", CLI_CHILD, ".ingest.parquet.", "run", "ingest", "-c", str(killed)],
+                          env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    table = killed.parent / ".sdxlpipe" / "tables" / "ingest.parquet"
+    assert not table.exists()  # killed with the table written but not yet renamed into place
+
+    cli("run", "ingest", "-c", str(killed))
+
+    assert _ingest_table(killed) == _ingest_table(unbroken)
