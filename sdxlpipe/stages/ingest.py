@@ -223,7 +223,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     and _kohya_tree(Path(source.path))):  # first run only: the hint costs a directory scan
                 ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
                              "to take repeats and class tokens from their names", source.path)
-    ctx.memo.save()
+    if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
+        ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     if not ctx.dry_run:
         ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
