@@ -76,6 +76,7 @@ def target_names(unet, p) -> dict[str, tuple[int, float]]:
 
 def _is_target(name: str, targets: tuple[str, ...]) -> bool:
     """A Linear's full name against target_modules: a preset, or name suffixes."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if targets == ("kohya",):
         return name.startswith("attentions.") or ".attentions." in name
     suffixes = UNET_PRESETS.get(targets[0]) if len(targets) == 1 and targets[0] in UNET_PRESETS else targets
@@ -181,7 +182,8 @@ def attach_text_encoder(encoder, p) -> None:
     """
     from peft import LoraConfig
 
-    targets = TEXT_ENCODER_TARGETS["attention" if tuple(p.target_modules) == ("attention",) else "kohya"]
+    preset = p.target_modules in ("attention", ("attention",))
+    targets = TEXT_ENCODER_TARGETS["attention" if preset else "kohya"]
     encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=True,
                                    use_dora=p.use_dora, target_modules=targets), adapter_name=ADAPTER)
 
