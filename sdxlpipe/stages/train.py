@@ -252,6 +252,8 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.base_dtype", "fp8 weights are computed in the mixed precision: set mixed_precision = \"bf16\""))
     if p.base_dtype == "fp8" and p.network == "full":
         problems.append(("train.base_dtype", "a full fine-tune trains every weight, so none is a frozen fp8 base"))
+    if p.base_dtype == "fp8" and p.use_dora:
+        problems.append(("train.use_dora", "DoRA reads the frozen weights directly, which fp8 storage does not support: use base_dtype = \"auto\""))
     if p.full_bf16 and p.mixed_precision != "bf16":
         problems.append(("train.full_bf16", "needs mixed_precision = \"bf16\""))
     if p.fused_backward and p.optimizer != "adafactor":

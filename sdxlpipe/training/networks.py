@@ -206,12 +206,33 @@ def set_precision(model, p, compute: torch.dtype) -> None:
         if q.dtype != want:
             q.data = q.data.to(want)
     if storage == torch.float8_e4m3fn:
-        from diffusers.hooks import apply_layerwise_casting
+        # The frozen Linear and Conv layers (the adapter's own layers train and stay as they are); norms and
+        # embeddings' other weights stay in `compute`.
+        for module in model.modules():
+            if (isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad
+                    and module.weight.dtype == compute):
+                _store_in_fp8(module, compute)
 
-        # Linear and Conv layers of the base; norms stay in `compute` (diffusers' default), the adapter's own
-        # layers (lora_A/B, DoRA magnitudes) are trained and stay as they are.
-        apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=compute,
-                                skip_modules_pattern=("norm", "lora_"))
+
+def _store_in_fp8(module, compute: torch.dtype) -> None:
+    """Keep `module`'s weight in float8 and compute with a temporary `compute` copy made in each forward.
+
+    The copy is a new tensor, so autograd keeps it (not the float8 weight) for the backward pass; with gradient
+    checkpointing it lives one block at a time. (diffusers' layerwise casting casts the weight in place after
+    the forward, which breaks the backward pass of a frozen layer.)
+    """
+    import torch.nn.functional as F
+
+    module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    if isinstance(module, torch.nn.Linear):
+        def forward(x):
+            bias = module.bias.to(compute) if module.bias is not None else None
+            return F.linear(x.to(compute), module.weight.to(compute), bias)
+    else:
+        def forward(x):
+            bias = module.bias.to(compute) if module.bias is not None else None
+            return module._conv_forward(x.to(compute), module.weight.to(compute), bias)
+    module.forward = forward
 
 
 def dtype_counts(model) -> dict[str, dict[str, int]]:
