@@ -172,3 +172,46 @@ def test_ema_pairs_the_ema_unet_with_the_ema_text_encoders(tmp_path):
         ema, raw = load_file(out[name]), load_file(checkpoint / f"{name}.safetensors")
         assert ema.keys() == raw.keys()
         assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+# --- DoRA, conv_block_dims, text-encoder LoRA+ ----------------------------------------------------------------------
+
+def test_dora_trains_and_saves_its_magnitudes(tmp_path):
+    ctx = make_context(tmp_path / "dora")
+    done = run_train(ctx, build_samples(ctx, 4), params(use_dora=True, conv_rank=4, learning_rate=1e-2,
+                                                        max_steps=6, save_every_steps=6))
+    assert done["eval_loss_after"] < done["eval_loss_before"], done
+    saved = load_file(done["outputs"]["weights"])
+    assert any("lora_magnitude_vector" in k for k in saved)
+    assert json.loads(Path(done["outputs"]["network_config"]).read_text())["use_dora"] is True
+
+
+def test_conv_block_dims_give_each_blocks_convolutions_their_rank():
+    unet = build_tiny_component("unet")
+    dims = [2] * 23
+    dims[1] = 0  # input block 0 (conv_in's block) left out
+    dims[13] = 3
+    p = params(conv_rank=4, conv_alpha=1.0, conv_block_dims=tuple(dims), conv_block_alphas=tuple([0.5] * 23))
+    targets = networks.target_names(unet, p)
+    convs = {n: ra for n, ra in targets.items() if isinstance(dict(unet.named_modules())[n], torch.nn.Conv2d)}
+    layers = unet.config.layers_per_block
+    blocks = {n: networks.block_index(n, layers) for n in convs}
+    assert convs and 1 not in blocks.values()
+    assert all(convs[n] == ((3, 0.5) if blocks[n] == 13 else (2, 0.5)) for n in convs)
+    assert any(b == 13 for b in blocks.values())
+
+
+def test_text_encoder_lora_plus_gives_the_b_matrices_their_own_ratio():
+    from sdxlpipe.training import optimizers
+
+    encoders = [build_tiny_component(n).requires_grad_(False) for n in ("text_encoder", "text_encoder_2")]
+    p = params(lora_plus_ratio=16.0, text_encoder_lora_plus_ratio=4.0, text_encoder_lr=1e-4)
+    for e in encoders:
+        networks.attach_text_encoder(e, p)
+    groups = optimizers.text_encoder_groups(encoders, p)
+    names = {id(q): n for e in encoders for n, q in e.named_parameters()}
+    rates = {names[id(q)]: g["lr"] for g in groups for q in g["params"]}
+    assert rates and all(r == pytest.approx(4e-4 if ".lora_B." in n else 1e-4) for n, r in rates.items())
+    # 0 takes the UNet's ratio, as kohya's loraplus_text_encoder_lr_ratio falls back to loraplus_lr_ratio.
+    fallback = optimizers.text_encoder_groups(encoders, params(lora_plus_ratio=16.0, text_encoder_lr=1e-4))
+    assert sorted(g["lr"] for g in fallback) == pytest.approx([1e-4, 16e-4])
