@@ -1,6 +1,6 @@
 """Peak memory of real SDXL training steps, split into frozen weights, trained state and activations.
 
-    python bench/train_memory.py                      # every case, each in its own process, 512 px, 2 steps
+    nice -n 10 python bench/train_memory.py           # every case, each in its own process, 512 px, 1 step
     python bench/train_memory.py --case lora16-bf16   # one case in this process
     nice -n 10 python bench/train_memory.py --size 1024 --steps 1 --cases lora8-fp8
 
@@ -13,7 +13,8 @@ latents and text embeddings under bf16 autocast, batch 1. The CPU's resident mem
 - frozen: bytes of the frozen weights as stored;
 - trained: trained weights + their gradients (peak: all at once, or one tensor with the fused backward pass)
   + optimizer state + EMA copy, counted from the tensors after the steps;
-- activations: the rest of the peak, = peak RSS during the last step - RSS before it - gradient bytes.
+- activations: the rest of the peak, = peak RSS during the last step - RSS before it - gradient bytes
+  - optimizer state made during that step (the first step makes it).
 
 Cases that cannot run on a CPU (8-bit AdamW needs CUDA's bitsandbytes) or need more RAM than a shared
 24 GB machine should give are counted on the meta device (weights and optimizer state; no activations).
@@ -34,13 +35,13 @@ from pathlib import Path
 GB = 1024**3
 # name: (train settings, how it is measured)
 CASES = {
-    "lora8-bf16": dict(rank=8, alpha=8.0),
-    "lora16-bf16": dict(rank=16, alpha=16.0),
     "lora8-fp8": dict(rank=8, alpha=8.0, base_dtype="fp8"),
+    "full-bf16-adafactor-fused": dict(network="full", optimizer="adafactor", full_bf16=True, fused_backward=True,
+                                 learning_rate=1e-5),
+    "lora16-bf16": dict(rank=16, alpha=16.0),
+    "lora8-bf16": dict(rank=8, alpha=8.0),
     "lora16-fp8": dict(rank=16, alpha=16.0, base_dtype="fp8"),
     "lora16-bf16-ema": dict(rank=16, alpha=16.0, ema_decay=0.999),
-    "full-adafactor-fused": dict(network="full", optimizer="adafactor", full_bf16=True, fused_backward=True,
-                                 learning_rate=1e-5),
 }
 # Counted on the meta device: weights and optimizer state by formula.
 META_CASES = {
@@ -154,9 +155,13 @@ def measure(name: str, size: int, steps: int) -> dict:
              "shift": 0.0, "scale": 0.13025, "embeds": torch.randn(1, 77, 2048, generator=g),
              "pooled": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 1.0),
              "mask": None, "is_reg": torch.tensor([False])}
-    seconds, peak, before = [], 0, 0
+    def state_bytes() -> int:
+        return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    seconds, peak, before, new_state = [], 0, 0, 0
     for step in range(steps):
-        before = rss()
+        before, state_before = rss(), state_bytes()
         watch = PeakRSS()
         began = time.monotonic()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -171,11 +176,11 @@ def measure(name: str, size: int, steps: int) -> dict:
             ema.step(trained)
         peak = watch.stop()
         seconds.append(time.monotonic() - began)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
+        new_state = state_bytes() - state_before  # made during this step (the first one), so not in `before`
+    state = state_bytes()
     row.update(state_gb=state / GB, peak_gb=(peak - base) / GB,
-               activations_gb=max(0, peak - before - grads) / GB, step_seconds=[round(s, 1) for s in seconds],
-               loss=float(loss))
+               activations_gb=max(0, peak - before - grads - new_state) / GB,
+               step_seconds=[round(s, 1) for s in seconds], loss=float(loss))
     return row
 
 
@@ -205,7 +210,7 @@ def main() -> None:
     ap.add_argument("--case", help="run one case in this process and print its row as JSON")
     ap.add_argument("--cases", default=",".join([*CASES, *META_CASES]), help="comma-separated cases (default: all)")
     ap.add_argument("--size", type=int, default=512, help="image side in px (SDXL trains at 1024)")
-    ap.add_argument("--steps", type=int, default=2, help="steps per case; the last one is measured")
+    ap.add_argument("--steps", type=int, default=1, help="steps per case; the last one is measured")
     ap.add_argument("--out", default="", help="also append each row as JSON to this file")
     args = ap.parse_args()
     if args.case:
