@@ -230,7 +230,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
                     else:
                         if accelerator.sync_gradients:
                             if encoder_params and world > 1:
-                                for q in encoder_params:
+                                # CLIP-L's last layer gets no gradient (SDXL reads the penultimate one), on every process.
+                                for q in (q for q in encoder_params if q.grad is not None):
                                     q.grad = accelerator.reduce(q.grad, reduction="mean")
                             # max_grad_norm 0 clips nothing but still measures the norm for the logs.
                             grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
