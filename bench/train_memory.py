@@ -153,7 +153,7 @@ def measure(name: str, size: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = {"mean": torch.randn(1, 4, side, side, generator=g), "std": torch.full((1, 4, side, side), 0.05),
              "shift": 0.0, "scale": 0.13025, "embeds": torch.randn(1, 77, 2048, generator=g),
-             "pooled": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 1.0),
+             "pooled": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32),
              "mask": None, "is_reg": torch.tensor([False])}
     def state_bytes() -> int:
         return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
