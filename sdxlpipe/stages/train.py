@@ -22,6 +22,8 @@ from sdxlpipe.errors import UserError
 from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 
 VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("unet", "scheduler")
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, and gradient checkpointing (same math,
