@@ -45,6 +45,11 @@ CASES = {
 }
 # Counted on the meta device: weights and optimizer state by formula.
 META_CASES = {
+    "lora8-fp8 (meta)": dict(rank=8, alpha=8.0, base_dtype="fp8"),
+    "lora8-bf16 (meta)": dict(rank=8, alpha=8.0),
+    "lora16-fp8 (meta)": dict(rank=16, alpha=16.0, base_dtype="fp8"),
+    "lora16-bf16 (meta)": dict(rank=16, alpha=16.0),
+    "full-bf16-adafactor-fused (meta)": dict(network="full", optimizer="adafactor", full_bf16=True, fused_backward=True),
     "lora16-adamw8bit (meta)": dict(rank=16, alpha=16.0, optimizer="adamw8bit"),
     "lora16-adamw (meta)": dict(rank=16, alpha=16.0, optimizer="adamw"),
     "full-adamw8bit bf16 (meta)": dict(network="full", optimizer="adamw8bit", full_bf16=True),
