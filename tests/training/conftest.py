@@ -26,10 +26,10 @@ from sdxlpipe.stages import train as train_stage
 SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, save_every_steps=4, max_checkpoints=2)
 
 
-def make_context(root: Path, **train_overrides) -> Context:
+def make_context(root: Path, model: str = "tiny", **train_overrides) -> Context:
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
-    lines = ['model = "tiny"', "[[sources]]", 'path = "images"', "[train]"]
+    lines = [f'model = "{model}"', "[[sources]]", 'path = "images"', "[train]"]
     config_path = root / "sdxlpipe.toml"
     config_path.write_text("\n".join(lines) + "\n")
     config = load_config(config_path, [f"train.{k}={_toml(v)}" for k, v in train_overrides.items()])
