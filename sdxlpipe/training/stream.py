@@ -53,8 +53,12 @@ class BatchSource:
     def __init__(self, table: pa.Table, store, p, plan, cache: ShardCache | None):
         self.table, self.store, self.p, self.plan, self.cache = table, store, p, plan, cache
         self.stages = (LATENTS,) if p.train_text_encoder else (LATENTS, TEXTS)
-        for stage in self.stages:
-            store.locate(stage, [])  # load the index here, before loader workers fork
+        absent = {stage: store.missing(stage, keys) for stage, keys in _run_keys(table, self.stages).items()}
+        if any(absent.values()):
+            # Known before any step: the runner recomputes them and runs the train stage again.
+            raise CacheDamaged({s: k for s, k in absent.items() if k},
+                               f"{sum(map(len, absent.values()))} cached item(s) the run needs are missing from "
+                               f"{store.url} or were found damaged")
 
     def _wanted(self, index: int, fixed: bool):
         epoch, members = self.plan.batch_at(index)
@@ -156,6 +160,20 @@ class BatchSource:
     def batch(self, index: int, fixed: bool = False) -> dict:
         """Batch i, read in this process (the fixed evaluation batches)."""
         return self.recover(self.read(index, fixed), fixed)
+
+
+def _run_keys(table: pa.Table, stages) -> dict[str, list[str]]:
+    """Every store item the run may read: latents and flipped latents; texts, their variants, the empty one."""
+    columns = {LATENTS: ("latent_key", "latent_flip_key"),
+               TEXTS: ("text_key", "text_variant_keys", "empty_text_key")}
+    keys: dict[str, dict] = {}
+    for stage in stages:
+        found = keys.setdefault(stage, {})
+        for column in columns[stage]:
+            if column in table.column_names:
+                for value in table.column(column).to_pylist():
+                    found.update(dict.fromkeys(v for v in (value if isinstance(value, list) else [value]) if v))
+    return {stage: list(found) for stage, found in keys.items()}
 
 
 def _damaged(url: str, lost: dict[str, list]) -> CacheDamaged:
