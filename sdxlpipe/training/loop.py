@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
@@ -122,7 +123,13 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     bare = accelerator.unwrap_model(unet)
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
-        batch = source.batch(index, fixed=True) if fixed else feed.take(index)
+        try:
+            batch = source.batch(index, fixed=True) if fixed else feed.take(index)
+        except CacheDamaged:
+            # Keep the steps done so far: once the item is recomputed the run resumes right here.
+            if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
+                save(index // per_step)
+            raise
         if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
             batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import assemble, load_cached
+from sdxlpipe.training.batches import assemble, load_cached, pick
 from sdxlpipe.training.data import BatchPlan
 from tests.training.conftest import build_samples, make_context, params, run_train
 
@@ -137,20 +137,36 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     assert open_store(ctx.store.root).damaged("text_encode", ["t4"]) == ["t4"]
 
 
-def test_the_train_stage_stops_on_a_damaged_item_and_trains_once_it_is_rewritten(tmp_path):
+def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item_resumes_it(tmp_path):
+    p = params(max_steps=6, save_every_steps=100, loader_workers=2)
+    reference = make_context(tmp_path / "reference")
+    table = build_samples(reference, 6, flips=True, shard_bytes=SHARD_BYTES)
+    unbroken = load_file(run_train(reference, table, p)["outputs"]["adapter"])
+
     ctx = make_context(tmp_path / "ws")
-    table = build_samples(ctx, 6, shard_bytes=SHARD_BYTES)
-    victim = ctx.store.locate("vae_encode", ["l1"])[0]
-    payload = ctx.store.read("vae_encode", "l1")
+    build_samples(ctx, 6, flips=True, shard_bytes=SHARD_BYTES)
+    # The first flipped latent training reads: the evaluation batches never flip, so it is met mid-run.
+    plan, rows = plan_of(table, p), table.to_pylist()
+    first_read: dict[str, int] = {}
+    for i in range(p.max_steps):
+        epoch, members = plan.batch_at(i)
+        for c in pick([rows[m] for m in members], members, p, epoch, i, False):
+            first_read.setdefault(c["latent_key"], i)
+    index, key = max((i, k) for k, i in first_read.items() if k.startswith("lf"))
+    assert index > 0
+    victim = ctx.store.locate("vae_encode", [key])[0]
+    payload = ctx.store.read("vae_encode", key)
     flip_byte(Path(ctx.store.root) / "shards" / "vae_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
-    p = params(**{**RUN, "max_steps": 2})
     with pytest.raises(CacheDamaged) as e:
         run_train(ctx, table, p)
-    assert e.value.items == {"vae_encode": ["l1"]}
+    assert e.value.items == {"vae_encode": [key]}
+    (run_dir,) = (ctx.workspace.root / "train").iterdir()
+    assert [c.name for c in (run_dir / "checkpoints").glob("step-*")] == [f"step-{index:08d}"]
     with ctx.store.writer("vae_encode") as w:  # what `sdxlpipe run encode` does
-        w.add("l1", "latent.safetensors", payload)
+        w.add(key, "latent.safetensors", payload)
     ctx.store.refresh()
-    assert run_train(ctx, table, p)["steps"] == 2
+    resumed = load_file(run_train(ctx, table, p)["outputs"]["adapter"])
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 
 # --- remote stores through the local shard cache ---------------------------------------
