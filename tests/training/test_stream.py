@@ -137,14 +137,21 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     assert open_store(ctx.store.root).damaged("text_encode", ["t4"]) == ["t4"]
 
 
-def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item_resumes_it(tmp_path):
-    p = params(max_steps=6, save_every_steps=100, loader_workers=2)
-    reference = make_context(tmp_path / "reference")
-    table = build_samples(reference, 6, flips=True, shard_bytes=SHARD_BYTES)
-    unbroken = load_file(run_train(reference, table, p)["outputs"]["adapter"])
+# --- whole runs: damage met mid-run, remote stores through the local shard cache ---------
 
+
+@pytest.fixture(scope="module")
+def local_weights(tmp_path_factory) -> dict:
+    """The adapter a run on a local store ends with: what every remote run must end with too."""
+    ctx = make_context(tmp_path_factory.mktemp("local") / "ws")
+    done = run_train(ctx, build_samples(ctx, **SAMPLES), params(**RUN))
+    return load_file(done["outputs"]["adapter"])
+
+
+def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item_resumes_it(tmp_path, local_weights):
+    p = params(**RUN)  # one checkpoint, at the end: the unbroken run `local_weights` made
     ctx = make_context(tmp_path / "ws")
-    build_samples(ctx, 6, flips=True, shard_bytes=SHARD_BYTES)
+    table = build_samples(ctx, **SAMPLES)
     # The first flipped latent training reads: the evaluation batches never flip, so it is met mid-run.
     plan, rows = plan_of(table, p), table.to_pylist()
     first_read: dict[str, int] = {}
@@ -166,18 +173,7 @@ def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item
         w.add(key, "latent.safetensors", payload)
     ctx.store.refresh()
     resumed = load_file(run_train(ctx, table, p)["outputs"]["adapter"])
-    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
-
-
-# --- remote stores through the local shard cache ---------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_weights(tmp_path_factory) -> dict:
-    """The adapter a run on a local store ends with: what every remote run must end with too."""
-    ctx = make_context(tmp_path_factory.mktemp("local") / "ws")
-    done = run_train(ctx, build_samples(ctx, **SAMPLES), params(**RUN))
-    return load_file(done["outputs"]["adapter"])
+    assert all(torch.equal(resumed[k], local_weights[k]) for k in local_weights)
 
 
 def train_remote(root: Path, url: str, cache: Path, limit_bytes: int) -> dict:
