@@ -8,7 +8,7 @@ latent; 77x2048 prompt embeddings + 1280 pooled, fp16), all in the 1024x1024
 bucket, in 256 MiB shards as the encode stages write them, at each size; then,
 each in a fresh process so peak RSS is its own:
 
-- loader: the train stage's `training.stream` feed (batch 4, 2 workers) over
+- loader: the train stage's `training.stream` feed (batch 4, 2 workers; and 0) over
   the first `--batches` batches of the plan: samples/s, time to the first
   batch (from opening the store), peak RSS of the main process and of the
   largest worker;
@@ -93,7 +93,7 @@ def build_npz(root: Path, n: int) -> None:
         np.savez(out / f"{i:06d}_te_outputs.npz", hidden_state1=h1, hidden_state2=h2, pool2=pool)
 
 
-def child_loader(root: Path, batches: int, url: str | None, cache: str | None) -> dict:
+def child_loader(root: Path, batches: int, url: str | None, cache: str | None, workers: int = 2) -> dict:
     began = time.monotonic()
     import pyarrow.parquet as pq
     import torch
@@ -106,7 +106,7 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None) -
     imported = time.monotonic()
     store = open_store(url or str(root / "store"), create=False)
     table = pq.read_table(root / "table.parquet")
-    p = dataclasses.replace(Params(), batch_size=4, loader_workers=2, shard_cache_dir=cache or "")
+    p = dataclasses.replace(Params(), batch_size=4, loader_workers=workers, shard_cache_dir=cache or "")
     plan = BatchPlan([(1024, 1024)] * table.num_rows, [1] * table.num_rows, 4, 0)
     source = stream.open_source(table, store, p, plan)
     with stream.open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
@@ -202,6 +202,7 @@ def main() -> None:
     if args.child:
         kind, root, *rest = args.child
         fn = {"loader": lambda: child_loader(Path(root), int(rest[0]), *(rest[1:] or [None, None])),
+              "loader0": lambda: child_loader(Path(root), int(rest[0]), None, None, workers=0),
               "raw": lambda: child_raw(Path(root), int(rest[0])), "npz": lambda: child_npz(Path(root), int(rest[0])),
               "build": lambda: build_store(Path(root), int(rest[0])) or {},
               "npzbuild": lambda: build_npz(Path(root), int(rest[0])) or {},
@@ -219,6 +220,7 @@ def main() -> None:
         run_child("build", str(root), str(n))
         print(f"[{n} samples] store written in {time.monotonic() - t:.0f} s", file=sys.stderr)
         r = results[n] = {"loader": run_child("loader", str(root), str(args.batches)),
+                          "loader0": run_child("loader0", str(root), str(args.batches)),
                           "raw": run_child("raw", str(root), str(args.batches))}
         if n == args.sizes[0]:
             run_child("npzbuild", str(root), str(args.batches * 4))
@@ -239,6 +241,7 @@ def main() -> None:
     print("|---|---|---|")
     row = lambda name, f: print(f"| {name} | " + " | ".join(f(results[n]) for n in (a, b)) + " |")
     row("loader samples/s", lambda r: f"{r['loader']['samples_s']:.0f}")
+    row("loader, 0 workers (in the training process) samples/s", lambda r: f"{r['loader0']['samples_s']:.0f}")
     row("raw read samples/s", lambda r: f"{r['raw']['samples_s']:.0f}")
     row("loader / raw", lambda r: f"{r['loader']['samples_s'] / r['raw']['samples_s']:.2f}x")
     row("kohya npz samples/s", lambda r: f"{r['npz']['samples_s']:.0f}" if "npz" in r else "-")

@@ -36,11 +36,16 @@ def pick(rows: list[dict], members: list[int], p, epoch: int, index: int, fixed:
     return picks
 
 
+FLOAT_FIELDS = ("mean", "std", "embeds", "pooled", "mask")
+
+
 def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
-             fixed: bool) -> dict:
+             fixed: bool, stored_dtype: bool = False) -> dict:
     """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning.
 
     `latents` and `texts` map item keys to decoded payloads; they need hold only the keys `pick` names.
+    stored_dtype: leave the payload tensors in the dtype they are stored in (fp16), for `as_float`
+    later: loader workers hand half the bytes to the training process.
     """
     lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
     for row, chosen in zip(rows, pick(rows, members, p, epoch, index, fixed)):
@@ -61,16 +66,22 @@ def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p
     mask = None
     if p.masked_loss:
         ones = torch.ones_like(lat[0]["mean"][:1])
-        mask = torch.stack([(m.reshape(ones.shape) if m is not None else ones).float() for m in masks])
-    return {
-        "mean": torch.stack([e["mean"] for e in lat]).float(), "std": torch.stack([e["std"] for e in lat]).float(),
+        mask = torch.stack([m.reshape(ones.shape) if m is not None else ones for m in masks])
+    batch = {
+        "mean": torch.stack([e["mean"] for e in lat]), "std": torch.stack([e["std"] for e in lat]),
         "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
-        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float() if txt else None,
-        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float() if txt else None,
+        "embeds": torch.stack([t["prompt_embeds"] for t in txt]) if txt else None,
+        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]) if txt else None,
         "captions": captions,
         "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
         "is_reg": torch.tensor(is_reg, dtype=torch.bool),
     }
+    return batch if stored_dtype else as_float(batch)
+
+
+def as_float(batch: dict) -> dict:
+    """The batch with its payload tensors in fp32, what the loss is computed in (exact from fp16)."""
+    return {k: v.float() if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
 
 
 def decode_latent(data: bytes) -> dict:

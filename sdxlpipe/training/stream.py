@@ -9,7 +9,8 @@ safetensors and assembled by `batches.assemble`: the same function of
 (seed, i) the in-memory path computed, so the tensors are equal.
 
 `Feed` runs this in a `torch.utils.data.DataLoader` (worker processes, a
-bounded prefetch, pinned memory on CUDA) over the batch indices this process
+bounded prefetch, pinned memory on CUDA; workers hand over the stored fp16,
+the training process makes it fp32) over the batch indices this process
 takes, in order; for a remote store a thread fetches the shards of the next
 batches ahead, in plan order, within the cache's byte limit. Memory holds the
 table, the plan and a few batches, never the dataset.
@@ -34,7 +35,7 @@ import xxhash
 
 from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.cache_format.shard_cache import ShardCache, default_directory
-from sdxlpipe.training.batches import assemble, decode_latent, decode_text, pick
+from sdxlpipe.training.batches import as_float, assemble, decode_latent, decode_text, pick
 
 LATENTS, TEXTS = "vae_encode", "text_encode"
 
@@ -91,7 +92,7 @@ class BatchSource:
             return {"index": index, "damaged": damaged}
         latents = {k: decode_latent(payloads[(LATENTS, k)]) for k in wanted[LATENTS]}
         texts = {k: decode_text(payloads[(TEXTS, k)]) for k in wanted.get(TEXTS, ())}
-        batch = assemble(rows, members, latents, texts, self.p, epoch, index, fixed)
+        batch = assemble(rows, members, latents, texts, self.p, epoch, index, fixed, stored_dtype=True)
         return {**batch, "index": index}
 
     def _read_items(self, stage: str, keys: list[str]) -> tuple[dict, list]:
@@ -155,7 +156,7 @@ class BatchSource:
             if lost:
                 raise _damaged(self.store.url, lost)
             result = self.read(result["index"], fixed, known)
-        return result
+        return as_float(result)
 
     def batch(self, index: int, fixed: bool = False) -> dict:
         """Batch i, read in this process (the fixed evaluation batches)."""
