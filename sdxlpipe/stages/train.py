@@ -102,7 +102,8 @@ class Params:
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
     # Loader worker processes that read and decode batches from the store while the model trains;
-    # 2 keeps a GPU fed from a local disk; 0 reads in the training process (debugging).
+    # 2 keeps a GPU fed from a local disk; 0 reads in the training process (no copy between
+    # processes, but each step waits for its read: fine on a CPU, where the step dominates).
     loader_workers: int = 2
     # Batches each loader worker reads ahead; memory is about (workers x this) batches.
     loader_prefetch: int = 2
