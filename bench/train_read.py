@@ -57,6 +57,7 @@ def build_store(root: Path, n: int) -> None:
     import torch
 
     from sdxlpipe.cache_format import encode_tensors, open_store
+    from sdxlpipe.pipeline.keys import xxh3_hex
 
     store = open_store(str(root / "store"))
     g = torch.Generator().manual_seed(0)
@@ -65,11 +66,12 @@ def build_store(root: Path, n: int) -> None:
                               {"scaling_factor": "0.13025", "shift_factor": "0.0"}) for _ in range(8)]
     texts = [encode_tensors({"prompt_embeds": torch.randn(77, 2048, generator=g).half(),
                              "pooled_prompt_embeds": torch.randn(1280, generator=g).half()}) for _ in range(8)]
+    key = lambda name: xxh3_hex(name)  # store keys are xxh3-128 hex digests
     with store.writer("vae_encode") as lw, store.writer("text_encode") as tw:
         for i in range(n):
-            lw.add(f"l{i:06d}", "latent.safetensors", latents[i % 8])
-            tw.add(f"t{i:06d}", "text.safetensors", texts[i % 8])
-    rows = [{"latent_key": f"l{i:06d}", "latent_flip_key": None, "text_key": f"t{i:06d}", "text_variant_keys": None,
+            lw.add(key(f"l{i}"), "latent.safetensors", latents[i % 8])
+            tw.add(key(f"t{i}"), "text.safetensors", texts[i % 8])
+    rows = [{"latent_key": key(f"l{i}"), "latent_flip_key": None, "text_key": key(f"t{i}"), "text_variant_keys": None,
              "empty_text_key": None, "caption": "", "caption_variants": None, "repeats": 1, "is_reg": False,
              "width": 1024, "height": 1024, "resize_w": 1024, "resize_h": 1024, "crop_top": 0, "crop_left": 0,
              "bucket_w": 1024, "bucket_h": 1024} for i in range(n)]

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
+from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
 from sdxlpipe.training.batches import assemble, load_cached, pick
 from sdxlpipe.training.data import BatchPlan
@@ -90,12 +91,13 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     ctx = make_context(tmp_path / "ws")
     table = build_samples(ctx, 6, shard_bytes=SHARD_BYTES)
     p = params(loader_workers=2)
-    payload = ctx.store.read("text_encode", "t2")
+    key = xxh3_hex("t2")  # build_samples' keys are xxh3 of names
+    payload = ctx.store.read("text_encode", key)
     with ctx.store.writer("text_encode") as w:  # a second copy, in another shard (so other bytes)
-        w.add("t2", "text.safetensors", payload)
-        w.add("other", "text.safetensors", payload)
+        w.add(key, "text.safetensors", payload)
+        w.add(xxh3_hex("other"), "text.safetensors", payload)
     ctx.store.refresh()
-    victim = ctx.store.locate("text_encode", ["t2"])[0]  # the copy read first
+    victim = ctx.store.locate("text_encode", [key])[0]  # the copy read first
     plan = plan_of(table, p)
     source = stream.open_source(table, ctx.store, p, plan)  # the workers' index still points at the first copy
     flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
@@ -108,8 +110,8 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
             latents = {r["latent_key"]: stream.decode_latent(ctx.store.read("vae_encode", r["latent_key"])) for r in rows}
             assert_same_batch(got, assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, False))
     fresh = open_store(ctx.store.root)
-    assert fresh.locate("text_encode", ["t2"])[0].shard_id != victim.shard_id  # the bad copy is marked
-    assert fresh.damaged("text_encode", ["t2"]) == []  # and the item is still present
+    assert fresh.locate("text_encode", [key])[0].shard_id != victim.shard_id  # the bad copy is marked
+    assert fresh.damaged("text_encode", [key]) == []  # and the item is still present
 
 
 @pytest.mark.parametrize("damage", ["checksum", "vanished shard"])
@@ -117,7 +119,8 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     ctx = make_context(tmp_path / "ws")
     table = build_samples(ctx, 6, shard_bytes=SHARD_BYTES)
     p = params(loader_workers=2)
-    victim = ctx.store.locate("text_encode", ["t4"])[0]
+    key = xxh3_hex("t4")
+    victim = ctx.store.locate("text_encode", [key])[0]
     source = stream.open_source(table, ctx.store, p, plan_of(table, p))
     tar = Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar"
     if damage == "checksum":
@@ -128,13 +131,13 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
         with stream.open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
             for index in feed.indices:
                 feed.take(index)
-    assert e.value.items == {"text_encode": ["t4"]}
+    assert e.value.items == {"text_encode": [key]}
     message = str(e.value)
-    assert "t4" in message and victim.shard_id in message
+    assert key in message and victim.shard_id in message
     assert ("checksum mismatch" if damage == "checksum" else "shard file missing") in message
     assert "sdxlpipe run encode" in message
     # Marked in the store: the next run's encode recomputes it.
-    assert open_store(ctx.store.root).damaged("text_encode", ["t4"]) == ["t4"]
+    assert open_store(ctx.store.root).damaged("text_encode", [key]) == [key]
 
 
 # --- whole runs: damage met mid-run, remote stores through the local shard cache ---------
@@ -159,7 +162,8 @@ def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item
         epoch, members = plan.batch_at(i)
         for c in pick([rows[m] for m in members], members, p, epoch, i, False):
             first_read.setdefault(c["latent_key"], i)
-    index, key = max((i, k) for k, i in first_read.items() if k.startswith("lf"))
+    flipped = {r["latent_flip_key"] for r in rows}
+    index, key = max((i, k) for k, i in first_read.items() if k in flipped)
     assert index > 0
     victim = ctx.store.locate("vae_encode", [key])[0]
     payload = ctx.store.read("vae_encode", key)
