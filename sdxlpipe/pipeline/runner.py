@@ -54,7 +54,7 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
     workspace = Workspace(config.workspace)
     memo = ContentMemo(workspace.memo_path)
     ctx = Context(
-        config=config, store=open_store(config.store_url), workspace=workspace, memo=memo,
+        config=config, store=open_store(config.store_url, create=not dry_run, missing_ok=dry_run), workspace=workspace, memo=memo,
         reporter=reporter or Reporter(enabled=False), models=Models(config, memo),
         dry_run=dry_run, partition=partition, engine_name=engine,
     )

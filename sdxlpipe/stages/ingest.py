@@ -186,7 +186,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
             }
             for name in SCHEMA.names:
                 rows[name].append(values[name])
-    ctx.memo.save()
+    if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
+        ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     if not ctx.dry_run:
         ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))

@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.cache_format import items_per_shard
+from sdxlpipe.models import sdxl
 from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
@@ -57,6 +58,7 @@ def check(p: Params) -> list[tuple[str, str]]:
 def key_doc(text: str, params: Params, fp: dict[str, str]) -> dict:
     return {
         "stage": "text_encode", "version": VERSION, "text": text,
+        "encoding": sdxl.VERSION,  # models/sdxl.py turns the text into embeddings
         "max_token_length": params.max_token_length, "clip_skip": params.clip_skip,
         "text_encoder": fp["text_encoder"], "text_encoder_2": fp["text_encoder_2"],
         "tokenizer": fp["tokenizer"], "tokenizer_2": fp["tokenizer_2"],
