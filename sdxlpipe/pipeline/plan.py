@@ -30,7 +30,7 @@ def plan_items(ctx, keys: Iterable[str]) -> list[str]:
     if len(missing) > len(damaged):
         reasons.append(f"{len(missing) - len(damaged)} item(s) not in the store")
     if len(todo) < len(missing):
-        reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0]}/{ctx.partition[1]})")
+        reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0] + 1}/{ctx.partition[1]})")
     ctx.report(items=len(unique), computed=len(todo), reused=len(unique) - len(missing), reasons=reasons)
     return todo
 

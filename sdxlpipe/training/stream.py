@@ -15,7 +15,7 @@ takes, in order; for a remote store a thread fetches the shards of the next
 batches ahead, in plan order, within the cache's byte limit. Memory holds the
 table, the plan and a few batches, never the dataset.
 
-Damage (docs/decisions.md 23): a worker that finds an item failing its
+Damage (docs/decisions.md 29): a worker that finds an item failing its
 checksum, truncated, or in a vanished shard hands the batch back to the main
 process, which reads the item through `Store.read` (every copy is checked, bad
 ones are marked in the store). An intact copy is used; with none, the run
