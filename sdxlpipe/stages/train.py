@@ -32,6 +32,7 @@ NOT_IN_KEY = (
     "save_every_steps", "save_every_epochs", "max_checkpoints", "gradient_checkpointing", "tensorboard",
     "validation_prompts", "validation_negative_prompts", "validation_every_steps", "validation_every_epochs",
     "validation_steps", "validation_guidance", "validation_size", "validation_seed",
+    "loader_workers", "loader_prefetch", "shard_cache_dir", "shard_cache_gb",
 )
 # Sample columns that shape training; a table from an older run may lack the newer ones.
 SAMPLE_COLUMNS = ("caption", "caption_variants", "latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
@@ -120,6 +121,18 @@ class Params:
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
+    # Loader worker processes that read and decode batches from the store while the model trains;
+    # 2 keeps a GPU fed from a local disk; 0 reads in the training process (no copy between
+    # processes, but each step waits for its read: fine on a CPU, where the step dominates).
+    loader_workers: int = 2
+    # Batches each loader worker reads ahead; memory is about (workers x this) batches.
+    loader_prefetch: int = 2
+    # A store behind a URL (s3://, file://, ...) is read through whole shards copied to this local
+    # directory, shared by every run on the machine; "": $XDG_CACHE_HOME/sdxlpipe/shards (~/.cache/...).
+    shard_cache_dir: str = ""
+    # The shard cache's size limit in GiB (least recently used shards go first): 64 holds ~110k SDXL
+    # samples (latent + text ~566 KiB each); below the dataset, shards are fetched again each epoch.
+    shard_cache_gb: float = 64.0
     # --- optimisation ---
     # adamw; adamw8bit (bitsandbytes, CUDA); adafactor; prodigy (prodigyopt; set learning_rate = 1.0).
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
@@ -200,7 +213,11 @@ def check(p: Params) -> list[tuple[str, str]]:
                  "validation_steps"):
         if getattr(p, name) < 1:
             problems.append((f"train.{name}", "must be >= 1"))
-    for name in ("max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
+    if p.loader_prefetch < 1:
+        problems.append(("train.loader_prefetch", "must be >= 1"))
+    if p.shard_cache_gb <= 0:
+        problems.append(("train.shard_cache_gb", "must be > 0: the local shard cache's size limit in GiB"))
+    for name in ("loader_workers", "max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
                  "multires_noise_iterations", "validation_every_steps", "validation_every_epochs", "validation_size"):
         if getattr(p, name) < 0:
             problems.append((f"train.{name}", "must be >= 0"))

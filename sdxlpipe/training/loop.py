@@ -2,10 +2,12 @@
 
 Recipe, top to bottom: fail early on settings the machine cannot run ->
 accelerate (device, mixed precision, gradient accumulation, processes) ->
-the cached latents and text embeddings, all in RAM (fine up to roughly
-100k samples at 1024 px: ~130 kB per latent) -> the UNet with its network
--> optimizer, LR schedule, EMA -> resume from the newest checkpoint -> for
-each step and each micro-batch: a batch from one bucket, a fresh latent
+the batch source: cached latents and text embeddings stay in the store and
+each batch is read when it is due (`training.stream`; memory holds the table,
+the plan and a few batches, not the ~566 KiB per SDXL sample) -> the UNet
+with its network -> optimizer, LR schedule, EMA -> resume from the newest
+checkpoint -> for each step and each micro-batch: a batch from one bucket
+(read ahead by loader workers), a fresh latent
 sample from the stored distribution, noise, timesteps, the loss of
 `training.losses` -> clip, step -> log, validate, checkpoint -> `done.json`.
 
@@ -28,11 +30,11 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import checkpoints, losses, networks, optimizers, validation
-from sdxlpipe.training.batches import assemble, load_cached
+from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
 from sdxlpipe.training.data import BatchPlan
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -74,9 +76,9 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    latents, texts = load_cached(rows, ctx, texts=not p.train_text_encoder)
     plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
                      p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
+    source = stream.open_source(table, ctx.store, p, plan)  # reads batch i from the store when it is due
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
@@ -150,8 +152,13 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         ctx.log.info("train_text_encoder on %d processes: text-encoder gradients are averaged by all-reduce", world)
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
-        epoch, members = plan.batch_at(index)
-        batch = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
+        try:
+            batch = source.batch(index, fixed=True) if fixed else feed.take(index)
+        except CacheDamaged:
+            # Keep the steps done so far: once the item is recomputed the run resumes right here.
+            if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
+                save(index // per_step)
+            raise
         if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
             batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
@@ -215,7 +222,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         history["eval_loss_before"] = eval_loss()
     last = None
     began = time.monotonic()
-    with ctx.reporter.track("train", max_steps - start) as advance:
+    feed = stream.open_feed(source, p, start_step=start, max_steps=max_steps, world=world, rank=rank, device=device)
+    with feed, ctx.reporter.track("train", max_steps - start) as advance:
         for step in range(start, max_steps):
             step_loss = 0.0
             for micro in range(p.gradient_accumulation_steps):
