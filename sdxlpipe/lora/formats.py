@@ -180,6 +180,49 @@ def save_kohya_lycoris(
     return target
 
 
+def save_kohya_modules(path: str | Path, modules: list, *, unet_config: dict,
+                       metadata: dict[str, str] | None = None) -> Path:
+    """Write normalised LoRA modules (`sdxlpipe.lora.read.LoraModule`, kind "lora", diffusers-dotted
+    names) as a kohya file: what `lora extract`, `resize` and `merge` produce."""
+    prefixes = {component: prefix for prefix, component in KOHYA_TEXT_ENCODER_PREFIX.items()}
+    prefixes = {"unet": "lora_unet", **{v: k for k, v in prefixes.items()}}
+    target = _target(path, KOHYA_WEIGHT_NAME)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        if m.kind != "lora":
+            raise ValueError(f"module {m.name!r} is {m.kind}; save_kohya_modules writes LoRA modules")
+        module = m.name
+        if m.component != "unet" and not module.startswith("text_model."):
+            module = f"text_model.{module}"
+        name = _kohya_module_name(prefixes[m.component], module, unet_config)
+        tensors[f"{name}.lora_down.weight"] = m.tensors["down"]
+        tensors[f"{name}.lora_up.weight"] = m.tensors["up"]
+        tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank), dtype=torch.float32)
+    ranks = [m.rank for m in modules]
+    network = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(set(ranks), key=ranks.count)) if ranks else "0",
+        "ss_network_alpha": _num(max((m.alpha or m.rank for m in modules), default=0)),
+        "ss_network_train_unet_only": str(all(m.component == "unet" for m in modules)),
+    }
+    _write_kohya(target, tensors, network, metadata)
+    return target
+
+
+def save_peft_adapter(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """A peft adapter folder (adapter_model.safetensors + adapter_config.json) for IA3/OFT, which no
+    LoRA format carries exactly; peft's inject_adapter_in_model + set_peft_model_state_dict load it."""
+    from sdxlpipe.pipeline.atomic import write_bytes_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / "adapter_model.safetensors",
+                  safetensors_bytes(_contiguous(state), metadata={"format": "pt"}))
+    text = json.dumps(_json_safe(config), indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(text.encode(), directory / "adapter_config.json", mode=default_mode())
+    return directory
+
+
 def _kohya_module_name(prefix: str, module: str, unet_config: dict) -> str:
     """kohya's flat module name: SGM names for the UNet, the encoders' own names for lora_te1/te2."""
     if prefix == "lora_unet":
@@ -274,7 +317,12 @@ def _target(path: str | Path, default_name: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename; mode as a plain open() would give (not mkstemp's 0600)."""
-    write_bytes_atomic(data, path, mode=0o666 & ~_umask())
+    write_bytes_atomic(data, path, mode=default_mode())
+
+
+def default_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 under 022)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
