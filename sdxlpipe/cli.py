@@ -105,7 +105,7 @@ def run(
     for r in report["rejected"]:
         print(f"rejected: {r['path']}: {r['reason']}")
     for path in report["outputs"].get("lora", []):
-        print(f"wrote {path}")
+        print(f"up to date: {path}" if report["outputs"].get("lora_up_to_date") else f"wrote {path}")
     if failed_strict:
         _stderr().print("Error: --strict: input files were rejected (listed above)", markup=False)
         raise typer.Exit(1)

@@ -193,6 +193,8 @@ def _report(ctx: Context) -> dict[str, Any]:
     outputs: dict[str, Any] = {"store": ctx.store.url, "workspace": str(ctx.workspace.root)}
     if "lora" in ctx.outputs:
         outputs["lora"] = ctx.outputs["lora"]
+        # export found every file already written for this training result (nothing was written)
+        outputs["lora_up_to_date"] = bool(ctx.outputs.get("lora_up_to_date"))
     if "checkpoint" in ctx.outputs.get("train", {}):
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),

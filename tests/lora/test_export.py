@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from sdxlpipe.stages import export
+from tests.conftest import cli
 from tests.training.conftest import build_samples, make_context, params, run_train
 
 CAPTIONS = ["red, cube, shiny", "red, sphere", "blue, cube"]
@@ -139,7 +140,8 @@ def full_export(tmp_path_factory):
     table = build_samples(ctx, 2)
     done = run_train(ctx, table, params(network="full", max_steps=2, save_every_steps=2))
     ctx.stage = "export"
-    export.run(table, export.Params(output_dir=str(root / "out"), name="tuned"), ctx)
+    # extract_rank above every layer's rank: the extracted LoRA must reproduce the fine-tune.
+    export.run(table, export.Params(output_dir=str(root / "out"), name="tuned", extract_rank=100_000), ctx)
     return {"done": done, "out": root / "out", "root": root}
 
 
@@ -149,7 +151,8 @@ def test_full_fine_tune_exports_a_pipeline_folder_and_a_single_file_with_the_tra
     from sdxlpipe.models.tiny import build_tiny_component, save_tiny
 
     out = full_export["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["tuned-pipeline", "tuned.export.json", "tuned.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "tuned-extracted.safetensors", "tuned-pipeline", "tuned.export.json", "tuned.safetensors"]
     trained = load_file(full_export["done"]["outputs"]["weights"])
     assert not all(torch.equal(trained[k], v) for k, v in build_tiny_component("unet").state_dict().items())
     folder = StableDiffusionXLPipeline.from_pretrained(out / "tuned-pipeline", local_files_only=True)
@@ -198,3 +201,55 @@ def test_single_file_configs_beside_it_or_a_clear_error(full_export, tmp_path):
     with pytest.raises(ModelError, match="architecture configs") as error:
         load_unet(str(big))
     assert "model.config" in error.value.hint
+
+
+def delta_of(trained: dict, base: dict, module: str) -> torch.Tensor:
+    return trained[f"{module}.weight"].float() - base[f"{module}.weight"].float()
+
+
+def test_a_full_rank_extraction_reproduces_every_tuned_linear_and_conv(full_export):
+    from sdxlpipe.lora.read import peft_state, read_lora
+    from sdxlpipe.models.tiny import build_tiny_component
+
+    trained = load_file(full_export["done"]["outputs"]["weights"])
+    unet = build_tiny_component("unet")
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    lora = read_lora(full_export["out"] / "tuned-extracted.safetensors")
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    changed = [n for n in layers if not torch.equal(trained[f"{n}.weight"], base[f"{n}.weight"])]
+    assert len(changed) > 50 and len(lora.modules) == len(changed)
+    state, _ = peft_state(lora, "unet", unet)  # SGM names resolve back to every changed module
+    for m in lora.modules:
+        target = next(k for k in state if k.endswith(".lora_A.weight") and state[k] is m.tensors["down"])
+        name = target.removesuffix(".lora_A.weight")
+        delta = delta_of(trained, base, name)
+        rebuilt = m.scale * (m.tensors["up"].reshape(delta.shape[0], -1) @ m.tensors["down"].reshape(m.rank, -1))
+        assert torch.allclose(base[f"{name}.weight"] + rebuilt.reshape(delta.shape), trained[f"{name}.weight"],
+                              atol=1e-5, rtol=0), name
+
+
+def test_lora_extract_reports_the_error_it_makes(full_export, tmp_path):
+    from sdxlpipe.lora.extract import relative_error
+    from sdxlpipe.lora.read import module_names, read_lora
+    from sdxlpipe.models.tiny import build_tiny_component
+
+    out = tmp_path / "r2.safetensors"
+    report = json.loads(cli("lora", "extract", "--base", "tiny", "--tuned", str(full_export["out"] / "tuned-pipeline"),
+                            "-o", str(out), "--rank", "2", "--json").stdout)
+    trained = load_file(full_export["done"]["outputs"]["weights"])
+    unet = build_tiny_component("unet")
+    base = unet.state_dict()
+    names = module_names(unet, "unet")
+    written = {names[m.name]: m for m in read_lora(out).modules}
+    assert report["modules"] == len(written) == len(report["layers"]) > 50
+    errors = []
+    for layer in report["layers"]:
+        assert layer["rank"] == min(2, layer["full_rank"])
+        measured = relative_error(delta_of(trained, base, layer["module"]), written[layer["module"]])
+        assert measured == pytest.approx(layer["rel_error"], rel=1e-4, abs=1e-6), layer["module"]
+        errors.append(measured)
+    assert max(errors) > 0.01, "rank 2 must lose something on some layer, or this test shows nothing"
+
+    bad = cli("lora", "extract", "--base", "tiny", "--tuned", "tiny", "-o", str(tmp_path / "x.safetensors"),
+              "--fro", "0.9", "--sv-ratio", "4", check=False)
+    assert bad.returncode == 2 and "Error:" in bad.stderr and "Hint:" in bad.stderr
