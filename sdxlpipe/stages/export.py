@@ -131,10 +131,12 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         if "diffusers" in paths:
             lora_formats.save_diffusers_lora(paths["diffusers"], cast(state), config, text_encoders=text_cast)
     elif network in ("ia3", "oft"):
-        ctx.log.warning("%s: ComfyUI and A1111 load no %s file exactly; wrote a peft adapter folder "
-                        "(load it with peft's inject_adapter_in_model + set_peft_model_state_dict)",
-                        paths["peft"], network.upper())
+        note = (f"ComfyUI and A1111 load no {network.upper()} file exactly (LyCORIS' {network.upper()} is parameterised "
+                "differently), so this is a peft adapter folder: load it with peft.get_peft_config(adapter_config.json), "
+                "inject_adapter_in_model and set_peft_model_state_dict")
+        ctx.log.warning("%s: %s", paths["peft"], note)
         lora_formats.save_peft_adapter(paths["peft"], cast(state), config)
+        metadata = {**metadata, "sdxlpipe_note": note}
     else:
         _save_full(paths, state, text, params, metadata, ctx)
     write_bytes_atomic((json.dumps({"key": key, "train": trained.get("key"), "network": network,

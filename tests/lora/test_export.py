@@ -253,3 +253,37 @@ def test_lora_extract_reports_the_error_it_makes(full_export, tmp_path):
     bad = cli("lora", "extract", "--base", "tiny", "--tuned", "tiny", "-o", str(tmp_path / "x.safetensors"),
               "--fro", "0.9", "--sv-ratio", "4", check=False)
     assert bad.returncode == 2 and "Error:" in bad.stderr and "Hint:" in bad.stderr
+
+
+@pytest.mark.parametrize("network", ["ia3", "oft"])
+def test_ia3_and_oft_go_out_as_a_peft_folder_that_reloads_as_trained(tmp_path, network):
+    from peft import get_peft_config, inject_adapter_in_model
+    from peft.utils import set_peft_model_state_dict
+
+    from sdxlpipe.models.tiny import build_tiny_component
+    from sdxlpipe.training import networks
+    from tests.lora.test_formats import unet_output
+
+    train = dict(network=network, rank=4, learning_rate=5e-2, max_steps=1, save_every_steps=1)
+    ctx = make_context(tmp_path / "ws", **train)
+    table = build_samples(ctx, 2)
+    done = run_train(ctx, table, params(**train))
+    ctx.stage = "export"
+    export.run(table, export.Params(output_dir=str(tmp_path / "out"), name="n"), ctx)
+    folder = tmp_path / "out" / "n-peft"
+    record = json.loads((tmp_path / "out" / "n.export.json").read_text())
+    assert "peft" in record["metadata"]["sdxlpipe_note"]
+
+    trained = build_tiny_component("unet")
+    networks.attach(trained, params(**train))
+    networks.load_trained_state(trained, params(**train), load_file(done["outputs"]["weights"]))
+    base = unet_output(build_tiny_component("unet"))
+    want = unet_output(trained)
+    assert (want - base).abs().max() > 1e-4, "one step at lr 5e-2 must move the network"
+
+    unet = build_tiny_component("unet")
+    config = get_peft_config(json.loads((folder / "adapter_config.json").read_text()))
+    inject_adapter_in_model(config, unet, adapter_name="default")
+    result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name="default")
+    assert not result.unexpected_keys
+    assert (unet_output(unet) - want).abs().max() < 1e-5
