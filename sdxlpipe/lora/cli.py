@@ -94,3 +94,77 @@ def extract(
     for line in summary_table(result):
         print(line)
     print(f"wrote {path}")
+
+
+def _print_layers(reports, as_json: bool, path, extra: dict | None = None) -> None:
+    if as_json:
+        print(json.dumps({"file": str(path), **(extra or {}), "modules": len(reports),
+                          "layers": [r.to_json() for r in reports]}, indent=2))
+        return
+    for r in reports:
+        print(f"{(r.component + ':' + r.module)[-72:]:72} rank {r.rank:>4} (was {r.full_rank:>4})  rel.err {r.rel_error:.2e}")
+    print(f"wrote {path}")
+
+
+@lora_app.command("resize")
+def resize(
+    file: Annotated[Path, typer.Argument(help="a LoRA/LoCon file (kohya or diffusers)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the resized file")],
+    rank: Annotated[Optional[int], typer.Option("--rank", help="the new rank (the cap with --fro)")] = None,
+    fro: Annotated[Optional[float], typer.Option("--fro", help="per layer, keep this fraction of the Frobenius norm (0-1]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A lower-rank copy of a LoRA at the same strength; each layer's error."""
+    from sdxlpipe.errors import UserError
+    from sdxlpipe.lora.read import read_lora
+    from sdxlpipe.lora.tools import resize_lora, save_modules
+
+    if rank is None and fro is None:
+        raise UserError("no new rank given", "give --rank R or --fro F (e.g. --fro 0.9)")
+    if (rank is not None and rank < 1) or (fro is not None and not 0 < fro <= 1):
+        raise UserError(f"--rank {rank} / --fro {fro} out of range", "--rank >= 1, --fro in (0, 1]")
+    lora = read_lora(file)
+    modules, reports = resize_lora(lora, rank=rank, fro=fro)
+    layout = "kohya" if lora.format in ("kohya", "lycoris") else "diffusers"
+    path = save_modules(output, modules, layout, {k: v for k, v in lora.metadata.items()
+                                                  if k.startswith(("ss_", "modelspec.")) and k not in
+                                                  ("ss_network_dim", "ss_network_alpha")})
+    _print_layers(reports, as_json, path)
+
+
+@lora_app.command("merge")
+def merge(
+    files: Annotated[list[Path], typer.Argument(help="LoRA files (all kohya or all diffusers layout)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the merged LoRA, or the checkpoint with --into")],
+    weights: Annotated[Optional[str], typer.Option("--weights", help="one weight per file, e.g. 1,0.5 (default: all 1)")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="SVD the sum to this rank (default: stack, exact)")] = None,
+    into: Annotated[Optional[str], typer.Option("--into", help="fold the LoRAs into this base model and save a single file")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="precision of the --into checkpoint: fp32, fp16, bf16")] = "fp32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge LoRAs into one (exact, or SVD to --rank), or into a base model with --into BASE."""
+    from sdxlpipe.errors import UserError
+    from sdxlpipe.lora.read import read_lora
+    from sdxlpipe.lora.tools import merge_into, merge_loras, save_modules
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(files)
+    except ValueError:
+        raise UserError(f"--weights {weights!r} is not a list of numbers", "e.g. --weights 1,0.5") from None
+    if len(w) != len(files):
+        raise UserError(f"--weights has {len(w)} value(s) for {len(files)} file(s)", "give one weight per file")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"--dtype {dtype!r} is not known", "use fp32, fp16 or bf16")
+    loras = [read_lora(f) for f in files]
+    if into:
+        path, folded = merge_into(into, loras, w, output, dtype)
+        if as_json:
+            print(json.dumps({"file": str(path), "modules_folded": folded}, indent=2))
+        else:
+            print(f"folded {folded} modules into {into}\nwrote {path}")
+        return
+    modules, reports = merge_loras(loras, w, rank=rank)
+    layout = "kohya" if loras[0].format in ("kohya", "lycoris") else "diffusers"
+    path = save_modules(output, modules, layout, {"ss_training_comment": "merged by sdxlpipe: " + ", ".join(
+        f"{f.name}*{x:g}" for f, x in zip(files, w))})
+    _print_layers(reports, as_json, path)
