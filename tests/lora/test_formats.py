@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -128,3 +129,20 @@ def test_read_lora_gives_back_a_peft_lora_with_the_trained_output(exported, lora
     unet.add_adapter(LoraConfig(**config))
     set_peft_model_state_dict(unet, state)
     assert (unet_output(unet) - unet_output(lora_unet)).abs().max() < 1e-5
+
+
+def test_kohya_hashes_are_computed_as_kohya_does_on_a_file_over_one_mib():
+    """sshs_legacy_hash reads the 64 KiB at 1 MiB, so only a file that large shows which header it hashed."""
+    from sdxlpipe.lora.formats import kohya_hashes
+    from safetensors.torch import save as safetensors_bytes
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(600_000, dtype=torch.float32).reshape(1000, 600)}
+    meta = {"ss_network_dim": "4", "ss_seed": "1", "modelspec.title": "x" * 5000, "sdxlpipe_config": "{}"}
+    model_hash, legacy_hash = kohya_hashes(tensors, meta)
+    # kohya's train_util.precalculate_safetensors_hashes: only the ss_* metadata, then
+    # addnet_hash_safetensors (data after the header) and addnet_hash_legacy (64 KiB at 1 MiB).
+    data = safetensors_bytes(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert len(data) > 0x110000
+    header = int.from_bytes(data[:8], "little")
+    assert model_hash == hashlib.sha256(data[8 + header:]).hexdigest()
+    assert legacy_hash == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
