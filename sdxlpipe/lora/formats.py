@@ -1,4 +1,4 @@
-"""Export a trained UNet LoRA (and the text encoders', if trained) as a diffusers or a kohya `.safetensors` file.
+"""Write trained networks as files other tools load: diffusers and kohya LoRA files, LyCORIS files, peft folders.
 
 Both work from what training saves, without the models: the peft state dict
 (`get_peft_model_state_dict(unet)`, keys `<module>.lora_A.weight` /
@@ -212,8 +212,6 @@ def save_kohya_modules(path: str | Path, modules: list, *, unet_config: dict,
 def save_peft_adapter(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     """A peft adapter folder (adapter_model.safetensors + adapter_config.json) for IA3/OFT, which no
     LoRA format carries exactly; peft's inject_adapter_in_model + set_peft_model_state_dict load it."""
-    from sdxlpipe.pipeline.atomic import write_bytes_atomic
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(directory / "adapter_model.safetensors",
