@@ -30,6 +30,7 @@ _PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
 def config_source(model: ModelSpec) -> ModelSpec:
     """Where a single file's architecture configs come from: a diffusers folder ("dir") or "tiny"."""
     path = model.path
+    probe = _shape(path, _TINY_PROBE[0])  # also refuses a file that is not safetensors
     for folder in (path.with_name(path.stem + ".config"), path.parent):
         if (folder / "model_index.json").is_file():
             return ModelSpec("dir", path=folder, spec=str(folder))
@@ -41,7 +42,7 @@ def config_source(model: ModelSpec) -> ModelSpec:
             return ModelSpec("dir", path=snapshot, hub_id=SDXL_BASE_REPO, spec=SDXL_BASE_REPO)
     except ModelError:
         pass
-    if _shape(path, _TINY_PROBE[0]) == _TINY_PROBE[1]:
+    if probe == _TINY_PROBE[1]:
         return ModelSpec("tiny", spec="tiny")
     raise ModelError(
         f"model {model.spec!r}: a single-file checkpoint needs its architecture configs, and none were found "
@@ -53,10 +54,16 @@ def config_source(model: ModelSpec) -> ModelSpec:
 
 
 def _shape(path: Path, key: str) -> tuple | None:
-    from safetensors import safe_open
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return None  # a pickle checkpoint: no cheap look inside
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"model {str(path)!r} is not a readable .safetensors file ({exc})",
+                         "give a complete single-file SDXL checkpoint, a diffusers folder, or tiny") from None
 
 
 def read_component(model: ModelSpec, name: str) -> dict[str, torch.Tensor]:

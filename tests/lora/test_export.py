@@ -182,7 +182,9 @@ def test_sdxlpipe_trains_from_the_single_file_as_its_base_model(full_export, tmp
     assert done["steps"] == 1 and Path(done["outputs"]["weights"]).exists()
 
 
-def test_single_file_configs_beside_it_or_a_clear_error(full_export, tmp_path):
+def test_single_file_configs_beside_it_or_a_clear_error(full_export, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from sdxlpipe.models.loading import load_unet, load_unet_config
     from sdxlpipe.models.spec import ModelError
     from sdxlpipe.models.tiny import save_tiny
@@ -192,7 +194,8 @@ def test_single_file_configs_beside_it_or_a_clear_error(full_export, tmp_path):
     shutil.copy(full_export["out"] / "tuned.safetensors", single)
     save_tiny(tmp_path / "community.config")
     assert load_unet_config(str(single))["layers_per_block"] == 1
-    # An SDXL-sized file with no configs anywhere: the error names what to pass.
+    # An SDXL-sized file with no configs anywhere (an empty HF cache): the error names what to pass.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     from safetensors.torch import save_file
 
     big = tmp_path / "sdxl-like" / "model.safetensors"
