@@ -3,7 +3,9 @@
     python bench/encode_memory.py [--counts 1000 10000] [--workers 2]
 
 Each size runs `sdxlpipe run encode` in a fresh process on a fresh folder of
-small images (tiny model, 64 px buckets) and reports the peak RSS of the
+small images (tiny model, 64 px buckets, --images-per-shard 64 so that a
+bucket is many chunks, as 1024 px latents are: each chunk refreshes the
+index and commits a shard, which must not grow with the store) and reports the peak RSS of the
 encoder process and of its decode workers (ru_maxrss). The ratio between the
 sizes is what matters: the tables grow by a few hundred bytes per row, the
 pixels and latents in flight do not grow at all.
@@ -36,7 +38,7 @@ print(json.dumps({
 """
 
 
-def make(folder: Path, count: int, workers: int) -> Path:
+def make(folder: Path, count: int, workers: int, per_shard: int) -> Path:
     import numpy as np
     from PIL import Image
 
@@ -48,7 +50,8 @@ def make(folder: Path, count: int, workers: int) -> Path:
         (images / f"{i:06d}.txt").write_text(f"sample {i % 50}\n")
     config = folder / "sdxlpipe.toml"
     config.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n[bucket]\nresolution = 64\nstep = 32\n'
-                      f"min_side = 32\nmax_side = 128\n[vae_encode]\nbatch_size = 16\nworkers = {workers}\n")
+                      f"min_side = 32\nmax_side = 128\n[vae_encode]\nbatch_size = 16\nworkers = {workers}\n"
+                      f"images_per_shard = {per_shard}\n")
     return config
 
 
@@ -56,12 +59,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--workers", type=int, default=2)
+    # 64: at 64 px a 256 MiB shard would hold every image, hiding the per-chunk costs.
+    ap.add_argument("--images-per-shard", type=int, default=64)
     args = ap.parse_args()
     rows = []
     for count in args.counts:
         with tempfile.TemporaryDirectory() as tmp:
             began = time.perf_counter()
-            config = make(Path(tmp), count, args.workers)
+            config = make(Path(tmp), count, args.workers, args.images_per_shard)
             made = time.perf_counter() - began
             out = subprocess.run([sys.executable, "-c", PROBE, str(config)], capture_output=True, text=True,
                                  cwd=ROOT, check=True)

@@ -7,12 +7,13 @@ Importing this package does not import torch.
 """
 
 from .codec import decode_json, decode_tensors, encode_json, encode_tensors
-from .shards import CacheDamaged, StoreError
+from .shards import SHARD_BYTES, CacheDamaged, StoreError, items_per_shard
 from .store import FORMAT_LINE, Store, Writer, open_store
 
 __all__ = [
     "CacheDamaged",
     "FORMAT_LINE",
+    "SHARD_BYTES",
     "Store",
     "StoreError",
     "Writer",
@@ -20,5 +21,6 @@ __all__ = [
     "decode_tensors",
     "encode_json",
     "encode_tensors",
+    "items_per_shard",
     "open_store",
 ]

@@ -21,6 +21,9 @@ import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST_FORMAT = 1
+# 256 MiB: a shard streams at full disk/network speed and a million latents make a few
+# thousand files; lower it if losing one shard to corruption must cost less recomputation.
+SHARD_BYTES = 256 << 20
 # 8 MiB reads: large enough to run at disk/network speed, small enough to not matter for memory.
 HASH_CHUNK = 8 << 20
 
@@ -195,10 +198,26 @@ def _rename_durably(src: str, dest: str) -> None:
     _fsync_dir(parent)
 
 
+# Object stores whose PUT makes an object appear whole or not at all (multipart uploads
+# too): a file is written straight to its final name, no upload to tmp/ and server-side copy.
+ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+
+
+def atomic_put(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(set(protocols) & ATOMIC_PUT_PROTOCOLS)
+
+
 def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
     """Move a finished local file to `dest` in one step, as readers must never see half of it."""
     if is_local(fs):
         _rename_durably(local_path, dest)
+        return
+    if atomic_put(fs):
+        try:
+            fs.put_file(local_path, dest)
+        finally:
+            os.remove(local_path)
         return
     tmp = posixpath.join(remote_tmp_dir, secrets.token_hex(8))
     try:
@@ -226,6 +245,9 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return
+    if atomic_put(fs):
+        fs.pipe_file(dest, data)
+        return
     tmp = posixpath.join(tmp_dir, secrets.token_hex(8))
     try:
         fs.pipe_file(tmp, data)
@@ -233,6 +255,17 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def items_per_shard(item_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
+    """How many items of about `item_bytes` fill one shard: the encode stages' chunk size."""
+    return max(1, shard_bytes // max(1, item_bytes))
+
+
+def hash_file(path) -> str:
+    """xxh3_128 hex of a local file's bytes, read in HASH_CHUNK pieces."""
+    with open(path, "rb") as f:
+        return hash_stream(f)[0]
 
 
 def hash_stream(f: BinaryIO) -> tuple[str, int]:

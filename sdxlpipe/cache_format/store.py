@@ -19,18 +19,24 @@ import fsspec
 import xxhash
 
 from .codec import decode_json, encode_json
+import numpy as np
+import pyarrow as pa
+
 from .index import (
     BAD_PREFIX,
     BAD_SCHEMA,
     GROUPED_SCHEMA,
-    INDEX_SCHEMA,
+    HEX_LEN,
     Location,
     StageIndex,
+    is_key,
+    keys_array,
     list_files,
-    load_stage,
+    table_bytes,
     to_parquet,
 )
 from .shards import (
+    SHARD_BYTES,
     ShardBuilder,
     StoreError,
     check_item_name,
@@ -47,12 +53,15 @@ from .shards import (
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
 STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
-# 256 MiB: a shard streams at full disk/network speed and a million latents make a few
-# thousand files; lower it if losing one shard to corruption must cost less recomputation.
-DEFAULT_SHARD_BYTES = 256 << 20
+DEFAULT_SHARD_BYTES = SHARD_BYTES  # 256 MiB; why: see shards.py
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0
+# Past this many index fragments in a stage, the run that notices compacts it (housekeep):
+# loading costs ~1.5 ms per fragment however small, a compacted million rows ~0.5 s.
+COMPACT_FRAGMENTS = 256
+# Past this many bad-marker files (one per run that found damage), compact too.
+COMPACT_MARKERS = 16
 
 log = logging.getLogger("sdxlpipe.store")
 
@@ -119,6 +128,10 @@ class Store:
         self.root = root
         self.url = url
         self._indexes: dict[str, StageIndex] = {}
+        self._stale: set[str] = set()  # stages to list again before the next lookup
+        # This Store's bad markers, one file per stage for its whole life (a run), rewritten whole.
+        self._bad_name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
+        self._bad_rows: dict[str, list[tuple[str, str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -142,33 +155,54 @@ class Store:
 
     # -- index -----------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Forget cached indexes, so the next call sees what other writers committed."""
-        self._indexes.clear()
+    def refresh(self, stage: str | None = None) -> None:
+        """Make the next lookup see what other writers committed: one listing, then only the
+        fragments not read before (fragments are immutable, so each is read once)."""
+        self._stale |= set(self._indexes) if stage is None else {stage}
 
     def _index(self, stage: str) -> StageIndex:
         check_stage(stage)
-        if stage not in self._indexes:
-            self._indexes[stage] = load_stage(self.fs, self._path("index", stage), log)
-        return self._indexes[stage]
+        index = self._indexes.get(stage)
+        if index is None:
+            index = StageIndex(log, self._path("index", stage))
+            index.update(self.fs)
+            self._indexes[stage] = index
+            self._stale.discard(stage)
+        elif stage in self._stale:
+            self._stale.discard(stage)
+            index.update(self.fs)
+        return index
+
+    def _fresh_index(self, stage: str) -> StageIndex:
+        """Every fragment read again from the store: for verify, gc and compact."""
+        self._indexes.pop(stage, None)
+        return self._index(stage)
 
     def present(self, stage: str) -> set[str]:
         """Item keys of a stage with at least one location not known to be bad."""
-        return set(self._index(stage).present())
+        return self._index(stage).present()
+
+    def present_count(self, stage: str) -> int:
+        """How many items of a stage are present, without a Python object per item."""
+        return self._index(stage).present_count()
 
     def missing(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that are not present, in their order, each once."""
-        present = self._index(stage).present()
-        return [k for k in dict.fromkeys(keys) if k not in present]
+        keys = keys if isinstance(keys, list) else list(keys)
+        present = self._index(stage).present_mask(keys_array(keys))
+        # Deduplicate only what is missing: usually few, where a dict of a million keys is not.
+        return list(dict.fromkeys(k for k, here in zip(keys, present.tolist()) if not here))
 
     def damaged(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that were written but whose every copy is known bad (checksum, truncation, lost shard)."""
         index = self._index(stage)
-        present = index.present()
-        return [k for k in dict.fromkeys(keys) if k in index.by_key and k not in present]
+        unique = list(dict.fromkeys(keys))
+        wanted = keys_array(unique)
+        lost = index.known_mask(wanted) & ~index.present_mask(wanted)
+        return [k for k, bad in zip(unique, lost.tolist()) if bad]
 
     def _record_bad(self, stage: str, failures: list[tuple[Location, str]]) -> None:
-        """Warn about bad locations and append a bad-marker fragment for the new ones."""
+        """Warn about bad locations and add them to this Store's one bad-marker file of the stage."""
         index = self._index(stage)
         news = [(loc, why) for loc, why in failures if not index.is_bad(loc)]
         for loc, why in news:
@@ -179,8 +213,10 @@ class Store:
             )
         rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
         if rows:
-            name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
-            write_bytes(self.fs, self._path("index", stage, name), to_parquet(rows, BAD_SCHEMA), self._tmp)
+            mine = self._bad_rows.setdefault(stage, [])
+            mine += rows
+            write_bytes(self.fs, self._path("index", stage, self._bad_name), to_parquet(mine, BAD_SCHEMA), self._tmp)
+            index.remember_markers(self._bad_name, mine)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -201,17 +237,23 @@ class Store:
             builder.discard()
         doc = manifest(stage, shard_id, nbytes, builder.members)
         write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
-        rows = [
-            (*m["name"].split(".", 1), shard_id, m["offset"], m["length"], m["xxh3"], group)
-            for m in builder.members
-        ]
+        names = [m["name"].split(".", 1) for m in builder.members]
+        table = pa.table({
+            "item_key": [n[0] for n in names], "field": [n[1] for n in names],
+            "shard_id": [shard_id] * len(names), "offset": [m["offset"] for m in builder.members],
+            "length": [m["length"] for m in builder.members], "xxh3": [m["xxh3"] for m in builder.members],
+            "group": [group] * len(names),
+        }, schema=GROUPED_SCHEMA)
         fragment = self._path("index", stage, f"{shard_id}.parquet")
         if self.fs.exists(fragment):
             # The same shard again (e.g. recomputed after it was found bad): a fresh fragment
             # name, because bad markers name the fragment whose locations went bad.
             fragment = self._path("index", stage, f"{shard_id}-{secrets.token_hex(4)}.parquet")
-        write_bytes(self.fs, fragment, to_parquet(rows, GROUPED_SCHEMA), self._tmp)
-        self._indexes.pop(stage, None)
+        write_bytes(self.fs, fragment, table_bytes(table), self._tmp)
+        if stage in self._indexes:
+            # Our own commit goes into the cache as it is; the next lookup lists once for others'.
+            self._indexes[stage].add_written(posixpath.basename(fragment), table)
+            self._stale.add(stage)
         return shard_id
 
     # -- reading ---------------------------------------------------------------------------
@@ -252,10 +294,42 @@ class Store:
         """The first good location of each key's field, in the keys' order (None when absent).
 
         For readers that fetch payloads themselves by (shard_id, offset, length) and check
-        them against xxh3, such as training's per-batch reads.
+        them against xxh3, such as training's per-batch reads. `locate_table` gives the same
+        as Arrow columns, without a Python object per key.
+        """
+        keys = list(keys)
+        index = self._index(stage)
+        if field is None and len(index.field_names) > 1:
+            return [next(iter(index.good(key, None, stage)), None) for key in keys]
+        return [index.location(s, r) if s >= 0 else None for s, r in index.first_good(keys_array(keys), field)]
+
+    def locate_table(self, stage: str, keys, field: str | None = None) -> pa.Table:
+        """`locate` as a table: item_key, shard_id, offset, length, xxh3 per key (null when absent).
+
+        `keys` may be a list of str or a numpy 'S32' array; one row per key, in order.
         """
         index = self._index(stage)
-        return [next(iter(index.good(key, field, stage)), None) for key in keys]
+        wanted = keys_array(keys)
+        pos = np.array(index.first_good(wanted, field), np.int64).reshape(-1, 2)
+        n = len(wanted)
+        shard = np.zeros(n, np.int32)
+        offset, length = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        xxh3 = np.zeros(n, "S32")
+        for seg_no, seg in enumerate(index.segments):
+            sel = np.flatnonzero(pos[:, 0] == seg_no)
+            rows = pos[sel, 1]
+            shard[sel] = seg.cols["shard"][rows]
+            offset[sel], length[sel] = seg.cols["offset"][rows], seg.cols["length"][rows]
+            xxh3[sel] = seg.cols["xxh3"][rows]
+        absent = pa.array(pos[:, 0] < 0)
+        shard_ids = pa.DictionaryArray.from_arrays(pa.array(shard), pa.array(index.shards or [""], pa.string()))
+        return pa.table({
+            "item_key": pa.array(wanted).cast(pa.string()),
+            "shard_id": pa.compute.if_else(absent, None, shard_ids.dictionary_decode()),
+            "offset": pa.compute.if_else(absent, None, pa.array(offset)),
+            "length": pa.compute.if_else(absent, None, pa.array(length)),
+            "xxh3": pa.compute.if_else(absent, None, pa.array(xxh3).cast(pa.string())),
+        })
 
     def read_many(
         self, stage: str, keys: Iterable[str], field: str | None = None
@@ -308,9 +382,8 @@ class Store:
         """Re-hash every shard and every indexed item; record bad items; return the problems."""
         problems: list[dict] = []
         for st in [check_stage(stage)] if stage else self._stage_names():
-            self._indexes.pop(st, None)
-            index = self._index(st)
-            for name, error in index.unreadable:
+            index = self._fresh_index(st)
+            for name, error in index.unreadable.items():
                 problems.append(_problem(st, None, None, f"index fragment {name} unreadable: {error}"))
             by_shard: dict[str, dict[tuple, Location]] = {}
             for loc in index.rows:
@@ -373,15 +446,15 @@ class Store:
         once older than grace_seconds. Returns the paths removed (or, dry_run, to remove)."""
         referenced: set[tuple[str, str]] = set()
         for st in self._stage_names():
-            self._indexes.pop(st, None)
-            index = self._index(st)
+            index = self._fresh_index(st)
             if index.unreadable:
                 raise StoreError(
                     f"gc stopped: index fragments of stage {st} in {self.url} are unreadable: "
-                    f"{[name for name, _ in index.unreadable]}",
+                    f"{sorted(index.unreadable)}",
                     "run `sdxlpipe store verify`, restore or delete those fragments, then gc again",
                 )
-            referenced |= {(st, loc.shard_id) for loc in index.rows}
+            codes = np.unique(np.concatenate([s.cols["shard"] for s in index.segments] or [np.zeros(0, np.int32)]))
+            referenced |= {(st, index.shards[c]) for c in codes.tolist()}
         candidates = [
             self._path("shards", st, name)
             for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
@@ -412,40 +485,72 @@ class Store:
         see an item vanish. Returns {stage: {"fragments_before", "fragments_after",
         "rows_before", "rows_after"}}.
         """
-        result = {}
-        for st in [check_stage(stage)] if stage else self._stage_names():
-            self._indexes.pop(st, None)
-            index = self._index(st)
-            old = index.fragments + index.bad_fragments
-            rows = sorted({loc.row() for loc in index.rows if not index.is_bad(loc)},
-                          key=lambda r: (r[2], r[3], r[0], r[1]))
-            result[st] = {"fragments_before": len(old), "fragments_after": len(old),
-                          "rows_before": len(index.rows), "rows_after": len(index.rows)}
-            if len(index.fragments) <= 1 and not index.bad_fragments:
-                continue
-            if rows:
-                name = f"compact-{secrets.token_hex(8)}.parquet"
-                data = to_parquet(rows, GROUPED_SCHEMA)
-                write_bytes(self.fs, self._path("index", st, name), data, self._tmp)
-            for name in old:
-                try:
-                    self.fs.rm(self._path("index", st, name))
-                except FileNotFoundError:
-                    pass  # a concurrent compact removed it
-            self._indexes.pop(st, None)
-            result[st].update(fragments_after=1 if rows else 0, rows_after=len(rows))
+        return {st: self._compact(st, self._fresh_index(st))
+                for st in ([check_stage(stage)] if stage else self._stage_names())}
+
+    def housekeep(self, stage: str, max_fragments: int = COMPACT_FRAGMENTS,
+                  max_markers: int = COMPACT_MARKERS) -> dict | None:
+        """Compact a stage if this Store's view of it holds more than max_fragments fragments
+        or max_markers bad-marker files; the result of compact for it, or None.
+
+        Uses the index as last listed (call refresh first to include others' commits): a
+        fragment committed after that listing is neither merged nor deleted, so a writer
+        running meanwhile loses nothing.
+        """
+        index = self._index(stage)
+        if len(index.live_fragments) <= max_fragments and len(index.bad_fragments) <= max_markers:
+            return None
+        log.info("store %s: stage %s holds %d index fragments and %d bad-marker files; compacting",
+                 self.url, stage, len(index.live_fragments), len(index.bad_fragments))
+        return self._compact(stage, index)
+
+    def _compact(self, st: str, index: StageIndex) -> dict:
+        old = index.live_fragments + list(index.bad_fragments)
+        rows_before = index.row_count
+        result = {"fragments_before": len(old), "fragments_after": len(old),
+                  "rows_before": rows_before, "rows_after": rows_before}
+        if len(index.live_fragments) <= 1 and not index.bad_fragments:
+            return result
+        table = index.table(good_only=True)
+        # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
+        table = table.group_by(table.column_names, use_threads=False).aggregate([])
+        table = table.sort_by([("shard_id", "ascending"), ("offset", "ascending"),
+                               ("item_key", "ascending"), ("field", "ascending")])
+        merged = None
+        if table.num_rows:
+            merged = f"compact-{secrets.token_hex(8)}.parquet"
+            write_bytes(self.fs, self._path("index", st, merged), table_bytes(table), self._tmp)
+        for name in old:
+            try:
+                self.fs.rm(self._path("index", st, name))
+            except FileNotFoundError:
+                pass  # a concurrent compact removed it
+        # The new view: the merged fragment as written; the next lookup lists once for the rest.
+        fresh = StageIndex(log, self._path("index", st))
+        if merged is not None:
+            fresh.add_written(merged, table)
+        self._indexes[st] = fresh
+        self._stale.add(st)
+        self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped)
+        result.update(fragments_after=1 if table.num_rows else 0, rows_after=table.num_rows)
         return result
 
     def _group_bytes(self, stage: str) -> dict[str, int]:
+        """Bytes of the good rows per group, each distinct (shard, offset) counted once."""
         index = self._index(stage)
-        seen: set[tuple[str, int]] = set()
-        groups: dict[str, int] = {}
-        for loc in index.rows:
-            if index.is_bad(loc) or (loc.shard_id, loc.offset) in seen:
-                continue
-            seen.add((loc.shard_id, loc.offset))
-            groups[loc.group] = groups.get(loc.group, 0) + loc.length
-        return groups
+        parts = [(s.cols["shard"], s.cols["offset"], s.cols["length"], s.cols["group"], s.cols["bad"])
+                 for s in index.segments]
+        if not parts:
+            return {}
+        shard, offset, length, group, bad = (np.concatenate(c) for c in zip(*parts))
+        good = ~bad
+        shard, offset, length, group = shard[good], offset[good], length[good], group[good]
+        order = np.lexsort((offset, shard))
+        first = np.ones(len(order), bool)
+        first[1:] = (shard[order][1:] != shard[order][:-1]) | (offset[order][1:] != offset[order][:-1])
+        take = order[first]
+        sums = np.bincount(group[take], weights=length[take], minlength=len(index.group_names))
+        return {index.group_names[g]: int(sums[g]) for g in np.unique(group[take]).tolist()}
 
     def copy_missing_to(self, other: "Store") -> dict:
         """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
@@ -469,7 +574,7 @@ class Store:
             tars = [e for e in entries if e["name"].endswith(".tar")]
             stages[st] = {
                 "shards": len(tars),
-                "items": len(self._index(st).present()),
+                "items": self._index(st).present_count(),
                 "bytes": sum(int(e.get("size") or 0) for e in tars),
                 "groups": self._group_bytes(st),
             }
@@ -502,6 +607,9 @@ class Writer:
         self._done: set[str] = set()  # items already complete in the current shard
 
     def add(self, item_key: str, field: str, payload: bytes) -> None:
+        if not is_key(item_key):
+            raise StoreError(f"item key {item_key!r} of stage {self.stage} is not {HEX_LEN} lowercase hex digits",
+                             "item keys are xxh3-128 hex digests: make them with sdxlpipe.pipeline.keys.xxh3_hex")
         name = check_item_name(item_key, field)
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload of {name} must be bytes, got {type(payload).__name__}; "

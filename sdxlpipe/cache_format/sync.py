@@ -26,8 +26,8 @@ def copy_missing(src, dst, log=None) -> dict:
     """Copy into `dst` every item of `src` that `dst` lacks. Returns per-stage counts and problems."""
     report: dict = {}
     for stage in src._stage_names():
-        src._indexes.pop(stage, None)
-        dst._indexes.pop(stage, None)
+        src.refresh(stage)
+        dst.refresh(stage)
         index = src._index(stage)
         have = dst.present(stage)
         by_shard: dict[str, list] = {}
@@ -52,7 +52,7 @@ def copy_missing(src, dst, log=None) -> dict:
                     log.warning("store %s: %d damaged item(s) of %s in shard %s were not copied: %s",
                                 src.url, len(damaged), stage, shard_id, ", ".join(damaged[:5]))
             have |= needed
-        dst._indexes.pop(stage, None)
+        dst.refresh(stage)
         report[stage] = counts
     return report
 
@@ -103,7 +103,7 @@ def _repack(src, dst, stage: str, keys: list[str]) -> tuple[int, list[str]]:
     copied, damaged = 0, []
     with dst.writer(stage) as writer:
         for key in keys:
-            fields = sorted({l.field for l in index.by_key.get(key, ())})
+            fields = sorted({l.field for l in index.locations_of(key)})
             datas = [src.read(stage, key, field) for field in fields]
             if not fields or any(d is None for d in datas):
                 damaged.append(key)

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import xxhash
 
+from sdxlpipe.cache_format.shards import hash_file
 from sdxlpipe.pipeline.atomic import write_parquet_atomic
-
-# 8 MiB reads: large enough that xxh3 runs at memory speed, small enough that
-# hashing a big checkpoint does not hold it all in RAM.
-READ_CHUNK = 8 << 20
 
 _SCHEMA = pa.schema(
     [
@@ -37,11 +33,7 @@ _SCHEMA = pa.schema(
 
 
 def hash_bytes_of_file(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path)  # the one streaming hasher (cache_format/shards.py)
 
 
 class ContentMemo:
@@ -53,7 +45,7 @@ class ContentMemo:
         self.hashed = 0  # files whose bytes were read in this process
         self.dirty = False
         if memo_path.exists():
-            t = pq.read_table(memo_path).to_pydict()
+            t = pq.ParquetFile(memo_path).read().to_pydict()  # not pq.read_table: it imports pyarrow.dataset
             for i, p in enumerate(t["path"]):
                 self.entries[p] = (
                     t["size"][i], t["mtime_ns"][i], t["ctime_ns"][i],

@@ -35,6 +35,19 @@ def plan_items(ctx, keys: Iterable[str]) -> list[str]:
     return todo
 
 
+def still_missing(ctx, stage: str, keys: Iterable[str]) -> set[str]:
+    """The keys of the next chunk that no writer has committed since the plan.
+
+    The plan is made once per stage; between chunks the store lists the stage
+    once and reads only the fragments that appeared since its last look (our
+    own commits are already cached), so this costs one listing, not a reload.
+    """
+    ctx.store.refresh(stage)
+    missing = set(ctx.store.missing(stage, keys))
+    ctx.store.housekeep(stage)  # our chunks add a fragment each: merge them past the threshold
+    return missing
+
+
 def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:
     """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
     # The writer never rolls over by size: a chunk is sized to be one shard.

@@ -6,6 +6,7 @@ and counts what it would compute, and nothing is written or loaded.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -14,28 +15,42 @@ import pyarrow as pa
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.config import Config
 from sdxlpipe.pipeline.context import Context, Models, StageStats
-from sdxlpipe.pipeline.graph import stage_module, stages_for
+from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module, stages_for
 from sdxlpipe.pipeline.hashing import ContentMemo
 from sdxlpipe.pipeline.progress import Reporter
 from sdxlpipe.pipeline.workspace import Workspace
 
-# Table columns that hold store keys, per store stage: what later stages read.
-STORE_COLUMNS = {
-    "vae_encode": ("latent_key", "latent_flip_key"),
-    "text_encode": ("text_key", "text_variant_keys", "empty_text_key"),
-}
+def arrow_without_pandas() -> None:
+    """Stop pyarrow from importing pandas (1.4 s) the first time it builds an array.
 
-# The weights each stage's items depend on, named in `status` when they change.
-STAGE_MODELS = {
-    "vae_encode": ("vae",),
-    "text_encode": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-    "train": ("unet", "scheduler"),
-}
+    pyarrow probes for pandas once, on its first array, to recognise DataFrames;
+    nothing in sdxlpipe passes one. With `import pandas` failing during that probe
+    pyarrow notes "no pandas" and moves on; an explicit `to_pandas()` later still
+    imports it then.
+    """
+    if "pandas" in sys.modules:
+        return
+    blocker = _NoPandas()
+    sys.meta_path.insert(0, blocker)
+    try:
+        pa.array([0], pa.int8())
+    finally:
+        sys.meta_path.remove(blocker)
+
+
+class _NoPandas:
+    """An import finder that says pandas is not installed (used only during pyarrow's probe)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ModuleNotFoundError("pandas is not imported during sdxlpipe's pyarrow probe", name=name)
+        return None
 
 
 def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
                  partition: tuple[int, int] | None = None, reporter: Reporter | None = None,
                  engine: str = "local") -> dict[str, Any]:
+    arrow_without_pandas()
     workspace = Workspace(config.workspace)
     memo = ContentMemo(workspace.memo_path)
     ctx = Context(
@@ -120,7 +135,11 @@ def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, 
 def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set[str]]:
     """Store items the tables rely on whose every copy is marked bad."""
     found: dict[str, set[str]] = {}
-    for stage, columns in STORE_COLUMNS.items():
+    for stage in STAGE_NAMES:
+        # A stage module declares STORE_COLUMNS: its table columns that hold store keys.
+        columns = getattr(stage_module(stage), "STORE_COLUMNS", ())
+        if not columns:
+            continue
         later = [n for n in names if n in inputs and names.index(n) > names.index(stage)] if stage in names else []
         if not later:
             continue
@@ -135,9 +154,10 @@ def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set
 
 
 def _settings(ctx: Context, name: str) -> dict[str, Any]:
-    fingerprints = ctx.models.fingerprints() if name in STAGE_MODELS else {}
-    return {"params": ctx.config.to_record()[name],
-            "models": {m: fingerprints.get(m) for m in STAGE_MODELS.get(name, ())}}
+    # A stage module declares MODELS: the model parts its items depend on, named in `status`.
+    models = getattr(stage_module(name), "MODELS", ())
+    fingerprints = ctx.models.fingerprints() if models else {}
+    return {"params": ctx.config.to_record()[name], "models": {m: fingerprints.get(m) for m in models}}
 
 
 def _setting_changes(name: str, old: dict | None, new: dict) -> list[str]:

@@ -19,14 +19,17 @@ from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.cache_format import items_per_shard
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items, write_results
+from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
+# The table columns holding keys of this stage's store items: the runner checks them for damage.
+STORE_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
 FIELD = "text.safetensors"
-# The store's own default shard size (256 MiB): chunks are sized to fill one shard.
-SHARD_BYTES = 256 << 20
 # fp16 bytes per token of SDXL's prompt embeddings (768 + 1280 channels): sizes chunks.
 BYTES_PER_TOKEN = 2048 * 2
 
@@ -80,7 +83,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 
 def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params) -> list[list[dict]]:
     """Shard-sized groups of texts that depend on the dataset's text count, never on timing."""
-    per_shard = max(1, SHARD_BYTES // (BYTES_PER_TOKEN * (params.max_token_length + 2)))
+    per_shard = items_per_shard(BYTES_PER_TOKEN * (params.max_token_length + 2))  # the store's shard size
     n = max(1, math.ceil(total / per_shard))
     chunks: dict[int, list[dict]] = {}
     for t in texts:
@@ -101,8 +104,7 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
         if engine.name == "local":
             start = random.randrange(len(chunks)) if chunks else 0
             for chunk in chunks[start:] + chunks[:start]:
-                ctx.store.refresh()
-                missing = set(ctx.store.missing("text_encode", [j["key"] for j in chunk]))
+                missing = still_missing(ctx, "text_encode", [j["key"] for j in chunk])
                 chunk = [j for j in chunk if j["key"] in missing]
                 write(engine.run(chunk, None, make_worker, params.batch_size), advance=advance)
         else:

@@ -21,6 +21,8 @@ import pyarrow as pa
 from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 
 VERSION = 2
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("unet", "scheduler")
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, and gradient checkpointing (same math,

@@ -24,16 +24,19 @@ from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.cache_format import items_per_shard
 from sdxlpipe.pipeline.keys import item_key, partition_of
-from sdxlpipe.pipeline.plan import plan_items, write_results
+from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
+# The table columns holding keys of this stage's store items: the runner checks them for damage.
+STORE_COLUMNS = ("latent_key", "latent_flip_key")
+# The model parts this stage's items depend on: `status` names them when their weights change.
+MODELS = ("vae",)
 OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
 FIELD = "latent.safetensors"
 # SDXL's VAE downsamples x8 (so does tiny's); the mask is stored at this resolution.
 LATENT_FACTOR = 8
-# The store's own default shard size (256 MiB): chunks are sized to fill one shard.
-SHARD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _chunks(jobs: list[dict], rows, keys, params: Params) -> list[list[dict]]:
             # mean and std in fp16 (x2 with the flip), plus the mask
             latent = 4 * (b[0] // LATENT_FACTOR) * (b[1] // LATENT_FACTOR) * 2
             item = (2 * latent + latent // 4) * (2 if params.flip_aug else 1) + 2048
-            per_shard = max(1, SHARD_BYTES // item)
+            per_shard = items_per_shard(item)  # the store's shard size decides the chunk
         n = max(1, math.ceil(per_bucket[b] / per_shard))
         chunks.setdefault((*b, partition_of(job["chunk_key"], n)), []).append(job)
     return [sorted(chunks[c], key=lambda j: j["chunk_key"]) for c in sorted(chunks)]
@@ -193,8 +196,7 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
 
 def _still_missing(chunk: list[dict], ctx) -> list[dict]:
     """The chunk without the latents another writer committed since we planned."""
-    ctx.store.refresh()
-    missing = set(ctx.store.missing("vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k]))
+    missing = still_missing(ctx, "vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k])
     out = []
     for j in chunk:
         j = {**j, "key": j["key"] if j["key"] in missing else "",

@@ -184,11 +184,13 @@ def test_item_keys_that_would_break_webdataset_are_refused(tmp_path):
         with pytest.raises(StoreError, match="item key"):
             w.add("a.b", FIELD, b"x")
         with pytest.raises(StoreError, match="field"):
-            w.add("ab", "sub/dir", b"x")
-        w.add("ab", FIELD, b"x")
-        w.add("cd", FIELD, b"x")
+            w.add("ab" * 16, "sub/dir", b"x")
+        with pytest.raises(StoreError, match="item key"):
+            w.add("ab", FIELD, b"x")  # not an xxh3-128 hex digest: readers would refuse its fragment
+        w.add("ab" * 16, FIELD, b"x")
+        w.add("cd" * 16, FIELD, b"x")
         with pytest.raises(StoreError, match="added again"):
-            w.add("ab", "json", b"{}")
+            w.add("ab" * 16, "json", b"{}")
     with pytest.raises(StoreError, match="stage name"):
         store.present("../etc")
 

@@ -18,6 +18,7 @@ from sdxlpipe.cache_format import encode_tensors, open_store
 from sdxlpipe.config import load_config
 from sdxlpipe.pipeline.context import Context, Models
 from sdxlpipe.pipeline.hashing import ContentMemo
+from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.pipeline.progress import Reporter
 from sdxlpipe.pipeline.workspace import Workspace
 from sdxlpipe.stages import train as train_stage
@@ -57,13 +58,15 @@ def build_samples(ctx: Context, n: int = 6, *, size: int = 64, flips: bool = Fal
     side = size // 8
     rows = []
     with ctx.store.writer("vae_encode") as lw, ctx.store.writer("text_encode") as tw:
-        def text(key: str) -> str:
+        def text(name: str) -> str:
+            key = xxh3_hex(name)  # store keys are xxh3-128 hex digests
             tw.add(key, "text.safetensors", encode_tensors({
                 "prompt_embeds": torch.randn(77, 96, generator=g).half(),
                 "pooled_prompt_embeds": torch.randn(32, generator=g).half()}))
             return key
 
-        def latent(key: str) -> str:
+        def latent(name: str) -> str:
+            key = xxh3_hex(name)
             tensors = {"mean": (torch.randn(4, side, side, generator=g) * 4).half(),
                        "std": torch.full((4, side, side), 0.05).half()}
             if masks:

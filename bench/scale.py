@@ -1,0 +1,253 @@
+"""The store and the pipeline at a million samples: prints figures, asserts nothing.
+
+    python bench/scale.py index [--rows 100000 1000000] [--fragments 1000]
+    python bench/scale.py noop [--images 2000]
+
+index: makes stores of real index fragments (1,000 of them; keys, shard ids
+and checksums are real xxh3 hex, the shards they point at are not written)
+and measures, each store loaded in a fresh process:
+  load       time and peak RSS (growth over the process after imports) of the
+             first lookup, which lists and reads every fragment
+  missing    store.missing() for 10k keys (half present) against the store
+  plan       a vae_encode over every row planned the way the stage does it:
+             one missing() over all keys, then per chunk of 906 keys (SDXL
+             1024^2 latents fill a 256 MiB shard with 906) one refresh and one
+             missing(); with 0% missing, and with 1% missing where each chunk
+             with work commits one real shard (that write time reported apart)
+noop: a real folder of small images, `sdxlpipe run all` once to fill the store
+  (tiny model, 64 px, 1 training step), then the no-op `run all`, `status` and
+  `sdxlpipe --help` in fresh processes, best of 3 each, as ratios to --help.
+Targets (issue 8): load <= 2 s in <= 300 MB, missing 10k <= 50 ms, planning a
+1M encode <= 60 s; no-op run all over 2k images <= 2x --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = "vae_encode"
+FIELD = "latent.safetensors"
+CHUNK = 906  # SDXL 1024^2: mean+std fp16 (+mask) per item, 256 MiB shards -> 906 items
+
+
+def make_index_store(root: Path, rows: int, fragments: int) -> None:
+    """A store whose index holds `rows` rows in `fragments` fragments, written to the spec."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdxlpipe.cache_format import open_store
+
+    open_store(str(root))
+    directory = root / "index" / STAGE
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per = -(-rows // fragments)
+    for f in range(fragments):
+        n = min(per, rows - f * per)
+        if n <= 0:
+            break
+        raw = rng.integers(0, 2**63, (n, 4), dtype=np.int64)
+        hexes = [f"{a:016x}{b:016x}" for a, b in raw[:, :2].tolist()]
+        sums = [f"{a:016x}{b:016x}" for a, b in raw[:, 2:].tolist()]
+        shard = secrets.token_hex(16)
+        length = 296_000
+        table = pa.table({
+            "item_key": hexes, "field": [FIELD] * n, "shard_id": [shard] * n,
+            "offset": pa.array(np.arange(n, dtype=np.int64) * (length + 1536) + 1024),
+            "length": pa.array(np.full(n, length, np.int64)), "xxh3": sums, "group": ["vae:bench"] * n,
+        })
+        pq.write_table(table, directory / f"{shard}.parquet")
+
+
+def all_keys(root: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    keys = []
+    for p in sorted((root / "index" / STAGE).glob("*.parquet")):
+        keys += pq.ParquetFile(p).read(columns=["item_key"]).column(0).to_pylist()
+    return keys
+
+
+def child_index(root: str, plan_missing: float | None) -> dict:
+    """Runs in a fresh process: load, missing(10k), and (optionally) plan over every key."""
+    import random
+
+    from sdxlpipe.cache_format import open_store
+
+    root_p = Path(root)
+    keys = all_keys(root_p)  # before the baseline: the benchmark's own key list
+    rng = random.Random(0)
+    probe = rng.sample(keys, 5000) + [secrets.token_hex(16) for _ in range(5000)]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    store = open_store(root)
+    t, cpu = time.perf_counter(), _cpu()
+    store.missing(STAGE, [])  # the first lookup lists and reads every fragment
+    load, load_cpu = time.perf_counter() - t, _cpu() - cpu
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        absent = store.missing(STAGE, probe)
+        times.append(time.perf_counter() - t)
+    out = {"rows": len(keys), "load_s": load, "load_cpu_s": load_cpu, "load_peak_mb": peak, "missing10k_s": min(times),
+           "missing10k_found": len(absent)}
+    if plan_missing is not None:
+        out.update(plan(store, keys, plan_missing, rng))
+    return out
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads): a shared, loaded machine stretches wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def plan(store, keys: list[str], share: float, rng) -> dict:
+    """Plan a vae_encode over `keys` as the stage does; `share` of them are absent (new images)."""
+    extra = [secrets.token_hex(16) for _ in range(int(len(keys) * share))]
+    wanted = keys + extra
+    rng.shuffle(wanted)
+    chunks = [wanted[i:i + CHUNK] for i in range(0, len(wanted), CHUNK)]
+    t, cpu0 = time.perf_counter(), _cpu()
+    todo = set(store.missing(STAGE, wanted))
+    first = time.perf_counter() - t
+    between, writing, commits, cpu = 0.0, 0.0, 0, _cpu() - cpu0
+    for chunk in chunks:
+        t, c = time.perf_counter(), _cpu()
+        store.refresh(STAGE)
+        need = [k for k in store.missing(STAGE, chunk) if k in todo]
+        store.housekeep(STAGE)
+        between += time.perf_counter() - t
+        cpu += _cpu() - c
+        if need:
+            t = time.perf_counter()
+            with store.writer(STAGE) as w:
+                for k in need:
+                    w.add(k, FIELD, b"x" * 64)
+            writing += time.perf_counter() - t
+            commits += 1
+    return {"plan_share": share, "plan_first_s": first, "plan_cpu_s": cpu, "plan_between_s": between,
+            "plan_total_s": first + between, "chunks": len(chunks), "commits": commits,
+            "write_s": writing, "todo": len(todo)}
+
+
+def run_child(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_index(rows_list: list[int], fragments: int) -> None:
+    print(f"# index: {fragments} fragments; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for rows in rows_list:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "store"
+            t = time.perf_counter()
+            make_index_store(root, rows, fragments)
+            print(f"rows {rows:>9,}: store made in {time.perf_counter() - t:.1f} s")
+            r = run_child(["--child-index", str(root)])
+            print(f"  load {r['load_s']:.2f} s wall, {r['load_cpu_s']:.2f} s CPU (target <= 2 s), peak +{r['load_peak_mb']:.0f} MB (target <= 300); "
+                  f"missing(10k) {r['missing10k_s'] * 1000:.1f} ms (target <= 50), found {r['missing10k_found']} absent")
+            if rows >= 1_000_000:
+                for share in (0.0, 0.01):
+                    p = run_child(["--child-index", str(root), "--plan", str(share)])
+                    print(f"  plan {share:.0%} missing: {p['plan_total_s']:.1f} s wall, {p['plan_cpu_s']:.1f} s CPU "
+                          f"(target <= 60) = first missing() "
+                          f"{p['plan_first_s']:.2f} s + {p['chunks']} chunks' refresh+missing "
+                          f"{p['plan_between_s']:.1f} s; {p['commits']} shards committed in {p['write_s']:.1f} s "
+                          f"(not planning); {p['todo']} to compute")
+
+
+# -- no-op run all -----------------------------------------------------------------------
+
+
+def make_images(folder: Path, count: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        (folder / f"{i:06d}.txt").write_text(f"a picture number {i}")
+
+
+def timed(cmd: list[str], cwd: Path, runs: int = 3) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_noop(images: int) -> None:
+    cli = [sys.executable, "-m", "sdxlpipe"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_images(work / "images", images)
+        (work / "sdxlpipe.toml").write_text("""
+model = "tiny"
+[[sources]]
+path = "images"
+[bucket]
+resolution = 64
+step = 32
+min_side = 32
+max_side = 128
+[vae_encode]
+workers = 0
+[train]
+max_steps = 1
+batch_size = 4
+[export]
+output_dir = "output"
+""")
+        t = time.perf_counter()
+        first = subprocess.run([*cli, "run", "all"], cwd=work, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if first.returncode:
+            print(first.stderr[-3000:])
+            raise SystemExit("the first run failed")
+        print(f"# noop: {images} images; first run all {time.perf_counter() - t:.0f} s")
+        help_s = timed([*cli, "--help"], work)
+        noop_s = timed([*cli, "run", "all"], work)
+        status_s = timed([*cli, "status"], work)
+        print(f"  --help {help_s:.2f} s; no-op run all {noop_s:.2f} s = {noop_s / help_s:.2f}x --help "
+              f"(target <= 2x); status {status_s:.2f} s = {status_s / help_s:.2f}x")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child-index":
+        share = float(sys.argv[sys.argv.index("--plan") + 1]) if "--plan" in sys.argv else None
+        print(json.dumps(child_index(sys.argv[2], share)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["index", "noop", "all"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--fragments", type=int, default=1000)
+    ap.add_argument("--images", type=int, default=2000)
+    a = ap.parse_args()
+    if a.part in ("index", "all"):
+        bench_index(a.rows, a.fragments)
+    if a.part in ("noop", "all"):
+        bench_noop(a.images)
+
+
+if __name__ == "__main__":
+    main()
