@@ -4,6 +4,7 @@ import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from sdxlpipe.cache_format import open_store
 
@@ -142,6 +143,7 @@ for i in range(20):
 """
 
 
+@pytest.mark.slow  # ~12 s on the shared 2-core machine: a second process commits 20 shards
 def test_auto_compaction_beside_a_concurrent_writer_loses_nothing(tmp_path):
     import os
     import subprocess
