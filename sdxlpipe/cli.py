@@ -27,6 +27,11 @@ app.add_typer(model_app, name="model")
 app.add_typer(store_app, name="store")
 app.add_typer(import_app, name="import")
 
+# issue 10: the LoRA toolbox lives in its own module (torch-free at import).
+from sdxlpipe.lora.cli import lora_app  # noqa: E402
+
+app.add_typer(lora_app, name="lora")
+
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config file")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 DEFAULT_CONFIG = Path("sdxlpipe.toml")
