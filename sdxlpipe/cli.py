@@ -27,6 +27,11 @@ app.add_typer(model_app, name="model")
 app.add_typer(store_app, name="store")
 app.add_typer(import_app, name="import")
 
+# issue 10: the LoRA toolbox lives in its own module (torch-free at import).
+from sdxlpipe.lora.cli import lora_app  # noqa: E402
+
+app.add_typer(lora_app, name="lora")
+
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config file")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 DEFAULT_CONFIG = Path("sdxlpipe.toml")
@@ -36,25 +41,43 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-def _setup(debug_console: Console) -> None:
+def _setup(debug_console: Console, quiet: bool = False, verbose: bool = False) -> None:
     from sdxlpipe.pipeline.progress import setup_logging
 
     # transformers warns that CLIPImageProcessor wants torchvision: harmless for us.
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    setup_logging(debug_console, debug=bool(os.environ.get("SDXLPIPE_DEBUG")))
+    setup_logging(debug_console, debug=verbose or bool(os.environ.get("SDXLPIPE_DEBUG")), quiet=quiet)
 
 
 def _parse_shards(text: str | None) -> tuple[int, int] | None:
+    """`--shards K/N`, K counted from 1 (like Jest's and Playwright's --shard) -> the 0-based (K-1, N)."""
     if text is None:
         return None
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise UserError(f"--shards {text!r} is not K/N", "give the partition as K/N with 0 <= K < N, e.g. --shards 0/4")
-    if not 0 <= k < n:
-        raise UserError(f"--shards {text}: need 0 <= K < N", "e.g. --shards 0/4 ... --shards 3/4 on four machines")
-    return k, n
+        raise UserError(f"--shards {text!r} is not K/N", "give this machine's part as K/N with 1 <= K <= N, e.g. --shards 1/4")
+    if not 1 <= k <= n:
+        raise UserError(f"--shards {text}: need 1 <= K <= N (K counts from 1)",
+                        f"on {max(n, 2)} machines run --shards 1/{max(n, 2)} ... --shards {max(n, 2)}/{max(n, 2)}")
+    return k - 1, n
+
+
+def _check_store(url: str, must_exist: bool, flag: str) -> None:
+    """A local store path that is a file, or (when it must exist) no store at all: one clear error.
+
+    `flag` is where the user set it (`--store`, `[store] url in sdxlpipe.toml`), so the hint names it.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.isfile(root):
+        raise UserError(f"the store {url} is a file, not a folder",
+                        f"point {flag} at a folder (a new one starts an empty store)")
+    if must_exist and not fs.isfile(root.rstrip("/") + "/FORMAT"):
+        raise UserError(f"no sdxlpipe store at {url}" + ("" if fs.exists(root) else " (it does not exist)"),
+                        f"check {flag}; a store is made by `sdxlpipe run encode` or as the target of `sdxlpipe store pull`")
 
 
 @app.command()
@@ -62,59 +85,103 @@ def run(
     target: Annotated[str, typer.Argument(help="all, encode, or a stage: ingest caption bucket vae_encode text_encode train export")] = "all",
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.max_steps=5")] = None,
-    shards: Annotated[Optional[str], typer.Option("--shards", help="K/N: compute only partition K of N of the encode items")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="where the encoders run: local, or ray (pip install 'sdxlpipe[ray]')")] = "local",
+    shards: Annotated[Optional[str], typer.Option("--shards", help=(
+        "K/N with K from 1 to N: this machine computes only part K of N of the encode items "
+        "(an item's part comes from its key, so the N parts are about equal); "
+        "run --shards 1/N ... --shards N/N on N machines sharing one store"))] = None,
+    engine: Annotated[str, typer.Option("--engine", help="where the encoders run: local, or ray (pip install 'sdxlpipe\\[ray]')")] = "local",
     as_json: JsonOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any input file was rejected")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any input file was rejected or any item failed")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress and no info messages; warnings and errors still print")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print debug messages")] = False,
 ) -> None:
-    """Bring every stage up to TARGET up to date; compute only what changed."""
+    """Bring every stage up to TARGET up to date; compute only what changed.
+
+    Exit code: 0 when every stage asked for did its work; 1 when a stage failed
+    (e.g. train with no samples) or, with --strict, when an input was rejected;
+    2 for a config or input mistake (an Error: line and a Hint:).
+    """
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
     from sdxlpipe.pipeline.progress import Reporter
+    from sdxlpipe.pipeline.progress import ITEM_NAMES
     from sdxlpipe.pipeline.runner import run_pipeline
 
     console = _stderr()
-    _setup(console)
+    _setup(console, quiet=quiet, verbose=verbose)
     try:
         stages_for(target)
     except KeyError:
-        raise UserError(f"unknown stage {target!r}", f"use all, encode or one of: {', '.join(STAGE_NAMES)}")
+        import difflib
+
+        close = difflib.get_close_matches(target, ["all", "encode", *STAGE_NAMES], n=1)
+        raise UserError(f"unknown stage {target!r}" + (f"; did you mean {close[0]}?" if close else ""),
+                        f"use all, encode or one of: {', '.join(STAGE_NAMES)}")
+    partition = _parse_shards(shards)
+    if partition is not None and "train" in stages_for(target):
+        raise UserError(f"--shards splits the encode stages only, not `run {target}`",
+                        "run `sdxlpipe run encode --shards K/N` on each machine, then `sdxlpipe run all` on one")
     cfg = load_config(config, set_)
     from sdxlpipe.engines import ENGINES
 
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r} is not known", f"use one of: {', '.join(ENGINES)}")
-    report = run_pipeline(cfg, target, partition=_parse_shards(shards), reporter=Reporter(console), engine=engine)
-    if int(os.environ.get("RANK", "0")) != 0:
+    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    # Under accelerate launch / torchrun every process runs; only rank 0 shows progress.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    report = run_pipeline(cfg, target, partition=partition, reporter=Reporter(console, enabled=not quiet and main_process),
+                          engine=engine)
+    if not main_process:
         return  # under accelerate launch / torchrun every process runs; one reports
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])
+    failed = report["failed_stages"]
     if as_json:
         print(json.dumps(report, indent=2))
-        if failed_strict:
-            raise typer.Exit(1)
-        return
-    for name, s in report["stages"].items():
-        print(f"{name:12} {s['items']:>7} items  {s['computed']:>7} computed  {s['reused']:>7} reused"
-              + (f"  {s['failed']} failed" if s["failed"] else "") + f"  {s['seconds']:.1f}s")
-    for r in report["rejected"]:
-        print(f"rejected: {r['path']}: {r['reason']}")
-    for path in report["outputs"].get("lora", []):
-        print(f"wrote {path}")
+    else:
+        for name, s in report["stages"].items():
+            print(f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['computed']:>7} computed  {s['reused']:>7} reused"
+                  + (f"  {s['failed']} failed" if s["failed"] else "") + f"  {s['seconds']:.1f}s"
+                  + (f"  ({'; '.join(s['reasons'])})" if name in failed and s["reasons"] else ""))
+        for r in report["rejected"]:
+            print(f"rejected: {r['path']}: {r['reason']}")
+        written = set(report["outputs"].get("written", []))
+        for path in report["outputs"].get("lora", []):
+            print(f"wrote {path}" if path in written else f"up to date: {path}")
+    if failed:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),
+                  markup=False)
+        err.print("Hint: the reasons are in the report above (--json: stages.*.reasons); "
+                  f"`sdxlpipe inspect -c {config}` shows the dataset and its rejected files", markup=False)
+        raise typer.Exit(1)
     if failed_strict:
         _stderr().print("Error: --strict: input files were rejected (listed above)", markup=False)
         raise typer.Exit(1)
 
 
 @app.command()
-def status(config: ConfigOpt = DEFAULT_CONFIG, as_json: JsonOpt = False) -> None:
-    """What is up to date, what must be computed, and why. Loads no model."""
+def status(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="the same overrides as the run you ask about: --set train.max_steps=5")] = None,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 when anything is stale (for scripts: sdxlpipe status --check || sdxlpipe run all)")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """What is up to date, what must be computed, and why. Loads no model.
+
+    Exit code: 0 (with --check: 0 only when everything is up to date, 1 when
+    anything must be computed); 2 for a config mistake.
+    """
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.status import format_status, status as compute_status
 
     _setup(_stderr())
-    result = compute_status(load_config(config))
+    cfg = load_config(config, set_)
+    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    result = compute_status(cfg)
     print(json.dumps(result, indent=2) if as_json else format_status(result))
+    if check and not result["up_to_date"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -135,27 +202,36 @@ def buckets(
     if as_json:
         print(json.dumps([list(b) for b in found]))
         return
+    print(f"{'width':>5}   {'height':<6} aspect (width / height)")
     for w, h in found:
-        print(f"{w:>5} x {h:<5} aspect {w / h:.3f}")
+        print(f"{w:>5} x {h:<6} {w / h:.3f}")
 
 
 @app.command()
 def init(
-    folder: Annotated[Path, typer.Argument(help="the dataset folder (images and captions, kohya folders, or tars)")],
+    folder: Annotated[Path, typer.Argument(help="the dataset: a folder (images and captions, kohya or EveryDream tree, img2dataset tars) or a .jsonl/.csv/.parquet manifest")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the config")] = DEFAULT_CONFIG,
-    model: Annotated[str, typer.Option(help="base model: Hub id, diffusers folder, .safetensors file, or tiny")] = "stabilityai/stable-diffusion-xl-base-1.0",
+    model: Annotated[str, typer.Option(help="base model: Hub id, diffusers folder, .safetensors file, or tiny; sets resolution and training defaults")] = "stabilityai/stable-diffusion-xl-base-1.0",
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing config")] = False,
 ) -> None:
-    """Look at a dataset folder and write a commented config that runs on it."""
+    """Look at a dataset and the model, and write a commented config that runs on them."""
     from sdxlpipe.datasets.init import write_config
 
-    if not folder.is_dir():
-        raise UserError(f"not a folder: {folder}", "pass the folder that holds your images: sdxlpipe init path/to/images")
+    if not folder.exists():
+        raise UserError(f"not found: {folder}", "pass the folder that holds your images: sdxlpipe init path/to/images")
     if output.exists() and not force:
         raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
-    path, seen = write_config(folder, output, model)
-    print(f"wrote {path} ({seen['images'] or seen['tars']} {'images' if seen['images'] else 'tar shards'}); "
-          f"check it, then: sdxlpipe inspect -c {path}")
+    path, sources = write_config(folder, output, model)
+    err = _stderr()
+    for s in sources:
+        for where, reason in s.rejected:
+            err.print(f"left out: {where}: {reason}", markup=False, highlight=False)
+    samples = sum(s.samples for s in sources)
+    rejected = sum(len(s.rejected) for s in sources)
+    tars = sum(s.tars for s in sources)
+    print(f"wrote {path}: {samples} {'samples in ' + str(tars) + ' tar shard(s)' if tars else 'images'}"
+          + (f", {rejected} left out (listed above)" if rejected else ""))
+    print(f"next: sdxlpipe inspect -c {path}   (check it), then: sdxlpipe run all -c {path}")
 
 
 @app.command()
@@ -170,10 +246,14 @@ def inspect(
     from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset, plot_buckets
 
     _setup(_stderr())
-    result = inspect_dataset(load_config(config), batch_size)
+    cfg = load_config(config)
+    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    result = inspect_dataset(cfg, batch_size)
     if plot is not None:
-        result["plot"] = str(plot_buckets(result, plot))
+        result["plot"] = str(plot_buckets(result, plot).absolute())
     print(json.dumps(result, indent=2) if as_json else format_inspect(result))
+    if plot is not None and not as_json:
+        print(f"wrote {result['plot']}")
 
 
 @import_app.command("kohya")
@@ -214,10 +294,13 @@ def _store_from(config: Path, url: str | None):
     from sdxlpipe.cache_format import open_store
 
     if url:
+        _check_store(url, must_exist=True, flag="--store")
         return open_store(url, create=False)
     from sdxlpipe.config import load_config
 
-    return open_store(load_config(config).store_url, create=False)
+    url = load_config(config).store_url
+    _check_store(url, must_exist=True, flag=f"[store] url in {config} (or pass --store)")
+    return open_store(url, create=False)
 
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path or URL (default: the config's)")]
@@ -263,6 +346,8 @@ def _copy_store(src: str, dst: str, as_json: bool) -> None:
     from sdxlpipe.cache_format import open_store
 
     _setup(_stderr())
+    _check_store(src, must_exist=True, flag="SRC (the first argument)")
+    _check_store(dst, must_exist=False, flag="DST (the second argument)")
     source = open_store(src, create=False)
     report = source.copy_missing_to(open_store(dst, create=True))
     if as_json:

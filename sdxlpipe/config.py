@@ -9,6 +9,7 @@ and no torch is imported here.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
@@ -61,13 +62,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}", "fix the syntax at the line named above") from e
     problems: list[tuple[str, str]] = []
+    # dotted key -> the `--set` text that gave it, so its problems are blamed on --set, not the file.
+    from_set: dict[str, str] = {}
     for item in overrides or []:
-        _apply_override(raw, item, problems)
+        before = len(problems)
+        dotted = _apply_override(raw, item, problems)
+        for key, _ in problems[before:]:  # `--set foo` without =, `--set model.x=1`
+            from_set[key] = item
+        if dotted:
+            from_set[dotted] = item
     base = path.parent.absolute()
 
     for key in raw:
         if key not in _TOP:
-            problems.append((key, f"unknown key (known: {', '.join(sorted(_TOP))})"))
+            problems.append((key, unknown_key(key, _TOP)))
 
     model = raw.get("model", "tiny")
     if not isinstance(model, str) or not model:
@@ -93,7 +101,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     else:
         for key in store:
             if key != "url":
-                problems.append((f"store.{key}", "unknown key (known: url)"))
+                problems.append((f"store.{key}", unknown_key(key, ["url"])))
         if "url" in store:
             store_url = _resolve_url(str(store["url"]), base)
 
@@ -111,7 +119,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             problems.extend(module.check(params[name]))
 
     if problems:
-        raise ConfigError(str(path), problems)
+        raise ConfigError(str(path), problems, {key: _set_item(key, from_set) for key, _ in problems})
     return Config(
         path=path.absolute(), base_dir=base, model=_resolve_model(model, base), vae=vae and _resolve_model(vae, base),
         allow_pickle=allow_pickle, device=device, store_url=store_url,
@@ -133,11 +141,27 @@ def _resolve_url(url: str, base: Path) -> str:
     return str(base / url)
 
 
-def _apply_override(raw: dict, item: str, problems: list) -> None:
-    """`--set train.max_steps=5`: the value is parsed as TOML, else kept as a string."""
+def unknown_key(key: str, known) -> str:
+    """`unknown key; did you mean max_steps?`: the close matches, never the whole list."""
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    if close:
+        return "unknown key; did you mean " + " or ".join(close) + "?"
+    return f"unknown key ({len(known)} known; e.g. {', '.join(sorted(known)[:4])}, ...)"
+
+
+def _set_item(key: str, from_set: dict[str, str]) -> str | None:
+    """The `--set` text behind a problem's key (`train.max_steps`, or a key inside a table it set), if any."""
+    for dotted, item in from_set.items():
+        if key == dotted or key.startswith(dotted + ".") or key.startswith(dotted + "["):
+            return item
+    return None
+
+
+def _apply_override(raw: dict, item: str, problems: list) -> str | None:
+    """`--set train.max_steps=5`: the value is parsed as TOML, else kept as a string. Returns the dotted key."""
     if "=" not in item:
         problems.append((item, "--set wants KEY=VALUE, e.g. --set train.max_steps=5"))
-        return
+        return None
     dotted, value_text = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {value_text}")["v"]
@@ -149,8 +173,9 @@ def _apply_override(raw: dict, item: str, problems: list) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             problems.append((dotted, f"{part} is not a table"))
-            return
+            return None
     node[leaf] = value
+    return dotted.strip()
 
 
 def _build(cls: type, table: dict, prefix: str, base: Path, problems: list) -> Any:
@@ -160,7 +185,7 @@ def _build(cls: type, table: dict, prefix: str, base: Path, problems: list) -> A
     for key, value in table.items():
         where = f"{prefix}.{key}"
         if key not in fields:
-            problems.append((where, f"unknown key (known: {', '.join(fields)})"))
+            problems.append((where, unknown_key(key, fields)))
             continue
         ok, coerced = _coerce(value, hints[key], where, base, problems)
         if ok:
@@ -188,8 +213,13 @@ def _coerce(value: Any, hint: Any, where: str, base: Path, problems: list) -> tu
         problems.append((where, f"must be one of {', '.join(repr(a) for a in args)}, not {value!r}"))
         return False, None
     if origin is tuple:
-        if isinstance(value, (str, dict)) or not isinstance(value, list):
-            value = [value]
+        if not isinstance(value, (list, dict)):
+            # `formats = "kohya"` would be read as one item by some and as letters by others: say so.
+            example = f"[{_toml(value)}]"
+            problems.append((where, f"must be a list, not {value!r}: write {where.rpartition('.')[2]} = {example}"))
+            return False, None
+        if isinstance(value, dict):
+            value = [value]  # a single [table] where [[tables]] belong: one entry
         out = []
         for i, item in enumerate(value):
             ok, c = _coerce(item, args[0], f"{where}[{i}]", base, problems)
@@ -217,6 +247,12 @@ def _coerce(value: Any, hint: Any, where: str, base: Path, problems: list) -> tu
             return True, value
     problems.append((where, f"must be {getattr(hint, '__name__', hint)}, not {value!r}"))
     return False, None
+
+
+def _toml(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _to_plain(obj: Any) -> Any:

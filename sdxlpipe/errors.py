@@ -19,12 +19,19 @@ class UserError(Exception):
 class ConfigError(UserError):
     """Every problem found in a config file at once (one line each)."""
 
-    def __init__(self, path: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(self, path: str, problems: list[tuple[str, str]], from_set: dict[str, str | None] | None = None) -> None:
         self.path = path
         self.problems = problems
-        first_key, first_msg = problems[0]
-        what = "; ".join(f"{key}: {msg}" for key, msg in problems)
-        super().__init__(
-            f"{path}: {what}",
-            "fix the key(s) named above; `sdxlpipe init FOLDER` writes a commented example config",
-        )
+        # A problem whose value came from `--set key=value` is blamed on that, not on the file.
+        from_set = from_set or {}
+        in_file = [(k, m) for k, m in problems if not from_set.get(k)]
+        parts = [f"--set {from_set[k]}: {m}" for k, m in problems if from_set.get(k)]
+        if in_file:
+            parts.insert(0, f"{path}: " + "; ".join(f"{key}: {msg}" for key, msg in in_file))
+        if not in_file:
+            hint = "fix the --set value(s) named above: --set section.key=value, the value written as in TOML"
+        elif len(in_file) < len(problems):
+            hint = f"fix the key(s) named above in {path} and the --set value(s)"
+        else:
+            hint = "fix the key(s) named above; `sdxlpipe init FOLDER` writes a commented example config"
+        super().__init__("; ".join(parts), hint)

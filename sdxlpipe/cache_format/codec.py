@@ -104,7 +104,10 @@ def decode_tensors(data: bytes, framework: str = "np") -> tuple[dict, dict[str, 
         from safetensors.torch import load
     else:
         from safetensors.numpy import load
-    return load(bytes(data)), meta
+    try:
+        return load(bytes(data)), meta
+    except Exception as e:  # safetensors raises its own SafetensorError for lying headers
+        raise ValueError(f"not a safetensors payload: {e}") from e
 
 
 def encode_json(obj: Any) -> bytes:

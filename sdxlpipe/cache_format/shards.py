@@ -75,6 +75,27 @@ def check_item_name(item_key: str, field: str) -> str:
     return f"{item_key}.{field}"
 
 
+def bad_member_names(path: str) -> list[str]:
+    """The members of a local tar that are not plain `<item_key>.<field>` files (a path,
+    `..`, a link, a device...), or why it is no tar at all: a shard from elsewhere is
+    untrusted, and a tool that extracts it must not write outside its folder."""
+    bad = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, field = member.name.partition(".")
+                try:
+                    check_item_name(key, field)
+                except StoreError:
+                    bad.append(member.name)
+                    continue
+                if not member.isreg():
+                    bad.append(member.name)
+    except (tarfile.TarError, ValueError) as e:
+        return [f"(not a readable tar: {e})"]
+    return bad
+
+
 def check_stage(stage: str) -> str:
     if not stage or not all(c.isalnum() or c in "_-" for c in stage):
         raise StoreError(

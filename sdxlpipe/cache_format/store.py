@@ -10,8 +10,11 @@ any fsspec URL. Imports no torch: status and no-op runs stay cheap.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import re
 import secrets
+import threading
 import time
 from typing import BinaryIO, Iterable, Iterator
 
@@ -57,6 +60,14 @@ DEFAULT_SHARD_BYTES = SHARD_BYTES  # 256 MiB; why: see shards.py
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0
+# A live writer touches its temp file this often, so gc never takes an idle writer's file
+# (the Ray driver holds one builder for a whole stream); well under the grace period.
+DEFAULT_KEEPALIVE_SECONDS = 300.0
+# Waits between attempts when a shard read fails with an I/O error (a network blip, a
+# throttled object store): ~8 s in all before the error is raised. Never marks anything bad.
+READ_RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
+# A shard id is the xxh3-128 hex of the tar: anything else never becomes a path.
+SHARD_ID = re.compile(r"[0-9a-f]{32}")
 # Past this many index fragments in a stage, the run that notices compacts it (housekeep):
 # loading costs ~1.5 ms per fragment however small, a compacted million rows ~0.5 s.
 COMPACT_FRAGMENTS = 256
@@ -66,8 +77,12 @@ COMPACT_MARKERS = 16
 log = logging.getLogger("sdxlpipe.store")
 
 
-def open_store(url_or_path: str, create: bool = True) -> "Store":
-    """Open the store at a local path or fsspec URL; with create, start one in a new or empty dir."""
+def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) -> "Store":
+    """Open the store at a local path or fsspec URL; with create, start one in a new or empty dir.
+
+    missing_ok (for `status` and dry runs): a store that does not exist yet opens as an
+    empty one, and nothing is created.
+    """
     fs, root = fsspec.core.url_to_fs(url_or_path)
     root = root.rstrip("/") or "/"
     url = root if is_local(fs) and "://" not in url_or_path else url_or_path.rstrip("/")
@@ -77,6 +92,8 @@ def open_store(url_or_path: str, create: bool = True) -> "Store":
     except FileNotFoundError:
         line = None
     if line is None:
+        if missing_ok and not create:
+            return Store(fs, root, url)
         if not create:
             raise StoreError(
                 f"no sdxlpipe store at {url}: {format_path} does not exist",
@@ -111,7 +128,9 @@ def _list_names(fs, path: str, dirs_only: bool = False) -> list[str]:
 
 
 def _check(f: BinaryIO, loc: Location) -> tuple[bytes | None, str | None]:
-    """The payload at a location, or None and what is wrong with it."""
+    """The payload at a location, or None and what is wrong with it. I/O errors propagate."""
+    if loc.offset < 0 or loc.length < 0:
+        return None, f"index row gives offset {loc.offset}, length {loc.length}"
     data = read_range(f, loc.offset, loc.length)
     if len(data) != loc.length:
         return None, f"truncated: {len(data)} of {loc.length} bytes"
@@ -128,6 +147,8 @@ class Store:
         self.root = root
         self.url = url
         self._indexes: dict[str, StageIndex] = {}
+        # Set it shorter (or empty) where waiting on a failing backend is pointless, e.g. tests.
+        self.read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
         self._stale: set[str] = set()  # stages to list again before the next lookup
         # This Store's bad markers, one file per stage for its whole life (a run), rewritten whole.
         self._bad_name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
@@ -146,7 +167,14 @@ class Store:
         return self._path("tmp")
 
     def _shard(self, stage: str, shard_id: str, ext: str = "tar") -> str:
-        return self._path("shards", stage, f"{shard_id}.{ext}")
+        if not isinstance(shard_id, str) or not SHARD_ID.fullmatch(shard_id):
+            raise StoreError(
+                f"store {self.url}: refusing shard id {shard_id!r} of stage {stage}: "
+                "not 32 lowercase hex digits",
+                "an index fragment or manifest of this store is damaged or crafted; run "
+                "`sdxlpipe store verify` and delete the fragment that names it",
+            )
+        return self._path("shards", check_stage(stage), f"{shard_id}.{ext}")
 
     def _stage_names(self) -> list[str]:
         names = set(_list_names(self.fs, self._path("shards"), dirs_only=True))
@@ -220,9 +248,10 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES, group: str = "") -> "Writer":
+    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES, group: str = "",
+               keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS) -> "Writer":
         """A context manager that packs added items into shards of about target_shard_bytes."""
-        return Writer(self, check_stage(stage), target_shard_bytes, group)
+        return Writer(self, check_stage(stage), target_shard_bytes, group, keepalive_seconds)
 
     def _new_builder(self) -> ShardBuilder:
         # Local stores build the tar inside the store so the final rename is atomic.
@@ -230,6 +259,12 @@ class Store:
 
     def _commit(self, stage: str, builder: ShardBuilder, group: str = "") -> str:
         """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
+        try:
+            return self._commit_steps(stage, builder, group)
+        except OSError as e:
+            raise _write_error(self, stage, e) from e
+
+    def _commit_steps(self, stage: str, builder: ShardBuilder, group: str) -> str:
         try:
             shard_id, nbytes = builder.finish()
             place_file(self.fs, builder.path, self._shard(stage, shard_id), self._tmp)
@@ -258,25 +293,63 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _open(self, stage: str, shard_id: str) -> tuple[BinaryIO | None, str | None]:
+    def _retrying(self, what: str, attempt):
+        """attempt() again after an I/O error, waiting read_retry_delays; then a StoreError.
+
+        FileNotFoundError is not retried: a shard that is gone is damage, not a blip.
+        """
+        for delay in (*self.read_retry_delays, None):
+            try:
+                return attempt()
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                if delay is None:
+                    raise StoreError(
+                        f"could not read {what} in store {self.url}: {type(e).__name__}: {e} "
+                        f"({len(self.read_retry_delays) + 1} attempts)",
+                        "the store's disk or network is failing; nothing was marked bad, so "
+                        "run the command again once the store is reachable",
+                    ) from e
+                log.warning("store %s: reading %s failed (%s); retrying in %.1f s", self.url, what, e, delay)
+                time.sleep(delay)
+
+    def _read_checked(self, stage: str, loc: Location,
+                      f: BinaryIO | None) -> tuple[bytes | None, str | None, BinaryIO | None]:
+        """(payload, None, f) or (None, why the location is bad, f); f is the open shard to reuse.
+
+        Only a missing shard, a short payload or a checksum mismatch is damage; an I/O
+        error reopens the shard and tries again, then raises StoreError naming the shard.
+        """
+        path = self._shard(stage, loc.shard_id)
+        handle = [f]
+
+        def attempt():
+            if handle[0] is None:
+                handle[0] = self.fs.open(path, "rb")
+            try:
+                return _check(handle[0], loc)
+            except OSError:
+                _close_quietly(handle[0])
+                handle[0] = None  # reopen on the next attempt: the connection may be dead
+                raise
+
         try:
-            return self.fs.open(self._shard(stage, shard_id), "rb"), None
+            data, why = self._retrying(f"shard {path}", attempt)
         except FileNotFoundError:
-            return None, "shard file missing"
-        except OSError as e:
-            return None, f"shard unreadable: {e}"
+            return None, "shard file missing", None
+        return data, why, handle[0]
 
     def _read_at(self, stage: str, loc: Location) -> tuple[bytes | None, str | None]:
-        f, why = self._open(stage, loc.shard_id)
-        if f is None:
-            return None, why
-        with f:
-            return _check(f, loc)
+        data, why, f = self._read_checked(stage, loc, None)
+        _close_quietly(f)
+        return data, why
 
     def read(self, stage: str, item_key: str, field: str | None = None) -> bytes | None:
         """The checked payload of an item, or None if it is absent or no copy of it is intact.
 
-        field may be left out when the stage writes one field per item.
+        field may be left out when the stage writes one field per item. Raises StoreError
+        when the store keeps failing to answer (nothing is marked bad then).
         """
         failures = []
         try:
@@ -349,17 +422,16 @@ class Store:
                 absent.append(key)
         for shard_id, locs in by_shard.items():
             failures: list[tuple[Location, str]] = []
-            f, why = self._open(stage, shard_id)
+            f = None
             try:
                 for loc in sorted(locs, key=lambda l: l.offset):
-                    data, problem = _check(f, loc) if f is not None else (None, why)
+                    data, problem, f = self._read_checked(stage, loc, f)
                     if problem is not None:
                         failures.append((loc, problem))
                         data = self._fallback(stage, loc, field, failures)
                     yield loc.item_key, data
             finally:
-                if f is not None:
-                    f.close()
+                _close_quietly(f)
                 if failures:
                     self._record_bad(stage, failures)
         for key in absent:
@@ -391,6 +463,10 @@ class Store:
             on_disk = {n[: -len(".tar")] for n in list_files(self.fs, self._path("shards", st), ".tar")}
             failures: list[tuple[Location, str]] = []
             for shard_id in sorted(on_disk | by_shard.keys()):
+                if not SHARD_ID.fullmatch(shard_id):
+                    problems.append(_problem(st, None, None, f"shard name {shard_id!r} is not a shard id; "
+                                                             "the file or index row was not written by sdxlpipe"))
+                    continue
                 locs = list(by_shard.get(shard_id, {}).values())
                 problems += self._verify_shard(st, shard_id, locs, failures)
             if failures:
@@ -406,10 +482,15 @@ class Store:
                 problems.append(_problem(stage, shard_id, None, f"manifest says xxh3 {doc.get('xxh3')}, "
                                                                  "not the shard's name"))
         except FileNotFoundError:
-            problems.append(_problem(stage, shard_id, None, "manifest missing"))
+            if locs:  # else a writer stopped between shard and manifest: unused, gc takes it
+                problems.append(_problem(stage, shard_id, None, "manifest missing"))
         except (OSError, ValueError) as e:
             problems.append(_problem(stage, shard_id, None, f"manifest unreadable: {e}"))
-        f, why = self._open(stage, shard_id)
+        path = self._shard(stage, shard_id)
+        try:
+            f, why = self._retrying(f"shard {path}", lambda: self.fs.open(path, "rb")), None
+        except FileNotFoundError:
+            f, why = None, "shard file missing"
         if f is None:
             problems.append(_problem(stage, shard_id, None, why))
             for loc in locs:
@@ -418,32 +499,65 @@ class Store:
             return problems
         index = self._index(stage)
         present = index.present()
-        with f:
-            digest, size = hash_stream(f)
-            item_problems, repaired = [], 0
-            for loc in locs:
-                _, why = _check(f, loc)
-                if why is None:
-                    continue
-                if index.is_bad(loc) and loc.item_key in present:
-                    repaired += 1  # found before, and recomputed into another shard since
-                    continue
-                failures.append((loc, why))
-                item_problems.append(_problem(stage, shard_id, loc.item_key, why))
-            # A shard whose only damage is in items already recomputed elsewhere is repaired:
-            # its intact items stay usable, and verify stays clean.
-            known_damage = repaired and not item_problems
-            if digest != shard_id and not known_damage:
-                problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
-            if "bytes" in doc and doc["bytes"] != size and not known_damage:
-                why = f"tar has {size} bytes, manifest says {doc['bytes']}"
-                problems.append(_problem(stage, shard_id, None, why))
-            problems += item_problems
+        try:
+            with f:
+                return problems + self._verify_items(stage, shard_id, locs, failures, f, doc, index, present)
+        except OSError as e:  # not damage: say which shard could not be read, mark nothing
+            raise StoreError(f"verify could not read shard {path}: {e}",
+                             "the store's disk or network is failing; run verify again once it is reachable") from e
+
+    def _verify_items(self, stage: str, shard_id: str, locs: list[Location], failures: list, f: BinaryIO,
+                      doc: dict, index: StageIndex, present: set[str]) -> list[dict]:
+        """Problems of one open shard: its hash and size, and each indexed item's checksum."""
+        problems: list[dict] = []
+        digest, size = hash_stream(f)
+        item_problems, repaired = [], 0
+        for loc in locs:
+            _, why = _check(f, loc)
+            if why is None:
+                continue
+            if index.is_bad(loc) and loc.item_key in present:
+                repaired += 1  # found before, and recomputed into another shard since
+                continue
+            failures.append((loc, why))
+            item_problems.append(_problem(stage, shard_id, loc.item_key, why))
+        # A shard whose only damage is in items already recomputed elsewhere is repaired:
+        # its intact items stay usable, and verify stays clean.
+        known_damage = repaired and not item_problems
+        if digest != shard_id and not known_damage:
+            problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
+        if "bytes" in doc and doc["bytes"] != size and not known_damage:
+            why = f"tar has {size} bytes, manifest says {doc['bytes']}"
+            problems.append(_problem(stage, shard_id, None, why))
+        problems += item_problems
         return problems
 
     def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:
         """Remove shards and manifests no index fragment references, and stale temp files,
-        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove)."""
+        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove).
+
+        Writers run meanwhile, so each file's reference and age are checked again right
+        before it is deleted: a shard committed again under the same content name, or a
+        temp file a live writer touched, since the first look is kept.
+        """
+        referenced = self._referenced_shards()
+        now = time.time()
+        removed = [p for p in self._gc_candidates(referenced) if self._age(p, now) > grace_seconds]
+        if dry_run or not removed:
+            return removed
+        referenced = self._referenced_shards()  # what writers committed since the first look
+        kept = []
+        for path in removed:
+            if self._shard_key(path) in referenced or self._age(path, time.time()) <= grace_seconds:
+                kept.append(path)
+                continue
+            try:
+                self.fs.rm(path)
+            except FileNotFoundError:
+                pass  # another gc got there first
+        return [p for p in removed if p not in kept]
+
+    def _referenced_shards(self) -> set[tuple[str, str]]:
         referenced: set[tuple[str, str]] = set()
         for st in self._stage_names():
             index = self._fresh_index(st)
@@ -455,22 +569,23 @@ class Store:
                 )
             codes = np.unique(np.concatenate([s.cols["shard"] for s in index.segments] or [np.zeros(0, np.int32)]))
             referenced |= {(st, index.shards[c]) for c in codes.tolist()}
+        return referenced
+
+    def _gc_candidates(self, referenced: set[tuple[str, str]]) -> list[str]:
         candidates = [
             self._path("shards", st, name)
             for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
             for name in list_files(self.fs, self._path("shards", st), "")
             if (st, name.split(".", 1)[0]) not in referenced
         ]
-        candidates += [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
-        now = time.time()
-        removed = [p for p in candidates if self._age(p, now) > grace_seconds]
-        if not dry_run:
-            for path in removed:
-                try:
-                    self.fs.rm(path)
-                except FileNotFoundError:
-                    pass  # another gc got there first
-        return removed
+        return candidates + [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
+
+    def _shard_key(self, path: str) -> tuple[str, str] | None:
+        """(stage, shard_id) of a path under shards/, None for a temp file."""
+        parent, name = posixpath.split(path)
+        if posixpath.dirname(parent) != self._path("shards"):
+            return None
+        return posixpath.basename(parent), name.split(".", 1)[0]
 
     def _age(self, path: str, now: float) -> float:
         try:
@@ -581,6 +696,23 @@ class Store:
         return {"stages": stages, "bytes": sum(s["bytes"] for s in stages.values())}
 
 
+def _write_error(store: Store, stage: str, e: OSError) -> StoreError:
+    return StoreError(
+        f"could not write to store {store.url} (stage {stage}): {e.strerror or e}"
+        + (f": {e.filename}" if e.filename else ""),
+        "free space (or fix permissions) where the store and its tmp/ live, then run the same "
+        "command again: items committed so far are kept, the unfinished shard is never visible",
+    )
+
+
+def _close_quietly(f) -> None:
+    if f is not None:
+        try:
+            f.close()
+        except OSError:
+            pass  # a read-only handle: nothing to lose
+
+
 def _problem(stage: str, shard_id: str | None, item_key: str | None, problem: str) -> dict:
     return {"stage": stage, "shard_id": shard_id, "item_key": item_key, "problem": problem}
 
@@ -589,10 +721,13 @@ class Writer:
     """Packs items into shards for one stage; use as `with store.writer(stage) as w: w.add(...)`.
 
     All fields of an item go into the same shard, added one after another, so that
-    webdataset sees each item as one sample.
+    webdataset sees each item as one sample. An item is committed whole or not at all:
+    its fields wait in memory until the next item starts, `end_item()` or `close()`, and a
+    writer left by an exception commits the finished items and drops the one in progress.
     """
 
-    def __init__(self, store: Store, stage: str, target_shard_bytes: int, group: str = ""):
+    def __init__(self, store: Store, stage: str, target_shard_bytes: int, group: str = "",
+                 keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS):
         if target_shard_bytes <= 0:
             raise StoreError(f"target_shard_bytes must be positive, got {target_shard_bytes}",
                              "leave it at the default unless shards must be smaller")
@@ -600,10 +735,12 @@ class Writer:
         self.stage = stage
         self.group = group  # recorded in the index beside each item (model fingerprint, for du)
         self.target_shard_bytes = target_shard_bytes
+        self.keepalive_seconds = keepalive_seconds
         self.shard_ids: list[str] = []
         self._builder: ShardBuilder | None = None
+        self._keepalive: threading.Event | None = None  # set to stop touching the builder's file
         self._key: str | None = None  # the item being added
-        self._fields: set[str] = set()  # its fields so far
+        self._pending: list[tuple[str, str, bytes]] = []  # its (name, field, payload) so far
         self._done: set[str] = set()  # items already complete in the current shard
 
     def add(self, item_key: str, field: str, payload: bytes) -> None:
@@ -614,30 +751,72 @@ class Writer:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload of {name} must be bytes, got {type(payload).__name__}; "
                             "encode it with encode_tensors or encode_json")
-        payload = bytes(payload)
         if item_key != self._key:
+            self.end_item()
             if item_key in self._done:
                 raise StoreError(
                     f"item {item_key} of stage {self.stage} was added again after other items",
                     "add all fields of an item one after another",
                 )
-            builder = self._builder
-            if builder is not None and builder.size + member_bytes(len(payload)) > self.target_shard_bytes:
-                self._flush()
-            if self._key is not None:
-                self._done.add(self._key)
-            self._key, self._fields = item_key, set()
-        if field in self._fields:
+            self._key = item_key
+        if any(f == field for _, f, _ in self._pending):
             raise StoreError(f"field {field} of item {item_key} was added twice",
                              "add each field of an item once")
-        self._fields.add(field)
-        if self._builder is None:
-            self._builder = self._store._new_builder()
-        self._builder.add(name, payload)
+        self._pending.append((name, field, bytes(payload)))
+
+    def end_item(self) -> None:
+        """The item being added is complete: it goes into the shard (and is kept on errors)."""
+        pending, key = self._pending, self._key
+        self._pending, self._key = [], None
+        if not pending:
+            return
+        size = sum(member_bytes(len(p)) for _, _, p in pending)
+        if self._builder is not None and self._builder.members and \
+                self._builder.size + size > self.target_shard_bytes:
+            self._flush()
+        try:
+            if self._builder is None:
+                self._builder = self._store._new_builder()
+                self._start_keepalive(self._builder.path)
+            for name, _, payload in pending:
+                self._builder.add(name, payload)
+        except OSError as e:
+            # The temp tar may now end mid-member: nothing of it can be committed.
+            self._discard()
+            raise _write_error(self._store, self.stage, e) from e
+        self._done.add(key)
+
+    def _discard(self) -> None:
+        builder, self._builder = self._builder, None
+        self._stop_keepalive()
+        self._done = set()
+        if builder is not None:
+            builder.discard()
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.set()
+            self._keepalive = None
+
+    def _start_keepalive(self, path: str) -> None:
+        # Only a local store keeps the builder in its tmp/, where gc looks.
+        if not is_local(self._store.fs) or self.keepalive_seconds <= 0:
+            return
+        stop = self._keepalive = threading.Event()
+
+        def touch() -> None:
+            while not stop.wait(self.keepalive_seconds):
+                try:
+                    os.utime(path)
+                except OSError:
+                    return  # renamed into place or discarded meanwhile
+
+        threading.Thread(target=touch, name="sdxlpipe-writer-keepalive", daemon=True).start()
 
     def _flush(self) -> None:
         builder, self._builder = self._builder, None
-        self._key, self._fields, self._done = None, set(), set()
+        self._stop_keepalive()
+        self._done = set()
         if builder is not None and builder.members:
             self.shard_ids.append(self._store._commit(self.stage, builder, self.group))
         elif builder is not None:
@@ -645,6 +824,7 @@ class Writer:
 
     def close(self) -> None:
         """Write the shard in progress; a writer that got no items writes nothing."""
+        self.end_item()
         self._flush()
 
     def __enter__(self) -> "Writer":
@@ -654,9 +834,14 @@ class Writer:
         if exc_type is None:
             self.close()
             return False
-        # Keep what was finished before the error, so a rerun resumes instead of redoing it.
+        # Keep what was finished before the error, so a rerun resumes instead of redoing it;
+        # the item in progress may lack fields, so it is dropped and recomputed.
+        if self._pending:
+            log.warning("store %s: dropping item %s of stage %s, unfinished when %s stopped the writer",
+                        self._store.url, self._key, self.stage, exc_type.__name__)
+        self._pending, self._key = [], None
         try:
-            self.close()
+            self._flush()
         except Exception:
             log.exception("store %s: could not save the items of stage %s added before the error",
                           self._store.url, self.stage)

@@ -19,7 +19,7 @@ import xxhash
 
 from .codec import decode_json, encode_json
 from .index import GROUPED_SCHEMA, to_parquet
-from .shards import HASH_CHUNK, is_local, manifest, place_file, write_bytes
+from .shards import HASH_CHUNK, StoreError, bad_member_names, is_local, manifest, place_file, write_bytes
 
 
 def copy_missing(src, dst, log=None) -> dict:
@@ -39,7 +39,7 @@ def copy_missing(src, dst, log=None) -> dict:
             needed = {l.item_key for l in locs} - have
             if not needed:
                 continue
-            ok, nbytes = _copy_shard(src, dst, stage, shard_id, locs)
+            ok, nbytes = _copy_shard(src, dst, stage, shard_id, locs, log)
             if ok:
                 counts["shards"] += 1
                 counts["bytes"] += nbytes
@@ -57,7 +57,7 @@ def copy_missing(src, dst, log=None) -> dict:
     return report
 
 
-def _copy_shard(src, dst, stage: str, shard_id: str, locs: list) -> tuple[bool, int]:
+def _copy_shard(src, dst, stage: str, shard_id: str, locs: list, log=None) -> tuple[bool, int]:
     """Copy one shard if its bytes hash to its name; (copied, bytes)."""
     tmp_dir = dst._tmp if is_local(dst.fs) else None
     if tmp_dir is not None:
@@ -72,11 +72,22 @@ def _copy_shard(src, dst, stage: str, shard_id: str, locs: list) -> tuple[bool, 
                         h.update(chunk)
                         out.write(chunk)
                         n += len(chunk)
-            except (FileNotFoundError, OSError):
-                return False, 0
+            except FileNotFoundError:
+                return False, 0  # lost: re-packing finds its items gone and names them
+            except OSError as e:
+                # A blip is not damage: stop rather than re-pack (which would mark items bad).
+                raise StoreError(f"could not read shard {src._shard(stage, shard_id)} of {src.url}: {e}",
+                                 "the source store's disk or network is failing; run the same "
+                                 "command again: what was copied stays copied") from e
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != shard_id:
+            return False, 0
+        bad = bad_member_names(local)
+        if bad:
+            if log is not None:
+                log.warning("store %s: shard %s of %s has members that are not items (%s); "
+                            "re-packing its items instead of copying it", src.url, shard_id, stage, bad[:3])
             return False, 0
         place_file(dst.fs, local, dst._shard(stage, shard_id), dst._tmp)
     finally:

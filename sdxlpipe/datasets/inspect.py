@@ -139,26 +139,36 @@ def format_inspect(result: dict[str, Any]) -> str:
 
 def plot_buckets(result: dict[str, Any], path: Path) -> Path:
     """A bar chart of samples per bucket, drawn with PIL (no plotting library needed)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    # 15 px text: PIL's 10 px bitmap default is unreadable on a screenshot.
+    font = ImageFont.load_default(size=15)
+    small = ImageFont.load_default(size=13)
     buckets = result["buckets"]
-    bar, gap, left, bottom, top = 28, 8, 60, 70, 30
-    width = max(320, left + len(buckets) * (bar + gap) + gap)
-    height = 360
+    bar, gap, left, bottom, top = 40, 10, 80, 90, 50
+    width = max(480, left + len(buckets) * (bar + gap) + gap)
+    height = 420
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     peak = max((b["samples_per_epoch"] for b in buckets), default=1) or 1
-    d.text((left, 8), f"samples per bucket ({result['samples_per_epoch']} per epoch)", fill="black")
+    d.text((left, 12), f"samples per bucket ({result['samples_per_epoch']} per epoch, batch size {result['batch_size']})",
+           fill="black", font=font)
     d.line((left - 4, height - bottom, width - gap, height - bottom), fill="black")
+    d.line((left - 4, top, left - 4, height - bottom), fill="black")
     for i, b in enumerate(buckets):
         x = left + gap + i * (bar + gap)
         h = int((height - bottom - top) * b["samples_per_epoch"] / peak)
         d.rectangle((x, height - bottom - h, x + bar, height - bottom), fill=(70, 110, 200))
-        d.text((x, height - bottom - h - 12), str(b["samples_per_epoch"]), fill="black")
-        d.text((x, height - bottom + 4), str(b["bucket"][0]), fill="black")
-        d.text((x, height - bottom + 16), str(b["bucket"][1]), fill="black")
-    d.text((4, height - bottom + 4), "width", fill="black")
-    d.text((4, height - bottom + 16), "height", fill="black")
+        d.text((x, height - bottom - h - 16), str(b["samples_per_epoch"]), fill="black", font=small)
+        d.text((x, height - bottom + 4), str(b["bucket"][0]), fill="black", font=small)
+        d.text((x, height - bottom + 20), str(b["bucket"][1]), fill="black", font=small)
+    d.text((4, height - bottom + 4), "width", fill="black", font=small)
+    d.text((4, height - bottom + 20), "height", fill="black", font=small)
+    d.text((left, height - bottom + 44), "bucket (width over height, pixels)", fill="black", font=font)
+    # The y axis label, written sideways.
+    label = Image.new("RGB", (height - bottom - top, 20), "white")
+    ImageDraw.Draw(label).text((0, 0), "samples per epoch", fill="black", font=font)
+    im.paste(label.rotate(90, expand=True), (30, top))
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path

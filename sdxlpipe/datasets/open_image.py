@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+# Bump when a change here alters the decoded RGB (alpha background, 16-bit scaling, mode
+# conversions, orientation): it enters every vae_encode key, so cached latents are recomputed.
+VERSION = 1
 # Transparent pixels are laid on white: most alpha images in training sets are
 # cut-outs and product shots shown on white.
 ALPHA_BACKGROUND = (255, 255, 255)

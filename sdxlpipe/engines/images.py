@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Bump when a change here alters the pixels or mask the VAE gets (resize filter, crop,
+# mask downsampling): it enters every vae_encode key, so cached latents are recomputed.
+VERSION = 1
 MASK_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".bmp")
 
 

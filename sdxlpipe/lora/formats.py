@@ -1,4 +1,4 @@
-"""Export a trained UNet LoRA (and the text encoders', if trained) as a diffusers or a kohya `.safetensors` file.
+"""Write trained networks as files other tools load: diffusers and kohya LoRA files, LyCORIS files, peft folders.
 
 Both work from what training saves, without the models: the peft state dict
 (`get_peft_model_state_dict(unet)`, keys `<module>.lora_A.weight` /
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from sdxlpipe.models.sgm import kohya_name, sgm_unet_name
 from sdxlpipe.pipeline.atomic import write_bytes_atomic
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for
@@ -69,13 +70,15 @@ def save_kohya_lora(
     lora_config: dict,
     metadata: dict[str, str] | None = None,
     text_encoders: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None,
+    *,
+    unet_config: dict,
 ) -> Path:
     """Write a kohya sd-scripts style LoRA (lora_unet_* / lora_te1_* / lora_te2_*, lora_down/lora_up/alpha).
 
-    Module names are diffusers' (lora_unet_down_blocks_1_attentions_0_...),
-    which diffusers, ComfyUI and Forge load; kohya's own SDXL files use the
-    original SGM names (lora_unet_input_blocks_4_1_...), not written yet.
-    Text encoder modules are the same in both (lora_te1_text_model_encoder_layers_0_...).
+    UNet modules get the original SDXL (SGM) names kohya writes
+    (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), derived
+    from `unet_config` (the indices depend on layers_per_block). Text encoder
+    modules are lora_te1_text_model_encoder_layers_0_... / lora_te2_...
     `path` is the file, or a directory to hold `lora.safetensors`; `text_encoders`
     as for `save_diffusers_lora`.
     """
@@ -83,6 +86,7 @@ def save_kohya_lora(
     parts.update({KOHYA_TEXT_ENCODER_PREFIX[n]: part for n, part in _text_parts(text_encoders).items()})
     target = _target(path, KOHYA_WEIGHT_NAME)
     tensors: dict[str, torch.Tensor] = {}
+    conv: dict[str, tuple[int, float]] = {}
     for prefix, (state, part_config) in parts.items():
         config = _json_safe(part_config)
         if config.get("use_dora"):
@@ -91,21 +95,29 @@ def save_kohya_lora(
             module, sep, kind = key.rpartition(".lora_")
             if not sep or kind not in ("A.weight", "B.weight"):
                 raise ValueError(f"peft LoRA state dict key {key!r} is not <module>.lora_A/lora_B.weight")
-            name = f"{prefix}_" + module.replace(".", "_")
+            name = _kohya_module_name(prefix, module, unet_config)
             if kind == "A.weight":
                 tensors[f"{name}.lora_down.weight"] = value
                 rank = value.shape[0]
                 # kohya scales by alpha / rank; write the alpha that gives peft's scale.
-                tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(config, module, rank), dtype=torch.float32)
+                alpha = _kohya_alpha(config, module, rank)
+                tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+                if value.dim() == 4 and tuple(value.shape[2:]) != (1, 1):
+                    conv[name] = (rank, alpha)
             else:
                 tensors[f"{name}.lora_up.weight"] = value
     config = _json_safe(lora_config)
     network = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config["r"]),
-        "ss_network_alpha": str(config["lora_alpha"]),
+        "ss_network_alpha": _num(config["lora_alpha"]),
         "ss_network_train_unet_only": str(not text_encoders),
+        "ss_network_train_text_encoder_only": "False",
     }
+    if conv:
+        # kohya's LoCon: conv_dim / conv_alpha in ss_network_args (the most common one if they vary)
+        dim, alpha = max(conv.values(), key=list(conv.values()).count)
+        network["ss_network_args"] = json.dumps({"conv_dim": str(dim), "conv_alpha": _num(alpha)})
     _write_kohya(target, tensors, network, metadata)
     return target
 
@@ -115,14 +127,19 @@ def save_kohya_lycoris(
     peft_state_dict: dict[str, torch.Tensor],
     lycoris_config: dict,
     metadata: dict[str, str] | None = None,
+    *,
+    unet_config: dict,
 ) -> Path:
     """Write a peft LoHa or LoKr as a LyCORIS file in kohya naming (what ComfyUI, A1111 and kohya load).
 
-    LoHa keys carry over (`hada_w1_a` ...) with alpha: LyCORIS scales by
-    alpha / rank as peft does. LoKr: LyCORIS readers scale by alpha / dim
-    only when a factor is decomposed and by 1 otherwise, so peft's
-    alpha / r is folded into w1 and alpha is written as that dim.
+    Module names are SGM-named as in `save_kohya_lora`. LoHa keys carry over
+    (`hada_w1_a` ...) with alpha: LyCORIS scales by alpha / rank as peft does.
+    LoKr: LyCORIS readers scale by alpha / dim only when a factor is
+    decomposed and by 1 otherwise, so peft's alpha / r is folded into w1 and
+    alpha is written as that dim.
     """
+    from peft.utils.other import get_pattern_key
+
     config = _json_safe(lycoris_config)
     kind = config.get("peft_type")
     if kind not in ("LOHA", "LOKR"):
@@ -133,13 +150,13 @@ def save_kohya_lycoris(
         module, _, field = key.rpartition(".")
         modules.setdefault(module, {})[field] = value
     tensors: dict[str, torch.Tensor] = {}
+    conv = False
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     for module, fields in modules.items():
-        name = "lora_unet_" + module.replace(".", "_")
-        from peft.utils.other import get_pattern_key
-
-        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        name = _kohya_module_name("lora_unet", module, unet_config)
         r = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
         alpha = float(alphas.get(get_pattern_key(alphas.keys(), module), config["alpha"]))
+        conv = conv or any(v.dim() == 4 for v in fields.values())
         if kind == "LOKR":
             fields = dict(fields)
             w1 = "lokr_w1" if "lokr_w1" in fields else "lokr_w1_a"
@@ -149,27 +166,101 @@ def save_kohya_lycoris(
         for field, value in fields.items():
             tensors[f"{name}.{field}"] = value
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    args = {"algo": "loha" if kind == "LOHA" else "lokr"}
+    if conv:
+        args.update({"conv_dim": str(config["r"]), "conv_alpha": _num(config["alpha"])})
     network = {
         "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps({"algo": "loha" if kind == "LOHA" else "lokr"}),
+        "ss_network_args": json.dumps(args),
         "ss_network_dim": str(config["r"]),
-        "ss_network_alpha": str(config["alpha"]),
+        "ss_network_alpha": _num(config["alpha"]),
+        "ss_network_train_unet_only": "True",
     }
     _write_kohya(target, tensors, network, metadata)
     return target
 
 
+def save_kohya_modules(path: str | Path, modules: list, *, unet_config: dict,
+                       metadata: dict[str, str] | None = None) -> Path:
+    """Write normalised LoRA modules (`sdxlpipe.lora.read.LoraModule`, kind "lora", diffusers-dotted
+    names) as a kohya file: what `lora extract`, `resize` and `merge` produce."""
+    prefixes = {component: prefix for prefix, component in KOHYA_TEXT_ENCODER_PREFIX.items()}
+    prefixes = {"unet": "lora_unet", **{v: k for k, v in prefixes.items()}}
+    target = _target(path, KOHYA_WEIGHT_NAME)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        if m.kind != "lora":
+            raise ValueError(f"module {m.name!r} is {m.kind}; save_kohya_modules writes LoRA modules")
+        module = m.name
+        if m.component != "unet" and not module.startswith("text_model."):
+            module = f"text_model.{module}"
+        name = _kohya_module_name(prefixes[m.component], module, unet_config)
+        tensors[f"{name}.lora_down.weight"] = m.tensors["down"]
+        tensors[f"{name}.lora_up.weight"] = m.tensors["up"]
+        tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank), dtype=torch.float32)
+    ranks = [m.rank for m in modules]
+    network = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(set(ranks), key=ranks.count)) if ranks else "0",
+        "ss_network_alpha": _num(max((m.alpha or m.rank for m in modules), default=0)),
+        "ss_network_train_unet_only": str(all(m.component == "unet" for m in modules)),
+    }
+    _write_kohya(target, tensors, network, metadata)
+    return target
+
+
+def save_peft_adapter(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """A peft adapter folder (adapter_model.safetensors + adapter_config.json) for IA3/OFT, which no
+    LoRA format carries exactly; peft's inject_adapter_in_model + set_peft_model_state_dict load it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / "adapter_model.safetensors",
+                  safetensors_bytes(_contiguous(state), metadata={"format": "pt"}))
+    text = json.dumps(_json_safe(config), indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(text.encode(), directory / "adapter_config.json", mode=default_mode())
+    return directory
+
+
+def _kohya_module_name(prefix: str, module: str, unet_config: dict) -> str:
+    """kohya's flat module name: SGM names for the UNet, the encoders' own names for lora_te1/te2."""
+    if prefix == "lora_unet":
+        module = sgm_unet_name(module, unet_config)
+    return kohya_name(prefix, module)
+
+
+def _num(value) -> str:
+    """A number as kohya writes it in metadata: 8 not 8.0 when whole."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else str(value)
+
+
 def _write_kohya(target: Path, tensors: dict[str, torch.Tensor], network: dict[str, str],
                  metadata: dict[str, str] | None) -> None:
-    """The kohya metadata (network fields, base model, the caller's, then the data hash) and the file."""
+    """The kohya metadata (network fields, base model, the caller's, then the two hashes) and the file."""
     meta = {
         **network,
         "ss_base_model_version": SDXL_BASE_MODEL_VERSION,
         **{k: str(v) for k, v in (metadata or {}).items()},
     }
     tensors = _contiguous(tensors)
-    meta["sshs_model_hash"] = _data_sha256(safetensors_bytes(tensors, metadata=meta))
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
     _write_atomic(target, safetensors_bytes(tensors, metadata=meta))
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's train_util.precalculate_safetensors_hashes makes them.
+
+    Both are computed on the file as it would be with only the ss_* metadata:
+    the model hash is the SHA-256 of the tensor data after the header (what
+    A1111's additional-networks hashes, and A1111 shows its first 12 hex
+    digits), the legacy hash the first 8 hex digits of the SHA-256 of the
+    64 KiB at offset 1 MiB.
+    """
+    data = safetensors_bytes(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
 
 
 def _text_parts(text_encoders: dict | None) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
@@ -198,12 +289,6 @@ def _kohya_alpha(config: dict, module: str, rank: int) -> float:
     return float(alpha)
 
 
-def _data_sha256(data: bytes) -> str:
-    # kohya's sshs_model_hash: SHA-256 of the tensor data, after the JSON header.
-    header_len = int.from_bytes(data[:8], "little")
-    return "0x" + hashlib.sha256(data[8 + header_len :]).hexdigest()
-
-
 def _json_safe(config: dict) -> dict:
     def default(o):
         if isinstance(o, (set, frozenset)):
@@ -230,7 +315,12 @@ def _target(path: str | Path, default_name: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename; mode as a plain open() would give (not mkstemp's 0600)."""
-    write_bytes_atomic(data, path, mode=0o666 & ~_umask())
+    write_bytes_atomic(data, path, mode=default_mode())
+
+
+def default_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 under 022)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -2,8 +2,10 @@
 
 A spec is `tiny`, a diffusers directory, a Hub id already in the local
 Hugging Face cache (loaded from its snapshot directory, so it goes through
-the same code as a directory), or a single checkpoint file. Each loader
-builds only the component it returns.
+the same code as a directory), or a single checkpoint file in the original
+SDXL layout (`models/single_file.py`: its architecture configs come from a
+diffusers folder beside it, the HF cache, or the built-in tiny stack). Each
+loader builds only the component it returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "load_vae",
     "load_text_stack",
     "load_unet",
+    "load_unet_config",
     "load_noise_scheduler",
     "load_pipeline",
     "torch_dtype",
@@ -47,9 +50,25 @@ def load_unet(spec: str, dtype="float32", device="cpu", *, allow_pickle: bool = 
     model = _resolve(spec, base_dir, allow_pickle)
     if model.kind == "tiny":
         unet = tiny.build_tiny_component("unet")
+    elif model.kind == "file":
+        unet = _from_file(model, "unet")
     else:
         unet = _from_dir(UNet2DConditionModel, model, "unet", dtype)
     return _frozen(unet, dtype, device)
+
+
+def load_unet_config(spec: str, *, allow_pickle: bool = False, base_dir: Path | None = None) -> dict:
+    """The UNet's config alone (no weights): what module names such as kohya's SGM names derive from."""
+    from diffusers import UNet2DConditionModel
+
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        model = config_source(model)
+    if model.kind == "tiny":
+        return dict(tiny.tiny_configs()["unet"])
+    return dict(_from_dir(UNet2DConditionModel.load_config, model, "unet"))
 
 
 def load_vae(
@@ -76,6 +95,8 @@ def load_vae(
     model = _resolve(spec, base_dir, allow_pickle)
     if model.kind == "tiny":
         return _frozen(tiny.build_tiny_component("vae"), dtype, device)
+    if model.kind == "file":
+        return _frozen(_from_file(model, "vae"), dtype, device)
     return _frozen(_from_dir(AutoencoderKL, model, "vae", dtype), dtype, device)
 
 
@@ -97,6 +118,10 @@ def _vae_from_file(file: ModelSpec, base_spec: str, base_dir: Path | None, allow
     if any(k.startswith("first_stage_model.") for k in state):
         state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
     base = _resolve(base_spec, base_dir, allow_pickle)
+    if base.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        base = config_source(base)
     if base.kind == "tiny":
         config = tiny.tiny_configs()["vae"]
     else:
@@ -121,7 +146,15 @@ def load_text_stack(spec: str, dtype="float32", device="cpu", *, allow_pickle: b
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     model = _resolve(spec, base_dir, allow_pickle)
-    if model.kind == "tiny":
+    if model.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        configs = config_source(model)
+        stack = {name: _from_file(model, name) for name in ("text_encoder", "text_encoder_2")}
+        for name in ("tokenizer", "tokenizer_2"):
+            stack[name] = (tiny.build_tiny_component(name) if configs.kind == "tiny"
+                           else _from_dir(CLIPTokenizer, configs, name))
+    elif model.kind == "tiny":
         stack = {name: tiny.build_tiny_component(name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
     else:
         stack = {
@@ -140,6 +173,10 @@ def load_noise_scheduler(spec: str, *, allow_pickle: bool = False, base_dir: Pat
     from diffusers import DDPMScheduler
 
     model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        model = config_source(model)
     if model.kind == "tiny":
         config = tiny.tiny_configs()["scheduler"]
     else:
@@ -162,6 +199,10 @@ def load_pipeline(
     from diffusers import StableDiffusionXLPipeline
 
     model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        model = config_source(model)
     if model.kind == "tiny":
         scheduler = tiny.build_tiny_component("scheduler")
     else:
@@ -175,16 +216,14 @@ def load_pipeline(
 
 
 def _resolve(spec: str, base_dir: Path | None, allow_pickle: bool) -> ModelSpec:
-    model = resolve_spec(spec, base_dir, allow_pickle)
-    if model.kind == "file":
-        # Needs StableDiffusionXLPipeline.from_single_file(path, config=<local
-        # diffusers dir>) plus an SGM-layout test fixture; not built yet.
-        raise ModelError(
-            f"model {spec!r}: single-file checkpoints are not supported yet",
-            "convert it once to a diffusers directory: "
-            "`StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR)`, then set model = DIR",
-        )
-    return model
+    return resolve_spec(spec, base_dir, allow_pickle)
+
+
+def _from_file(model: ModelSpec, name: str):
+    """One component of a single-file checkpoint, its architecture from `single_file.config_source`."""
+    from sdxlpipe.models.single_file import config_source, load_component
+
+    return load_component(model, name, config_source(model))
 
 
 def _from_dir(load, model: ModelSpec, subfolder: str | None, dtype=None):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
+# Bump when a change here alters the embeddings (tokenizing, chunking, layers taken,
+# pooling): it enters every text_encode key, so cached embeddings are recomputed.
+# torch is imported inside the functions, so text_encode reads this on the no-op path.
+VERSION = 1
 
 # Tokens a caption may use: 75 is CLIP's window without BOS/EOS; 150 and 225
 # split the caption into 75-token chunks (kohya's SDXL long-prompt scheme).
@@ -33,6 +35,7 @@ def encode_prompts(
     BOS/EOS, giving L = max_token_length + 2, with the pooled embedding of the
     first chunk (kohya sd-scripts' SDXL scheme).
     """
+    import torch
     if max_token_length == 77:  # the old spelling: CLIP's 77 positions = 75 tokens + BOS/EOS
         max_token_length = 75
     if max_token_length not in MAX_TOKEN_LENGTHS:
@@ -64,6 +67,7 @@ def encode_prompts(
 
 def _chunked_ids(tokenizer, texts: list[str], max_token_length: int) -> torch.Tensor:
     """(B, n_chunks, 77) ids: each 75-token slice between its own BOS and EOS/pad."""
+    import torch
     window = tokenizer.model_max_length
     body = window - 2
     ids = tokenizer(texts, padding="max_length", max_length=max_token_length + 2, truncation=True,
@@ -86,6 +90,7 @@ def _chunked_ids(tokenizer, texts: list[str], max_token_length: int) -> torch.Te
 
 def _join_chunks(states: torch.Tensor) -> torch.Tensor:
     """(B, n, 77, D) -> (B, 75 n + 2, D): first BOS, every chunk's body, last EOS."""
+    import torch
     parts = [states[:, 0, :1]] + [states[:, c, 1:-1] for c in range(states.shape[1])] + [states[:, -1, -1:]]
     return torch.cat(parts, dim=1)
 

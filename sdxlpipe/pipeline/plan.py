@@ -30,7 +30,7 @@ def plan_items(ctx, keys: Iterable[str]) -> list[str]:
     if len(missing) > len(damaged):
         reasons.append(f"{len(missing) - len(damaged)} item(s) not in the store")
     if len(todo) < len(missing):
-        reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0]}/{ctx.partition[1]})")
+        reasons.append(f"{len(missing) - len(todo)} left to other partitions (--shards {ctx.partition[0] + 1}/{ctx.partition[1]})")
     ctx.report(items=len(unique), computed=len(todo), reused=len(unique) - len(missing), reasons=reasons)
     return todo
 
@@ -50,10 +50,10 @@ def still_missing(ctx, stage: str, keys: Iterable[str]) -> set[str]:
 
 def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:
     """Results (key, payload, note, chunk, source) in job order; a new shard per chunk."""
-    # The writer never rolls over by size: a chunk is sized to be one shard.
-    writer = ctx.store.writer(stage, target_shard_bytes=1 << 62, group=group)
+    # The writer never rolls over by size: a chunk is sized to be one shard. Leaving by an
+    # exception commits the finished items (a rerun resumes) and nothing half-made.
     current = None
-    try:
+    with ctx.store.writer(stage, target_shard_bytes=1 << 62, group=group) as writer:
         for results in batches:
             for key, payload, note, chunk, source in results:
                 if chunk != current:
@@ -66,6 +66,5 @@ def write_results(batches, stage: str, field: str, ctx, failed: set[str], advanc
                     ctx.reject(source, note or "could not be encoded")
                 else:
                     writer.add(key, field, payload)
+                    writer.end_item()  # one field per item: it is whole
             advance(len(results))
-    finally:
-        writer.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -54,7 +55,7 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
     workspace = Workspace(config.workspace)
     memo = ContentMemo(workspace.memo_path)
     ctx = Context(
-        config=config, store=open_store(config.store_url), workspace=workspace, memo=memo,
+        config=config, store=open_store(config.store_url, create=not dry_run, missing_ok=dry_run), workspace=workspace, memo=memo,
         reporter=reporter or Reporter(enabled=False), models=Models(config, memo),
         dry_run=dry_run, partition=partition, engine_name=engine,
     )
@@ -209,6 +210,9 @@ def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.
             per_column[c] += 1
     stats.computed, stats.reused = new + changed, table.num_rows - new - changed
     stats.reasons = []
+    gone = len(old.keys() - {row["key"] for row in rows})
+    if gone:
+        stats.reasons.append(f"{gone} row(s) gone since the last run")
     if new:
         stats.reasons.append(f"{new} new row(s)")
     if changed:
@@ -222,9 +226,23 @@ def _report(ctx: Context) -> dict[str, Any]:
         for name, s in ctx.stats.items()
     }
     outputs: dict[str, Any] = {"store": ctx.store.url, "workspace": str(ctx.workspace.root)}
-    if "lora" in ctx.outputs:
-        outputs["lora"] = ctx.outputs["lora"]
+    export = stages.get("export")
+    if "lora" in ctx.outputs and export is not None and not export["failed"]:
+        # Only files that exist; `written` only those this run wrote (a reused export wrote nothing).
+        outputs["lora"] = [p for p in ctx.outputs["lora"] if Path(p).exists()]
+        outputs["written"] = outputs["lora"] if export["computed"] and not ctx.dry_run else []
     if "checkpoint" in ctx.outputs.get("train", {}):
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
-            "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()}}
+            "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
+            "failed_stages": failed_stages(stages)}
+
+
+def failed_stages(stages: dict[str, dict]) -> list[str]:
+    """Stages that produced nothing they were asked for: some items failed and none were computed or reused.
+
+    Train with no samples and export with no trained adapter fail this way;
+    so does an encode stage none of whose items could be encoded. A few
+    failed items among good ones are rejected inputs instead (`--strict`).
+    """
+    return [name for name, s in stages.items() if s["failed"] and not s["computed"] and not s["reused"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdxlpipe.config import Config
+from sdxlpipe.pipeline.progress import ITEM_NAMES
 from sdxlpipe.pipeline.runner import run_pipeline
 
 
@@ -26,7 +27,8 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
 def format_status(result: dict[str, Any]) -> str:
     lines = []
     for name, s in result["stages"].items():
-        line = f"{name:12} {s['items']:>7} items  {s['up_to_date']:>7} up to date  {s['to_compute']:>7} to compute"
+        line = (f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['up_to_date']:>7} up to date"
+                f"  {s['to_compute']:>7} to compute")
         if s["reasons"]:
             line += "  (" + "; ".join(s["reasons"]) + ")"
         lines.append(line)

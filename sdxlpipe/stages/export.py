@@ -1,17 +1,33 @@
 """Export: the trained network as files other tools load.
 
-Recipe: the train stage's adapter, and the text encoders' LoRA when it
-trained them -> a diffusers-format file (with the adapter metadata, so
-alpha survives) and/or a kohya-format file (`.alpha` = the trained alpha;
-lora_te1 / lora_te2 for the encoders) -> `<name>.export.json` beside them
-records the key, so an unchanged export is skipped. LoHa and LoKr go out
-as LyCORIS files in kohya naming; a full fine-tune as a diffusers UNet
-folder.
+Recipe: which files this network makes (`formats`, else the network's
+default) -> skip when `<name>.export.json` records this export's key and
+every file exists (`up to date`) -> load the train stage's weights ->
+write each file atomically, readable by others (0644 under the usual umask):
+
+- LoRA / LoCon: a kohya file (SGM module names, `.alpha` = the trained
+  alpha, kohya's ss_* metadata and hashes, modelspec.*) and a diffusers file
+  (the adapter config inside, so alpha survives); the text encoders' LoRA
+  goes into both when it was trained.
+- LoHa / LoKr: a LyCORIS file in kohya naming.
+- IA3 / OFT: no LoRA format carries them to ComfyUI/A1111 exactly, so a peft
+  adapter folder (adapter_config.json + adapter_model.safetensors) that
+  peft's `inject_adapter_in_model` + `set_peft_model_state_dict` load.
+- full: a whole diffusers pipeline folder with the trained UNet (and any
+  trained text-encoder LoRA fused in), the UNet folder alone, and a
+  single-file checkpoint in the original SDXL layout; `dtype` sets the
+  precision.
+
+`<name>.export.json` records the key, the files and the metadata.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,48 +35,69 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.errors import UserError
-from sdxlpipe.pipeline.atomic import write_json_atomic
+from sdxlpipe.pipeline.atomic import write_bytes_atomic
 from sdxlpipe.pipeline.keys import item_key
 
-VERSION = 2  # 2: the text encoders' LoRA goes into the files too
+VERSION = 3  # 3: SGM kohya names, kohya's metadata and hashes, per-network formats, full-model files
 OUTPUT_COLUMNS = ()
-SUFFIX = {"kohya": ".safetensors", "diffusers": ".diffusers.safetensors"}
-# A full fine-tune's "diffusers" output is a UNet folder, not a LoRA file.
-FULL_SUFFIX = {"diffusers": "-unet"}
+# What each network can be written as, its default first.
+NETWORK_FORMATS = {
+    "lora": ("kohya", "diffusers"),
+    "loha": ("kohya",),
+    "lokr": ("kohya",),
+    "ia3": ("peft",),
+    "oft": ("peft",),
+    "full": ("diffusers", "single_file", "unet"),
+}
+DEFAULT_FORMATS = {"lora": ("kohya", "diffusers"), "loha": ("kohya",), "lokr": ("kohya",), "ia3": ("peft",),
+                   "oft": ("peft",), "full": ("diffusers", "single_file")}
+MODELSPEC_ARCH = "stable-diffusion-xl-v1-base"  # SAI model spec's name for SDXL base
+MODELSPEC_IMPL = "https://github.com/Stability-AI/generative-models"
 
 
 @dataclass(frozen=True)
 class Params:
-    # kohya loads in ComfyUI, A1111 and kohya; diffusers in diffusers' load_lora_weights.
-    formats: tuple[Literal["kohya", "diffusers"], ...] = ("kohya", "diffusers")
+    # Files to write; empty = the network's default: lora -> kohya + diffusers; loha/lokr -> kohya (LyCORIS);
+    # ia3/oft -> peft; full -> diffusers (a whole pipeline folder) + single_file. full also has "unet".
+    formats: tuple[Literal["kohya", "diffusers", "peft", "single_file", "unet"], ...] = ()
+    # Precision of the written weights. fp32 keeps exactly what was trained; fp16 halves the files
+    # (what most SDXL checkpoints ship as); bf16 keeps fp32's range.
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     # Where the files go, relative to the config.
     output_dir: str = field(default="output", metadata={"path": True})
-    # File name stem: <name>.safetensors (kohya), <name>.diffusers.safetensors.
+    # File name stem: <name>.safetensors (kohya / single file), <name>.diffusers.safetensors, <name>-pipeline/ ...
     name: str = "lora"
+    # After a full fine-tune, also extract a LoRA of this rank (0: don't) as <name>-extracted.safetensors.
+    extract_rank: int = 0
 
 
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
-    if not p.formats:
-        problems.append(("export.formats", 'name at least one format: ["kohya", "diffusers"]'))
-    if not p.name or "/" in p.name:
+    if not p.name or "/" in p.name or p.name.startswith("."):
         problems.append(("export.name", "must be a plain file name stem, e.g. \"my-lora\""))
+    if p.extract_rank < 0:
+        problems.append(("export.extract_rank", "must be 0 (no extraction) or a rank such as 32"))
     return problems
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     trained = ctx.outputs.get("train", {})
+    network = ctx.config.params["train"].network
+    formats = _formats(params, network)
     out_dir = Path(params.output_dir)
-    suffix = FULL_SUFFIX if ctx.config.params["train"].network == "full" else SUFFIX
-    paths = {fmt: out_dir / f"{params.name}{suffix.get(fmt, SUFFIX[fmt])}" for fmt in params.formats}
+    paths = {fmt: out_dir / _file_name(params.name, network, fmt) for fmt in formats}
+    if network == "full" and params.extract_rank:
+        paths["extracted"] = out_dir / f"{params.name}-extracted.safetensors"
     record_path = out_dir / f"{params.name}.export.json"
-    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(params.formats)})
+    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(formats),
+                    "dtype": params.dtype, "name": params.name, "extract_rank": params.extract_rank})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
     if _up_to_date(record_path, key, paths.values()):
+        ctx.outputs["lora_up_to_date"] = True
         ctx.report(items=1, computed=0, reused=1)
         return table
-    if "adapter" not in trained and "weights" not in trained:
-        reason = "the train stage has not finished" if ctx.dry_run else "no trained adapter"
+    if "weights" not in trained:
+        reason = "the train stage has not finished" if ctx.dry_run else "no trained weights"
         ctx.report(items=1, computed=1 if ctx.dry_run else 0, reused=0, failed=0 if ctx.dry_run else 1, reasons=[reason])
         return table
     ctx.report(items=1, computed=1, reused=0, reasons=["new training result"])
@@ -69,92 +106,267 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 
     from safetensors.torch import load_file
 
-    from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora, save_kohya_lycoris
+    from sdxlpipe.lora import formats as lora_formats
+    from sdxlpipe.models import loading
 
-    state = load_file(trained.get("weights") or trained["adapter"])
-    config = json.loads(Path(trained.get("network_config") or trained["adapter_config"]).read_text())
-    kind = config.get("peft_type") or config.get("network", "LORA")
+    state = load_file(trained["weights"])
+    config = json.loads(Path(trained["network_config"]).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = _text_encoders(trained, config) if kind == "LORA" else {}
-    if "text_encoder" in trained and kind != "LORA":
-        ctx.log.warning("the text encoders' LoRA goes out only with network = \"lora\"; it is in %s and %s",
-                        trained["text_encoder"], trained["text_encoder_2"])
-    if kind == "LORA":
+    metadata = _kohya_metadata(table, ctx, trained, params, network)
+    text = _text_encoders(trained, ctx.config.params["train"])
+    if text and network not in ("lora", "full"):
+        ctx.log.warning("the text encoders' LoRA goes into the files only with network = \"lora\" or \"full\"; "
+                        "it is in %s and %s", trained["text_encoder"], trained["text_encoder_2"])
+    dtype = loading.torch_dtype(params.dtype)
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    if network in ("lora", "loha", "lokr"):
+        unet_config = dict(loading.load_unet_config(ctx.config.model, allow_pickle=ctx.config.allow_pickle,
+                                                    base_dir=ctx.config.base_dir))
+        text_cast = {n: (cast(s), c) for n, (s, c) in text.items()} if network == "lora" else {}
+        if "kohya" in paths and network == "lora":
+            lora_formats.save_kohya_lora(paths["kohya"], cast(state), config, metadata, text_encoders=text_cast,
+                                         unet_config=unet_config)
+        elif "kohya" in paths:
+            lora_formats.save_kohya_lycoris(paths["kohya"], cast(state), config, metadata, unet_config=unet_config)
         if "diffusers" in paths:
-            save_diffusers_lora(paths["diffusers"], state, config, text_encoders=text)
-        if "kohya" in paths:
-            save_kohya_lora(paths["kohya"], state, config, _kohya_metadata(table, ctx), text_encoders=text)
-    elif kind in ("LOHA", "LOKR") and set(paths) == {"kohya"}:
-        save_kohya_lycoris(paths["kohya"], state, config, _kohya_metadata(table, ctx))
-    elif kind == "full" and set(paths) == {"diffusers"}:
-        _save_unet(paths["diffusers"], state, ctx)
+            lora_formats.save_diffusers_lora(paths["diffusers"], cast(state), config, text_encoders=text_cast)
+    elif network in ("ia3", "oft"):
+        note = (f"ComfyUI and A1111 load no {network.upper()} file exactly (LyCORIS' {network.upper()} is parameterised "
+                "differently), so this is a peft adapter folder: load it with peft.get_peft_config(adapter_config.json), "
+                "inject_adapter_in_model and set_peft_model_state_dict")
+        ctx.log.warning("%s: %s", paths["peft"], note)
+        lora_formats.save_peft_adapter(paths["peft"], cast(state), config)
+        metadata = {**metadata, "sdxlpipe_note": note}
     else:
-        can = {"LOHA": '["kohya"] (LyCORIS)', "LOKR": '["kohya"] (LyCORIS)', "full": '["diffusers"] (a UNet folder)'}
-        raise UserError(
-            f"export.formats {list(params.formats)}: a {kind} network cannot be written as {', '.join(params.formats)}",
-            f"set export.formats = {can[kind]}" if kind in can else
-            f"{kind} is not exportable yet; its peft weights are in {trained.get('weights')}")
-    write_json_atomic({"key": key, "train": trained.get("key"), "files": {f: str(p) for f, p in paths.items()}}, record_path)
+        _save_full(paths, state, text, params, metadata, ctx)
+    write_bytes_atomic((json.dumps({"key": key, "train": trained.get("key"), "network": network,
+                                    "files": {f: str(p) for f, p in paths.items()}, "metadata": metadata},
+                                   indent=2, sort_keys=True) + "\n").encode(),
+                       record_path, mode=lora_formats.default_mode())
     return table
 
 
-def _text_encoders(trained: dict, unet_config: dict) -> dict[str, tuple[dict, dict]]:
+def _formats(params: Params, network: str) -> tuple[str, ...]:
+    formats = params.formats or DEFAULT_FORMATS[network]
+    wrong = [f for f in formats if f not in NETWORK_FORMATS[network]]
+    if wrong:
+        raise UserError(
+            f"export.formats {list(params.formats)}: a {network} network cannot be written as {', '.join(wrong)}",
+            f"for network = \"{network}\" use export.formats = {json.dumps(list(NETWORK_FORMATS[network]))} "
+            "(or leave it out for the default)")
+    return tuple(dict.fromkeys(formats))
+
+
+def _file_name(name: str, network: str, fmt: str) -> str:
+    if network == "full":
+        return {"diffusers": f"{name}-pipeline", "unet": f"{name}-unet", "single_file": f"{name}.safetensors"}[fmt]
+    return {"kohya": f"{name}.safetensors", "diffusers": f"{name}.diffusers.safetensors", "peft": f"{name}-peft"}[fmt]
+
+
+def _up_to_date(record_path: Path, key: str, paths) -> bool:
+    if not record_path.exists() or not all(Path(p).exists() for p in paths):
+        return False
+    try:
+        return json.loads(record_path.read_text()).get("key") == key
+    except ValueError:  # a damaged record: write the files again
+        return False
+
+
+def _text_encoders(trained: dict, train_params) -> dict[str, tuple[dict, dict]]:
     """{"text_encoder": (peft state, LoraConfig dict), "text_encoder_2": ...} when train_text_encoder, else {}.
 
     The checkpoint keeps only the encoders' weights. Training gives them a
-    LoRA of train.rank / train.alpha on the CLIP attention projections, and
-    the UNet's network.json records that alpha as `lora_alpha`; so the config
-    is rebuilt from the weights (rank, modules) and that alpha.
+    LoRA of train.rank / train.alpha on the CLIP attention projections; the
+    rank is read from the weights, the alpha from the train settings.
     """
     if "text_encoder" not in trained:
         return {}
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    alpha = unet_config.get("lora_alpha")
     out = {}
     for name in ("text_encoder", "text_encoder_2"):
         state = load_file(trained[name])
         downs = {k.removesuffix(".lora_A.weight"): v for k, v in state.items() if k.endswith(".lora_A.weight")}
         ranks = {v.shape[0] for v in downs.values()}
-        if len(ranks) != 1 or alpha is None:
-            raise UserError(f"{trained[name]}: cannot tell the text encoder LoRA's rank {sorted(ranks)} and alpha {alpha}",
+        if len(ranks) != 1:
+            raise UserError(f"{trained[name]}: the text encoder LoRA has ranks {sorted(ranks)}, expected one",
                             "re-run the train stage (sdxlpipe run train) with this version of sdxlpipe")
         targets = sorted({module.rpartition(".")[2] for module in downs})
-        out[name] = (state, LoraConfig(r=ranks.pop(), lora_alpha=alpha, target_modules=targets).to_dict())
+        out[name] = (state, LoraConfig(r=ranks.pop(), lora_alpha=train_params.alpha, target_modules=targets).to_dict())
     return out
 
 
-def _save_unet(path: Path, state: dict, ctx) -> None:
-    """A full fine-tune as a diffusers UNet folder (`UNet2DConditionModel.from_pretrained` loads it)."""
-    from sdxlpipe.models import loading
+def _save_full(paths: dict[str, Path], state: dict, text: dict, params: Params, metadata: dict, ctx) -> None:
+    """A full fine-tune: pipeline folder, UNet folder, single file (and an extracted LoRA), as asked."""
+    from sdxlpipe.lora import formats as lora_formats
+    from sdxlpipe.models import loading, single_file
 
-    unet = loading.load_unet(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
-    unet.load_state_dict(state)
-    unet.save_pretrained(path, safe_serialization=True)
+    pipe = loading.load_pipeline(ctx.config.model, ctx.config.vae, allow_pickle=ctx.config.allow_pickle,
+                                 base_dir=ctx.config.base_dir)
+    base_unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()} if "extracted" in paths else None
+    pipe.unet.load_state_dict(state)
+    for name, (te_state, te_config) in text.items():
+        single_file.fuse_lora(getattr(pipe, name), te_state, te_config)
+    dtype = loading.torch_dtype(params.dtype)
+    pipe.to(dtype=dtype)
+    if "diffusers" in paths:
+        _save_dir(paths["diffusers"], pipe.save_pretrained)
+    if "unet" in paths:
+        _save_dir(paths["unet"], pipe.unet.save_pretrained)
+    if "single_file" in paths:
+        full_meta = {k: v for k, v in metadata.items() if not k.startswith("ss_")}
+        full_meta["modelspec.architecture"] = MODELSPEC_ARCH
+        single_file.save_single_file(pipe, paths["single_file"], metadata=full_meta)
+    if "extracted" in paths:
+        from sdxlpipe.lora.extract import extract_lora
+
+        result = extract_lora({"unet": base_unet}, {"unet": state}, {"unet": pipe.unet}, rank=params.extract_rank)
+        ctx.log.info("extracted a rank-%d LoRA: mean relative error %.2e over %d layers", params.extract_rank,
+                     sum(r.rel_error for r in result.layers) / max(1, len(result.layers)), len(result.layers))
+        lora_formats.save_kohya_modules(paths["extracted"], result.modules, unet_config=dict(pipe.unet.config),
+                                        metadata={**metadata, "ss_network_dim": str(params.extract_rank),
+                                                  "ss_network_alpha": str(params.extract_rank)})
 
 
-def _up_to_date(record_path: Path, key: str, paths) -> bool:
-    if not record_path.exists() or not all(Path(p).exists() for p in paths):
-        return False
-    return json.loads(record_path.read_text()).get("key") == key
+def _save_dir(target: Path, save) -> None:
+    """`save(tmp)` into a fresh folder beside `target`, files made readable, then swapped in."""
+    from sdxlpipe.lora.formats import default_mode
+
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save(str(tmp), safe_serialization=True)
+        for path in tmp.rglob("*"):
+            os.chmod(path, 0o777 & ~_umask() if path.is_dir() else default_mode())
+        os.chmod(tmp, 0o777 & ~_umask())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _kohya_metadata(table: pa.Table, ctx) -> dict[str, str]:
-    """The ss_* fields kohya-aware tools show (values are strings, nested data JSON)."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network: str) -> dict[str, str]:
+    """kohya's ss_* fields, SAI modelspec.* and sdxlpipe's provenance (all strings, nested data as JSON)."""
+    from sdxlpipe.datasets.tags import tag_frequency
+
     train = ctx.config.params["train"]
+    caption = ctx.config.params["caption"]
+    bucket = ctx.config.params["bucket"]
+    text_encode = ctx.config.params["text_encode"]
+    run_dir = Path(trained.get("dir", "."))
+    done = _read_json(run_dir / "done.json")
+    key_doc = _read_json(run_dir / "key.json")
+    steps = int(done.get("steps") or train.max_steps)  # the steps taken: max_epochs may have decided them
+    started = _mtime(run_dir / "key.json")
+    finished = _mtime(run_dir / "done.json") or started
+    cols = table.to_pydict() if table.num_rows else {}
     subsets: dict[str, dict] = {}
-    for subset, repeats in zip(table.column("subset").to_pylist(), table.column("repeats").to_pylist()):
-        entry = subsets.setdefault(subset, {"n_repeats": repeats, "img_count": 0})
+    reg_subsets: dict[str, dict] = {}
+    for i in range(table.num_rows):
+        target = reg_subsets if cols.get("is_reg", [False] * table.num_rows)[i] else subsets
+        entry = target.setdefault(cols["subset"][i], {"n_repeats": cols["repeats"][i], "img_count": 0})
         entry["img_count"] += 1
-    return {
+    is_reg = cols.get("is_reg", [False] * table.num_rows)
+    captions = [c for c, r in zip(cols.get("caption", []), is_reg) if not r]
+    tag_subsets = [s for s, r in zip(cols.get("subset", []), is_reg) if not r]
+    num_images = sum(r for r, reg in zip(cols.get("repeats", []), is_reg) if not reg)
+    resolution = bucket.resolution
+    v_pred = train.prediction_type == "v_prediction"
+    meta = {
+        "ss_output_name": params.name,
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
         "ss_learning_rate": str(train.learning_rate),
-        "ss_max_train_steps": str(train.max_steps),
+        "ss_unet_lr": str(train.learning_rate),
+        "ss_text_encoder_lr": str(train.text_encoder_lr or train.learning_rate),
+        "ss_num_train_images": str(num_images),
+        "ss_num_reg_images": str(sum(1 for r in is_reg if r)),
+        "ss_max_train_steps": str(steps),
+        "ss_steps": str(steps),
+        "ss_num_epochs": str(train.max_epochs) if train.max_epochs else "",
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(train.lr_warmup if train.lr_warmup >= 1 else round(train.lr_warmup * steps)),
+        "ss_optimizer": train.optimizer,
+        "ss_max_grad_norm": str(train.max_grad_norm),
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_full_fp16": "False",
         "ss_seed": str(train.seed),
-        "ss_num_train_images": str(table.num_rows),
+        "ss_network_dropout": str(train.dropout),
+        "ss_noise_offset": str(train.noise_offset),
+        "ss_noise_offset_random_strength": str(train.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(train.adaptive_noise_scale),
+        "ss_multires_noise_iterations": str(train.multires_noise_iterations),
+        "ss_multires_noise_discount": str(train.multires_noise_discount),
+        "ss_ip_noise_gamma": str(train.input_perturbation),
+        "ss_min_snr_gamma": str(train.min_snr_gamma),
+        "ss_debiased_estimation": str(train.debiased_estimation),
+        "ss_loss_type": train.loss_type,
+        "ss_huber_schedule": train.huber_schedule,
+        "ss_huber_c": str(train.huber_c),
+        "ss_prior_loss_weight": str(train.prior_loss_weight),
+        "ss_caption_dropout_rate": str(train.caption_dropout),
+        "ss_caption_tag_dropout_rate": str(caption.tag_dropout),
+        "ss_shuffle_caption": str(caption.shuffle_tags),
+        "ss_keep_tokens": str(caption.keep_tokens),
+        "ss_min_timestep": str(train.min_timestep),
+        "ss_max_timestep": str(train.max_timestep),
+        "ss_v2": "False",
+        "ss_v_parameterization": str(v_pred),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_enable_bucket": "True",
+        "ss_min_bucket_reso": str(bucket.min_side),
+        "ss_max_bucket_reso": str(bucket.max_side),
+        "ss_bucket_no_upscale": str(bucket.no_upscale),
+        "ss_max_token_length": str(text_encode.max_token_length),
+        "ss_clip_skip": str(text_encode.clip_skip or ""),
+        "ss_cache_latents": "True",
         "ss_dataset_dirs": json.dumps(subsets),
-        # Set by the caption stage in this run: {subset: {tag: count}}.
-        "ss_tag_frequency": json.dumps(ctx.outputs.get("tag_frequency", {})),
+        "ss_reg_dataset_dirs": json.dumps(reg_subsets),
+        # Per subset, how many captions hold each tag (the captions as trained, prefix/suffix included).
+        "ss_tag_frequency": json.dumps(tag_frequency(tag_subsets, captions, caption.separator)),
         "ss_sd_model_name": ctx.config.model,
-        "sdxlpipe_train_key": str(ctx.outputs.get("train", {}).get("key")),
+        "ss_vae_name": ctx.config.vae or "",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{MODELSPEC_ARCH}/lora",
+        "modelspec.implementation": MODELSPEC_IMPL,
+        "modelspec.title": params.name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.timestep_range": f"{train.min_timestep},{train.max_timestep}",
+        "sdxlpipe_train_key": str(trained.get("key")),
+        "sdxlpipe_dataset_fingerprint": str(key_doc.get("samples", "")),
+        "sdxlpipe_base_fingerprint": json.dumps({k: key_doc.get(k) for k in ("unet", "scheduler") if k in key_doc}
+                                                or ctx.models.fingerprints(), sort_keys=True),
+        "sdxlpipe_config": json.dumps(ctx.config.to_record(), sort_keys=True, default=str),
     }
+    return {k: v for k, v in meta.items() if v != ""}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0

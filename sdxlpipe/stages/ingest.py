@@ -21,6 +21,8 @@ VERSION = 2
 # `source` (an absolute path) is left out: a moved dataset is not a changed one.
 OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "is_reg", "has_alpha",
                   "sidecar_caption", "caption_origin", "default_caption")
+# Files between progress updates: often enough for a person, cheap on a no-op rerun of a million.
+PROGRESS_EVERY = 64
 # Rejected files of the last run, so a rerun answers them from the memo too.
 REJECTED_TABLE = "ingest_rejected"
 
@@ -29,7 +31,8 @@ REJECTED_TABLE = "ingest_rejected"
 class Source:
     # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
     path: str = field(metadata={"path": True})
-    # "auto" decides from the path: manifest by extension, webdataset for .tar files or a folder of only tars.
+    # "auto" decides from the path: manifest by extension; webdataset for a .tar, or a folder with tars and
+    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder.
     kind: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
@@ -85,12 +88,28 @@ def source_kind(s: Source) -> str:
         return "manifest"
     if path.suffix.lower() == ".tar":
         return "webdataset"
-    if path.is_dir():
-        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-        if entries and all(p.suffix.lower() == ".tar" or p.suffix.lower() == ".parquet" for p in entries) \
-                and any(p.suffix.lower() == ".tar" for p in entries):
-            return "webdataset"  # img2dataset output: shards plus a parquet per shard
+    if path.is_dir() and looks_like_webdataset(path):
+        return "webdataset"
     return "folder"
+
+
+def looks_like_webdataset(folder: Path) -> bool:
+    """img2dataset output (`00000.tar` + `00000.parquet` + `00000_stats.json`, or any tar shards):
+    tars at the top and no loose images beside them. Other files (parquet, json, logs) are ignored."""
+    import os
+
+    from sdxlpipe.datasets.base import IMAGE_EXTENSIONS
+
+    has_tar = False
+    with os.scandir(folder) as entries:  # names only, no stat: a flat folder of a million images stops at once
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if entry.name.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                return False
+            has_tar = has_tar or suffix == ".tar"
+    return has_tar
 
 
 SCHEMA = pa.schema([
@@ -147,50 +166,79 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         for name, value in zip(REJECTED_SCHEMA.names, (c.display, c.source, digest, reason, container_hash)):
             rejected[name].append(value)
 
-    for source in params.sources:
-        for c, container_hash in candidates(source, ctx.memo.hash_file):
-            if c.reject:
-                reject(c, None, c.reject, container_hash)
-                continue
-            data = None
-            if c.file is not None:
-                digest = ctx.memo.hash_file(c.file)
-            else:
-                digest = member_hash.get((container_hash, c.source))
-                if digest is None:
-                    data = read_source_bytes(c.source)
-                    digest = xxh3_hex(data)
-            info = good.get(digest) or bad.get(digest)
-            if info is None:
-                info = probe_image(data if data is not None else c.file, params.max_pixels)
-                read_bytes += 1
-                if isinstance(info, ImageInfo) and info.notes:
-                    ctx.log.info("%s: %s", c.display, "; ".join(info.notes))
-            if isinstance(info, str):
-                reject(c, digest, info, container_hash)
-                continue
-            if digest in seen:
-                # Listed with the rejects so a person sees it; `duplicate_of` tells --strict it is no error.
-                ctx.rejected.append({"path": c.display, "reason": f"duplicate: same bytes as {seen[digest]} (kept once)",
-                                     "duplicate_of": seen[digest]})
-                ctx.log.info("duplicate image %s is the same file as %s: kept once", c.display, seen[digest])
-                continue
-            seen[digest] = c.display
-            values = {
-                # The sample's identity in the tables (not a cache key): subset + path inside the source.
-                "key": hashlib.blake2b(f"{c.subset}/{c.rel}".encode(), digest_size=8).hexdigest(),
-                "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
-                "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
-                "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
-                "default_caption": c.default_caption, "container_hash": container_hash,
-            }
-            for name in SCHEMA.names:
-                rows[name].append(values[name])
-    ctx.memo.save()
+    # The number of files is not known until every source is listed: progress counts files read.
+    with ctx.reporter.track("ingest", None) as advance:
+        for source in params.sources:
+            listed = 0
+            for c, container_hash in candidates(source, ctx.memo.hash_file):
+                listed += 1
+                if listed % PROGRESS_EVERY == 0:
+                    advance(PROGRESS_EVERY)
+                if c.reject:
+                    reject(c, None, c.reject, container_hash)
+                    continue
+                data = None
+                if c.file is not None:
+                    digest = ctx.memo.hash_file(c.file)
+                else:
+                    digest = member_hash.get((container_hash, c.source))
+                    if digest is None:
+                        data = read_source_bytes(c.source)
+                        digest = xxh3_hex(data)
+                info = good.get(digest) or bad.get(digest)
+                if info is None:
+                    info = probe_image(data if data is not None else c.file, params.max_pixels)
+                    read_bytes += 1
+                    if isinstance(info, ImageInfo) and info.notes:
+                        ctx.log.info("%s: %s", c.display, "; ".join(info.notes))
+                if isinstance(info, str):
+                    reject(c, digest, info, container_hash)
+                    continue
+                if digest in seen:
+                    # Listed with the rejects so a person sees it; `duplicate_of` tells --strict it is no error.
+                    ctx.rejected.append({"path": c.display, "reason": f"duplicate: same bytes as {seen[digest]} (kept once)",
+                                         "duplicate_of": seen[digest]})
+                    ctx.log.info("duplicate image %s is the same file as %s: kept once", c.display, seen[digest])
+                    continue
+                seen[digest] = c.display
+                values = {
+                    # The sample's identity in the tables (not a cache key): subset + path inside the source.
+                    "key": hashlib.blake2b(f"{c.subset}/{c.rel}".encode(), digest_size=8).hexdigest(),
+                    "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
+                    "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
+                    "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
+                    "default_caption": c.default_caption, "container_hash": container_hash,
+                }
+                for name in SCHEMA.names:
+                    rows[name].append(values[name])
+            advance(listed % PROGRESS_EVERY)
+            if not listed:
+                from sdxlpipe.errors import UserError
+
+                index = params.sources.index(source)
+                raise UserError(f"sources[{index}]: no image files in {source.path} (read as a {source_kind(source)} source)",
+                                "point path at the images; for tar shards or a manifest elsewhere set "
+                                "kind = \"webdataset\" or \"manifest\" in that [[sources]] entry")
+            if (previous is None and source_kind(source) == "folder" and not source.kohya_folders
+                    and _kohya_tree(Path(source.path))):  # first run only: the hint costs a directory scan
+                ctx.log.info("%s holds kohya <repeats>_<name> folders: set kohya_folders = true in its [[sources]] entry "
+                             "to take repeats and class tokens from their names", source.path)
+    if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
+        ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     if not ctx.dry_run:
         ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
     return pa.table(rows, schema=SCHEMA)
+
+
+def _kohya_tree(folder: Path) -> bool:
+    from sdxlpipe.datasets.folder import KOHYA_FOLDER
+
+    import os
+
+    with os.scandir(folder) as entries:
+        subdirs = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    return bool(subdirs) and all(KOHYA_FOLDER.match(name) for name in subdirs)
 
 
 def _known(previous: pa.Table | None, rejected: pa.Table | None):

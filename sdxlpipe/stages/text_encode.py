@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.cache_format import items_per_shard
+from sdxlpipe.models import sdxl
 from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
@@ -57,6 +58,7 @@ def check(p: Params) -> list[tuple[str, str]]:
 def key_doc(text: str, params: Params, fp: dict[str, str]) -> dict:
     return {
         "stage": "text_encode", "version": VERSION, "text": text,
+        "encoding": sdxl.VERSION,  # models/sdxl.py turns the text into embeddings
         "max_token_length": params.max_token_length, "clip_skip": params.clip_skip,
         "text_encoder": fp["text_encoder"], "text_encoder_2": fp["text_encoder_2"],
         "tokenizer": fp["tokenizer"], "tokenizer_2": fp["tokenizer_2"],
@@ -70,7 +72,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         variants = [v if v is not None else [c] for v, c in zip(table.column("caption_variants").to_pylist(), captions)]
     else:
         variants = [[c] for c in captions]
-    texts = list(dict.fromkeys(captions + [t for vs in variants for t in vs] + [""]))
+    # No rows, no texts: an empty dataset must not load the text encoders for the empty caption alone.
+    texts = list(dict.fromkeys(captions + [t for vs in variants for t in vs] + ([""] if captions else [])))
     key_of = {t: item_key(key_doc(t, params, fp)) for t in texts}
     todo = set(plan_items(ctx, key_of.values()))
     if todo and not ctx.dry_run:
@@ -78,7 +81,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     table = table.append_column("text_key", pa.array([key_of[c] for c in captions], pa.string()))
     table = table.append_column("text_variant_keys", pa.array([[key_of[t] for t in vs] for vs in variants],
                                                               pa.list_(pa.string())))
-    return table.append_column("empty_text_key", pa.array([key_of[""]] * len(captions), pa.string()))
+    return table.append_column("empty_text_key", pa.array([key_of[""]] * len(captions) if captions else [], pa.string()))
 
 
 def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params) -> list[list[dict]]:

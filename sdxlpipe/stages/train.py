@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.errors import UserError
 from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 
-VERSION = 2
+VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
 # The model parts this stage's items depend on: `status` names them when their weights change.
 MODELS = ("unet", "scheduler")
 
@@ -31,6 +32,7 @@ NOT_IN_KEY = (
     "save_every_steps", "save_every_epochs", "max_checkpoints", "gradient_checkpointing", "tensorboard",
     "validation_prompts", "validation_negative_prompts", "validation_every_steps", "validation_every_epochs",
     "validation_steps", "validation_guidance", "validation_size", "validation_seed",
+    "loader_workers", "loader_prefetch", "shard_cache_dir", "shard_cache_gb",
 )
 # Sample columns that shape training; a table from an older run may lack the newer ones.
 SAMPLE_COLUMNS = ("caption", "caption_variants", "latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
@@ -48,8 +50,10 @@ class Params:
     alpha: float = 16.0
     # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets.
     dropout: float = 0.0
-    # Linear layers to adapt, by name suffix: the attention projections kohya and diffusers train by default.
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Linear layers to adapt: a preset, or name suffixes such as ["to_q", "to_k"]. "kohya" (as kohya's SDXL
+    # LoRA): every Linear inside the UNet's transformer blocks (proj_in/out, attn1, attn2, ff) and, when the
+    # text encoders train, their attention and MLP; "attention": only to_q/k/v/out.0 (q/k/v/out_proj in CLIP).
+    target_modules: tuple[str, ...] = ("kohya",)
     # LoCon: rank for the resnet / up/downsampler convolutions (kohya's conv_dim); 0 leaves them out.
     conv_rank: int = 0
     # Alpha for those convolutions (kohya's conv_alpha).
@@ -58,11 +62,21 @@ class Params:
     block_dims: tuple[int, ...] = ()
     # Per-block alphas, 23 values; empty: `alpha` everywhere.
     block_alphas: tuple[float, ...] = ()
+    # Per-block ranks of the LoCon convolutions, 23 values (kohya's conv_block_dims); empty: conv_rank everywhere.
+    conv_block_dims: tuple[int, ...] = ()
+    # Per-block alphas of those convolutions (kohya's conv_block_alphas); empty: conv_alpha everywhere.
+    conv_block_alphas: tuple[float, ...] = ()
+    # DoRA (peft use_dora): LoRA with a learned per-output magnitude; ~2x slower steps, often better at low rank.
+    use_dora: bool = False
+    # LoKr's Kronecker factor (LyCORIS `factor`): -1 picks the most square split; 4-16 give smaller files.
+    lokr_factor: int = -1
     # Also train both text encoders with a LoRA (rank, alpha, dropout as above). Captions are then
     # encoded in the loop from the table's caption text: the cached text embeddings are not used.
     train_text_encoder: bool = False
     # Text-encoder learning rate; 0 takes learning_rate (kohya's advice: about half the UNet's).
     text_encoder_lr: float = 0.0
+    # Start from this LoRA file's weights (kohya's network_weights); its ranks must match. "": a fresh init.
+    network_weights: str = field(default="", metadata={"path": True})
     # --- loss and noise ---
     # What the UNet predicts; "" takes the model's scheduler config (SDXL base: epsilon).
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
@@ -74,8 +88,13 @@ class Params:
     huber_c: float = 0.1
     # Min-SNR weighting gamma; 5 is the paper's value; 0 turns it off.
     min_snr_gamma: float = 0.0
-    # Weight the loss by 1/sqrt(SNR) (kohya's debiased estimation).
+    # Weight the loss by 1/sqrt(SNR), for v-prediction 1/(SNR+1) (kohya's debiased estimation).
     debiased_estimation: bool = False
+    # Rescale the betas to zero terminal SNR (Lin et al. 2023; diffusers' rescale_betas_zero_snr): the model learns
+    # pure noise -> image, for truly dark/bright images. Needs v-prediction (epsilon cannot be learned at SNR 0).
+    zero_terminal_snr: bool = False
+    # v-prediction: weight the loss by SNR/(SNR+1) so each timestep counts as in epsilon training (kohya's option).
+    scale_v_pred_loss_like_noise_pred: bool = False
     # Noise offset; 0.0357 is the usual SDXL value (darker darks, brighter brights); 0 is off.
     noise_offset: float = 0.0
     # Draw the offset's strength uniformly in [0, noise_offset] per sample.
@@ -102,6 +121,18 @@ class Params:
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
+    # Loader worker processes that read and decode batches from the store while the model trains;
+    # 2 keeps a GPU fed from a local disk; 0 reads in the training process (no copy between
+    # processes, but each step waits for its read: fine on a CPU, where the step dominates).
+    loader_workers: int = 2
+    # Batches each loader worker reads ahead; memory is about (workers x this) batches.
+    loader_prefetch: int = 2
+    # A store behind a URL (s3://, file://, ...) is read through whole shards copied to this local
+    # directory, shared by every run on the machine; "": $XDG_CACHE_HOME/sdxlpipe/shards (~/.cache/...).
+    shard_cache_dir: str = ""
+    # The shard cache's size limit in GiB (least recently used shards go first): 64 holds ~110k SDXL
+    # samples (latent + text ~566 KiB each); below the dataset, shards are fetched again each epoch.
+    shard_cache_gb: float = 64.0
     # --- optimisation ---
     # adamw; adamw8bit (bitsandbytes, CUDA); adafactor; prodigy (prodigyopt; set learning_rate = 1.0).
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
@@ -113,6 +144,8 @@ class Params:
     block_lrs: tuple[float, ...] = ()
     # LoRA+: the B matrices learn this many times faster; 16 is the paper's value; 0 is off.
     lora_plus_ratio: float = 0.0
+    # LoRA+ ratio of the text encoders' B matrices (kohya's loraplus_text_encoder_lr_ratio); 0 takes lora_plus_ratio.
+    text_encoder_lora_plus_ratio: float = 0.0
     # A diffusers schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial"] = "constant"
@@ -124,16 +157,31 @@ class Params:
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this; 1.0 is the common default; 0 clips nothing.
     max_grad_norm: float = 1.0
-    # Recompute activations in the backward pass: much less memory, ~30% slower.
-    gradient_checkpointing: bool = False
+    # Recompute activations in the backward pass: much less memory, ~30% slower. Unset: on when the UNet is
+    # SDXL-sized (over 1e9 parameters; without it a 1024 px SDXL step needs far more than a 24 GB card), off for
+    # small models such as the tiny one.
+    gradient_checkpointing: bool | None = None
     # bf16 on recent GPUs and CPUs; fp16 (with a loss scaler) on older GPUs; no = fp32.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # How the frozen weights (the UNet under a network, text encoders that do not train) are stored. auto: the
+    # mixed_precision dtype (bf16/fp16; fp32 with "no"), half the memory of fp32 as kohya and diffusers do;
+    # fp8: float8 storage upcast per layer to the mixed_precision dtype (kohya's fp8_base; needs bf16 or fp16).
+    base_dtype: Literal["auto", "fp32", "fp8"] = "auto"
+    # Keep the trained weights, gradients and optimizer state in bf16 too (kohya's full_bf16; needs
+    # mixed_precision = "bf16"): the way a full fine-tune fits 24 GB; fp32 otherwise, which is more exact.
+    full_bf16: bool = False
+    # Adafactor only: step each weight as soon as its gradient is ready and free the gradient (kohya's
+    # fused_backward_pass), so a full fine-tune never holds all gradients at once. Clipping is then per tensor.
+    fused_backward: bool = False
     # EMA of the trained weights with this decay (0.999 for long runs); the EMA weights are the result. 0 is off.
     ema_decay: float = 0.0
-    # Optimizer steps to take; ignored when max_epochs is set.
+    # Optimizer steps to take; ignored when max_epochs is set. Raising it on a finished run continues that run.
     max_steps: int = 500
     # Train this many passes over the data instead (0: use max_steps).
     max_epochs: int = 0
+    # Steps a decaying LR schedule (linear, cosine...) and a fractional warmup span; 0: the run's length (then
+    # raising max_steps starts a new run). Set it to make such a run extendable; past it the LR stays at its end.
+    lr_schedule_steps: int = 0
     # --- checkpoints, validation, logs (not in the key) ---
     # Checkpoint this often (and at the end) so a killed run resumes; 0 is off.
     save_every_steps: int = 100
@@ -165,7 +213,11 @@ def check(p: Params) -> list[tuple[str, str]]:
                  "validation_steps"):
         if getattr(p, name) < 1:
             problems.append((f"train.{name}", "must be >= 1"))
-    for name in ("max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
+    if p.loader_prefetch < 1:
+        problems.append(("train.loader_prefetch", "must be >= 1"))
+    if p.shard_cache_gb <= 0:
+        problems.append(("train.shard_cache_gb", "must be > 0: the local shard cache's size limit in GiB"))
+    for name in ("loader_workers", "max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
                  "multires_noise_iterations", "validation_every_steps", "validation_every_epochs", "validation_size"):
         if getattr(p, name) < 0:
             problems.append((f"train.{name}", "must be >= 0"))
@@ -200,6 +252,37 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.lora_plus_ratio", "LoRA+ applies to network = \"lora\" only"))
     if p.lr_warmup >= 1 and p.lr_warmup != int(p.lr_warmup):
         problems.append(("train.lr_warmup", "a number of steps must be whole; a fraction must be below 1"))
+    for name in ("conv_block_dims", "conv_block_alphas"):
+        if getattr(p, name) and len(getattr(p, name)) != NUM_BLOCKS:
+            problems.append((f"train.{name}", f"needs {NUM_BLOCKS} values (kohya's SDXL blocks), got {len(getattr(p, name))}"))
+    if p.conv_block_dims and p.network not in ("lora", "loha", "lokr"):
+        problems.append(("train.conv_block_dims", "only lora (LoCon), loha and lokr adapt convolutions here"))
+    if p.use_dora and p.network != "lora":
+        problems.append(("train.use_dora", "DoRA applies to network = \"lora\" only"))
+    if p.lokr_factor != -1 and (p.lokr_factor < 1 or p.network != "lokr"):
+        problems.append(("train.lokr_factor", "a positive factor, for network = \"lokr\" only (-1: the most square split)"))
+    if p.text_encoder_lora_plus_ratio < 0:
+        problems.append(("train.text_encoder_lora_plus_ratio", "must be >= 0"))
+    if p.zero_terminal_snr and p.prediction_type == "epsilon":
+        problems.append(("train.zero_terminal_snr", "needs prediction_type = \"v_prediction\" (epsilon is not learnable at SNR 0)"))
+    if p.scale_v_pred_loss_like_noise_pred and p.prediction_type == "epsilon":
+        problems.append(("train.scale_v_pred_loss_like_noise_pred", "applies to prediction_type = \"v_prediction\" only"))
+    if p.base_dtype == "fp8" and p.mixed_precision == "no":
+        problems.append(("train.base_dtype", "fp8 weights are computed in the mixed precision: set mixed_precision = \"bf16\""))
+    if p.base_dtype == "fp8" and p.network == "full":
+        problems.append(("train.base_dtype", "a full fine-tune trains every weight, so none is a frozen fp8 base"))
+    if p.base_dtype == "fp8" and p.use_dora:
+        problems.append(("train.use_dora", "DoRA reads the frozen weights directly, which fp8 storage does not support: use base_dtype = \"auto\""))
+    if p.full_bf16 and p.mixed_precision != "bf16":
+        problems.append(("train.full_bf16", "needs mixed_precision = \"bf16\""))
+    if p.fused_backward and p.optimizer != "adafactor":
+        problems.append(("train.fused_backward", "is implemented for optimizer = \"adafactor\" only"))
+    if p.fused_backward and p.gradient_accumulation_steps > 1:
+        problems.append(("train.fused_backward", "steps each weight during backward, so it cannot accumulate: set gradient_accumulation_steps = 1"))
+    if p.lr_schedule_steps < 0:
+        problems.append(("train.lr_schedule_steps", "must be >= 0"))
+    if p.network_weights and p.network != "lora":
+        problems.append(("train.network_weights", "starting from a LoRA file applies to network = \"lora\" only"))
     if p.validation_every_steps or p.validation_every_epochs:
         if not p.validation_prompts:
             problems.append(("train.validation_prompts", "validation is scheduled but no prompts are given"))
@@ -221,6 +304,13 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # An absent column reads as None: a table from an older run still gets a key.
         lines.append(json.dumps([cols[c][i] if c in cols else None for c in SAMPLE_COLUMNS], separators=(",", ":")))
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_KEY}
+    if not length_shapes_schedule(params):
+        # Where the run stops is not in the key: a longer run passes through the same weights, so raising
+        # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").
+        del settings["max_steps"], settings["max_epochs"]
+    if params.network_weights:
+        # The starting LoRA by its bytes, not its path.
+        settings["network_weights"] = _file_hash(params.network_weights)
     return {
         "stage": "train", "version": VERSION, "params": settings,
         "unet": fp["unet"], "scheduler": fp["scheduler"],
@@ -231,24 +321,68 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
     }
 
 
+def length_shapes_schedule(p: Params) -> bool:
+    """Whether the LR at some step depends on the run's length (a decaying schedule or a fractional warmup)."""
+    if p.lr_schedule_steps:
+        return False
+    fractional_warmup = 0 < p.lr_warmup < 1
+    return p.lr_scheduler not in ("constant", "constant_with_warmup") or fractional_warmup
+
+
+def run_steps(table: pa.Table, p: Params, processes: int) -> int:
+    """Optimizer steps of the run: max_steps, or max_epochs passes over the batches of `table`."""
+    if not p.max_epochs:
+        return p.max_steps
+    import math
+
+    from sdxlpipe.training.data import BatchPlan
+
+    cols = table.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in table.column_names]).to_pydict()
+    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], p.batch_size, p.seed,
+                     [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
+    return math.ceil(p.max_epochs * plan.per_epoch / (p.gradient_accumulation_steps * processes))
+
+
+def _file_hash(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     from sdxlpipe.training import checkpoints
 
     # accelerate launch / torchrun set WORLD_SIZE; reading it needs no torch.
-    doc = key_doc(table, params, ctx.models.fingerprints(), int(os.environ.get("WORLD_SIZE", "1")))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if params.network_weights and not os.path.isfile(params.network_weights):
+        raise UserError(f"train.network_weights: {params.network_weights} is not a file",
+                        "give the path of a LoRA .safetensors file (kohya, diffusers or peft format)")
+    doc = key_doc(table, params, ctx.models.fingerprints(), processes)
     key = item_key(doc)
     run_dir = ctx.workspace.train_dir(key)
     ctx.outputs["train"] = {"key": key, "dir": str(run_dir)}
-    done = checkpoints.read_done(run_dir)
-    if done is not None:
-        ctx.report(items=1, computed=0, reused=1)
-        ctx.outputs["train"].update(done["outputs"])
-        return table
     if table.num_rows == 0:
         ctx.report(items=1, computed=0, reused=0, failed=1, reasons=["no samples to train on"])
         return table
+    steps = run_steps(table, params, processes)
+    done = checkpoints.read_done(run_dir)
+    if done is not None and done["steps"] == steps:
+        ctx.report(items=1, computed=0, reused=1)
+        ctx.outputs["train"].update(done["outputs"])
+        return table
+    if done is not None and done["steps"] > steps:
+        raise UserError(f"train: this run ({run_dir}) already trained to step {done['steps']}, past the {steps} asked for",
+                        f"set train.max_steps = {done['steps']} to use it (its weights are in {done['outputs']['weights']})"
+                        ", or train the shorter run in another workspace")
     latest = checkpoints.latest_step(run_dir)
-    reason = f"resuming from step {latest}" if latest else _why_new(ctx, doc)
+    if done is not None:
+        reason = f"extending from step {latest} to {steps}"
+    else:
+        reason = f"resuming from step {latest}" if latest else _why_new(ctx, doc)
     ctx.report(items=1, computed=1, reused=0, reasons=[reason])
     if ctx.dry_run:
         return table
@@ -257,7 +391,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 
     checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
-    result = train(table, params, ctx, run_dir)
+    result = train(table, params, ctx, run_dir, steps)
     ctx.outputs["train"].update(result["outputs"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table

@@ -25,6 +25,8 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.cache_format import items_per_shard
+from sdxlpipe.datasets import open_image
+from sdxlpipe.engines import images
 from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
@@ -78,6 +80,8 @@ def check(p: Params) -> list[tuple[str, str]]:
 def key_doc(row: dict, params: Params, vae_fingerprint: str, flip: bool = False, mask: str | None = None) -> dict:
     doc = {
         "stage": "vae_encode", "version": VERSION, "content_hash": row["content_hash"],
+        # The code that shapes the pixels before the VAE sees them, not only this module's.
+        "pixels": [open_image.VERSION, images.VERSION],
         "resize": [row["resize_w"], row["resize_h"]], "crop": [row["crop_top"], row["crop_left"]],
         "size": [row["bucket_w"], row["bucket_h"]], "dtype": params.dtype, "vae": vae_fingerprint,
     }

@@ -1,10 +1,11 @@
-"""A training batch's tensors: the cached latents and text embeddings a batch reads, assembled.
+"""A training batch's tensors: which cached payloads a batch uses, and the batch built from them.
 
-`load_cached` reads every latent and text payload the run uses from the
-store; `assemble` builds one batch from them with its seeded per-sample
-choices (flip, caption variant, caption dropout) and SDXL's
-micro-conditioning. The training loop (`loop.py`) calls both and owns the
-model side.
+`pick` makes a batch's seeded per-sample choices (flip, caption variant,
+caption dropout) and so names the store items it needs; `assemble` builds
+the batch's tensors from those payloads with SDXL's micro-conditioning.
+`training/stream.py` reads a batch's payloads per batch and calls both;
+`load_cached` reads every payload of the run at once: the in-memory path,
+kept as the reference the streamed batches are tested against.
 """
 
 from __future__ import annotations
@@ -16,24 +17,45 @@ from sdxlpipe.models.sdxl import add_time_ids
 from sdxlpipe.training.data import choice, coin
 
 
-def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
-              fixed: bool) -> dict:
-    """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning."""
-    lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
+def pick(rows: list[dict], members: list[int], p, epoch: int, index: int, fixed: bool) -> list[dict]:
+    """Per sample: the latent key, the text key (or caption, when the loop encodes text), and the flip."""
+    picks = []
     for pos, (row, i) in enumerate(zip(rows, members)):
         flip = bool(row.get("latent_flip_key")) and not fixed and coin(0.5, p.seed, "flip", index, pos)
-        entry = latents[row["latent_flip_key"] if flip else row["latent_key"]]
         dropped = not fixed and coin(p.caption_dropout, p.seed, "drop", index, pos)
+        text_key = caption = None
         if p.train_text_encoder:
             caption = choice(row.get("caption_variants") or [row["caption"]], p.seed, "text", epoch, i)
-            captions.append("" if dropped else caption)
+            caption = "" if dropped else caption
         else:
             text_key = choice(row.get("text_variant_keys") or [row["text_key"]], p.seed, "text", epoch, i)
             if dropped and row.get("empty_text_key"):
                 text_key = row["empty_text_key"]
-            txt.append(texts[text_key])
+        picks.append({"latent_key": row["latent_flip_key"] if flip else row["latent_key"], "flip": flip,
+                      "text_key": text_key, "caption": caption})
+    return picks
+
+
+FLOAT_FIELDS = ("mean", "std", "embeds", "pooled", "mask")
+
+
+def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
+             fixed: bool, stored_dtype: bool = False) -> dict:
+    """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning.
+
+    `latents` and `texts` map item keys to decoded payloads; they need hold only the keys `pick` names.
+    stored_dtype: leave the payload tensors in the dtype they are stored in (fp16), for `as_float`
+    later: loader workers hand half the bytes to the training process.
+    """
+    lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
+    for row, chosen in zip(rows, pick(rows, members, p, epoch, index, fixed)):
+        entry = latents[chosen["latent_key"]]
+        if chosen["caption"] is not None:
+            captions.append(chosen["caption"])
+        else:
+            txt.append(texts[chosen["text_key"]])
         crop_left = row["crop_left"]
-        if flip and row.get("resize_w"):
+        if chosen["flip"] and row.get("resize_w"):
             # The crop seen from the other side of the flipped image.
             crop_left = row["resize_w"] - row["bucket_w"] - crop_left
         lat.append(entry)
@@ -44,35 +66,50 @@ def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p
     mask = None
     if p.masked_loss:
         ones = torch.ones_like(lat[0]["mean"][:1])
-        mask = torch.stack([(m.reshape(ones.shape) if m is not None else ones).float() for m in masks])
-    return {
-        "mean": torch.stack([e["mean"] for e in lat]).float(), "std": torch.stack([e["std"] for e in lat]).float(),
+        mask = torch.stack([m.reshape(ones.shape) if m is not None else ones for m in masks])
+    batch = {
+        "mean": torch.stack([e["mean"] for e in lat]), "std": torch.stack([e["std"] for e in lat]),
         "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
-        "embeds": torch.stack([t["prompt_embeds"] for t in txt]).float() if txt else None,
-        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]).float() if txt else None,
+        "embeds": torch.stack([t["prompt_embeds"] for t in txt]) if txt else None,
+        "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]) if txt else None,
         "captions": captions,
         "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
         "is_reg": torch.tensor(is_reg, dtype=torch.bool),
     }
+    return batch if stored_dtype else as_float(batch)
+
+
+def as_float(batch: dict) -> dict:
+    """The batch with its payload tensors in fp32, what the loss is computed in (exact from fp16)."""
+    return {k: v.float() if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
+
+
+def decode_latent(data: bytes) -> dict:
+    """A latent payload as tensors plus the VAE's scaling and shift factors."""
+    tensors, meta = decode_tensors(data, "pt")
+    return {**tensors, "scaling_factor": float(meta.get("scaling_factor", "1.0")),
+            "shift_factor": float(meta.get("shift_factor", "0.0") or 0.0)}
+
+
+def decode_text(data: bytes) -> dict:
+    return decode_tensors(data, "pt")[0]
 
 
 def load_cached(rows: list[dict], ctx, texts: bool = True) -> tuple[dict, dict]:
-    """Every latent (flipped ones too) and text payload (variants and the empty caption too), decoded once."""
+    """Every latent (flipped ones too) and text payload (variants and the empty caption too), decoded once.
+
+    Memory grows with the dataset (~566 KiB per SDXL sample); training streams instead
+    (`training/stream.py`). Kept as the reference the streamed batches are checked against.
+    """
     latent_keys = {r["latent_key"] for r in rows} | {r["latent_flip_key"] for r in rows if r.get("latent_flip_key")}
     text_keys = {r["text_key"] for r in rows} | {r["empty_text_key"] for r in rows if r.get("empty_text_key")}
     text_keys |= {k for r in rows for k in (r.get("text_variant_keys") or [])}
     if not texts:
         text_keys = set()
-    latents: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("vae_encode", sorted(latent_keys)):
-        if data is not None:
-            tensors, meta = decode_tensors(data, "pt")
-            latents[key] = {**tensors, "scaling_factor": float(meta.get("scaling_factor", "1.0")),
-                            "shift_factor": float(meta.get("shift_factor", "0.0") or 0.0)}
-    text_payloads: dict[str, dict] = {}
-    for key, data in ctx.store.read_many("text_encode", sorted(text_keys)):
-        if data is not None:
-            text_payloads[key] = decode_tensors(data, "pt")[0]
+    latents = {key: decode_latent(data)
+               for key, data in ctx.store.read_many("vae_encode", sorted(latent_keys)) if data is not None}
+    text_payloads = {key: decode_text(data)
+                     for key, data in ctx.store.read_many("text_encode", sorted(text_keys)) if data is not None}
     lost = {"vae_encode": latent_keys - latents.keys(), "text_encode": text_keys - text_payloads.keys()}
     if any(lost.values()):
         # The runner recomputes these items and runs the train stage again.

@@ -2,10 +2,12 @@
 
 Recipe, top to bottom: fail early on settings the machine cannot run ->
 accelerate (device, mixed precision, gradient accumulation, processes) ->
-the cached latents and text embeddings, all in RAM (fine up to roughly
-100k samples at 1024 px: ~130 kB per latent) -> the UNet with its network
--> optimizer, LR schedule, EMA -> resume from the newest checkpoint -> for
-each step and each micro-batch: a batch from one bucket, a fresh latent
+the batch source: cached latents and text embeddings stay in the store and
+each batch is read when it is due (`training.stream`; memory holds the table,
+the plan and a few batches, not the ~566 KiB per SDXL sample) -> the UNet
+with its network -> optimizer, LR schedule, EMA -> resume from the newest
+checkpoint -> for each step and each micro-batch: a batch from one bucket
+(read ahead by loader workers), a fresh latent
 sample from the stored distribution, noise, timesteps, the loss of
 `training.losses` -> clip, step -> log, validate, checkpoint -> `done.json`.
 
@@ -28,11 +30,11 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import checkpoints, losses, networks, optimizers, validation
-from sdxlpipe.training.batches import assemble, load_cached
+from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
 from sdxlpipe.training.data import BatchPlan
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -40,7 +42,15 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 EVAL_BATCHES = 4
 
 
-def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
+# Compute dtype of each mixed_precision setting.
+COMPUTE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Above this many parameters the UNet counts as SDXL-sized (2.6e9; SD 1.5: 0.86e9): gradient checkpointing
+# defaults to on, since a 1024 px SDXL step's activations alone outgrow a 24 GB card without it.
+SDXL_SIZED = 1e9
+
+
+def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
+    """Train to step `max_steps` (the stage computes it from max_steps or max_epochs), resuming or extending."""
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
@@ -54,11 +64,11 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     main = accelerator.is_main_process
 
     # --- data ----------------------------------------------------------------
+    if p.fused_backward and world > 1:
+        raise UserError("train.fused_backward steps each weight before the processes average its gradient",
+                        "train on one process, or set fused_backward = false")
     rows = table.to_pylist()
     if p.train_text_encoder:
-        if world > 1:
-            raise UserError("train.train_text_encoder runs on one process only for now",
-                            "train the text encoders on one process, or set train_text_encoder = false")
         if "caption" not in table.column_names:
             raise UserError("train.train_text_encoder needs the caption text, and this table has none",
                             "run the caption stage (sdxlpipe run all) so the table carries captions")
@@ -66,39 +76,56 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    latents, texts = load_cached(rows, ctx, texts=not p.train_text_encoder)
     plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
                      p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
+    source = stream.open_source(table, ctx.store, p, plan)  # reads batch i from the store when it is due
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
-    max_steps = math.ceil(p.max_epochs * plan.per_epoch / per_step) if p.max_epochs else p.max_steps
+    noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
+    prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
+    if p.zero_terminal_snr:
+        if prediction_type != "v_prediction":
+            raise UserError("train.zero_terminal_snr needs v-prediction, and this model's scheduler predicts "
+                            f"{prediction_type}", 'set train.prediction_type = "v_prediction"')
+        noise_scheduler = type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
-    # --- model, network, optimizer, schedule, EMA ------------------------------
-    unet = loading.load_unet(ctx.config.model, device=device, allow_pickle=ctx.config.allow_pickle)
+    # --- model, network, precision, optimizer, schedule, EMA -------------------
+    # Loaded and given its network in fp32 on the CPU (the init is the same whatever the storage), then
+    # frozen weights go to their storage dtype before the model reaches the device: the device never holds
+    # an fp32 copy of a frozen SDXL UNet.
+    compute = COMPUTE[p.mixed_precision]
+    unet = loading.load_unet(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)  # the network's initial weights
         networks.attach(unet, p)
+    if p.network_weights:
+        networks.load_network_weights(unet, p, p.network_weights)
+    networks.set_precision(unet, p, compute)
+    unet.to(device)
     unet.train()
-    if p.gradient_checkpointing:
+    size = sum(q.numel() for q in unet.parameters())
+    if p.gradient_checkpointing if p.gradient_checkpointing is not None else size > SDXL_SIZED:
         unet.enable_gradient_checkpointing()
     encoders: dict = {}  # the trained text stack, when train_text_encoder
     groups = optimizers.param_groups(unet, p)
     if p.train_text_encoder:
-        encoders = loading.load_text_stack(ctx.config.model, device=device, allow_pickle=ctx.config.allow_pickle)
+        encoders = loading.load_text_stack(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed + 1)
             for name in TEXT_ENCODERS:
                 networks.attach_text_encoder(encoders[name], p)
+                networks.set_precision(encoders[name], p, compute)
+                encoders[name].to(device)
                 encoders[name].train()
-        groups.append({"params": [q for n in TEXT_ENCODERS for q in encoders[n].parameters() if q.requires_grad],
-                       "lr": p.text_encoder_lr or p.learning_rate})
+        groups += optimizers.text_encoder_groups([encoders[n] for n in TEXT_ENCODERS], p)
     optimizer = optimizers.build_optimizer(groups, p)
-    lr_schedule = optimizers.build_scheduler(optimizer, p, max_steps)
+    lr_schedule = optimizers.build_scheduler(optimizer, p, p.lr_schedule_steps or max_steps)
     trainable = [q for q in unet.parameters() if q.requires_grad]
-    trainable += [q for n in TEXT_ENCODERS if encoders for q in encoders[n].parameters() if q.requires_grad]
+    encoder_params = [q for n in TEXT_ENCODERS if encoders for q in encoders[n].parameters() if q.requires_grad]
+    trainable += encoder_params
     ema = EMAModel(trainable, decay=p.ema_decay) if p.ema_decay else None
-    noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
+    fused = optimizers.fuse_into_backward(optimizer, p.max_grad_norm) if p.fused_backward else None
+    dtypes = networks.dtype_counts(unet)
 
     # --- resume ------------------------------------------------------------------
     start = checkpoints.latest_step(run_dir)
@@ -119,10 +146,19 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
         ctx.log.info("resuming %s from step %d", run_dir.name[:12], start)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     bare = accelerator.unwrap_model(unet)
+    if encoder_params and world > 1:
+        # The encoders are not wrapped for DDP (the caption encoding reads their config); their LoRA gradients
+        # are averaged over the processes by hand before each optimizer step, which is what DDP would do.
+        ctx.log.info("train_text_encoder on %d processes: text-encoder gradients are averaged by all-reduce", world)
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
-        epoch, members = plan.batch_at(index)
-        batch = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
+        try:
+            batch = source.batch(index, fixed=True) if fixed else feed.take(index)
+        except CacheDamaged:
+            # Keep the steps done so far: once the item is recomputed the run resumes right here.
+            if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
+                save(index // per_step)
+            raise
         if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
             batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
@@ -146,10 +182,13 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
             save_file(networks.text_encoder_state(encoders[name]), tmp / f"{name}.safetensors")
         state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
         if ema is not None:
+            # EMA covers the UNet's and the text encoders' trained weights alike; the EMA files pair them.
             state["ema"] = ema.state_dict()
             ema.store(trainable)
             ema.copy_to(trainable)
             save_file(networks.trained_state(bare, p), tmp / networks.weights_file(p, ema=True))
+            for name in TEXT_ENCODERS if encoders else ():
+                save_file(networks.text_encoder_state(encoders[name]), tmp / f"{name}.ema.safetensors")
             ema.restore(trainable)
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
@@ -165,10 +204,12 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
             ema.store(trainable)
             ema.copy_to(trainable)
         stack = {**ctx.models.text_stack(), **encoders}
-        images = validation.render(
-            bare, stack, ctx.models.vae(), noise_scheduler, p.validation_prompts,
-            p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, rows),
-            steps=p.validation_steps, guidance=p.validation_guidance)
+        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+            images = validation.render(
+                bare, stack, ctx.models.vae(), noise_scheduler, p.validation_prompts,
+                p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, rows),
+                steps=p.validation_steps, guidance=p.validation_guidance, prediction_type=prediction_type,
+                zero_terminal_snr=p.zero_terminal_snr)
         if ema is not None:
             ema.restore(trainable)
         validation.save(images, run_dir / "validation" / f"step-{step:08d}")
@@ -181,7 +222,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
         history["eval_loss_before"] = eval_loss()
     last = None
     began = time.monotonic()
-    with ctx.reporter.track("train", max_steps - start) as advance:
+    feed = stream.open_feed(source, p, start_step=start, max_steps=max_steps, world=world, rank=rank, device=device)
+    with feed, ctx.reporter.track("train", max_steps - start) as advance:
         for step in range(start, max_steps):
             step_loss = 0.0
             for micro in range(p.gradient_accumulation_steps):
@@ -191,11 +233,18 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
                 with accelerator.accumulate(unet):
                     loss = batch_loss(index, torch.Generator().manual_seed(seed))
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # max_grad_norm 0 clips nothing but still measures the norm for the logs.
-                        grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if fused is not None:  # every weight was stepped as its gradient arrived
+                        grad_norm = fused.take_norm()
+                    else:
+                        if accelerator.sync_gradients:
+                            if encoder_params and world > 1:
+                                # CLIP-L's last layer gets no gradient (SDXL reads the penultimate one), on every process.
+                                for q in (q for q in encoder_params if q.grad is not None):
+                                    q.grad = accelerator.reduce(q.grad, reduction="mean")
+                            # max_grad_norm 0 clips nothing but still measures the norm for the logs.
+                            grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 step_loss += float(accelerator.gather(loss.detach()).mean()) / p.gradient_accumulation_steps
             lr_schedule.step()
             if ema is not None:
@@ -222,6 +271,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
 
     last = checkpoints.checkpoint_dir(run_dir, max_steps)
     weights = last / networks.weights_file(p, ema=ema is not None)
+    suffix = ".ema.safetensors" if ema is not None else ".safetensors"
     outputs = {
         "checkpoint": str(last), "network": p.network, "weights": str(weights),
         "network_config": str(last / "network.json"), "logs": str(run_dir / "logs"),
@@ -229,7 +279,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
     if p.network != "full":
         outputs.update({"adapter": str(weights), "adapter_config": str(last / "network.json")})
     if encoders:
-        outputs.update({name: str(last / f"{name}.safetensors") for name in TEXT_ENCODERS})
+        outputs.update({name: str(last / f"{name}{suffix}") for name in TEXT_ENCODERS})
     if p.validation_prompts:
         outputs["validation"] = str(run_dir / "validation")
     recent = history["losses"][-20:]
@@ -238,6 +288,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path) -> dict:
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
         "processes": world, "seconds": seconds, "outputs": outputs,
+        # Bytes of the UNet's weights by role and storage dtype: what the precision settings really did.
+        "weights_bytes": dtypes,
     }
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
@@ -272,7 +324,9 @@ def _loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Gen
     if p.min_snr_gamma:
         weight = weight * losses.min_snr_weight(snr_t, p.min_snr_gamma, prediction_type)
     if p.debiased_estimation:
-        weight = weight * losses.debiased_weight(snr_t)
+        weight = weight * losses.debiased_weight(snr_t, prediction_type)
+    if p.scale_v_pred_loss_like_noise_pred and prediction_type == "v_prediction":
+        weight = weight * losses.v_pred_like_noise_pred_weight(snr_t)
     if p.prior_loss_weight != 1.0:
         weight = weight * losses.prior_weight(b["is_reg"], p.prior_loss_weight)
     return (per_sample * weight.to(per_sample.device)).mean()

@@ -4,7 +4,7 @@ The loop composes them in this order: noise (offset, multires) -> timesteps
 in the range -> noisy input (input perturbation) -> prediction target
 (epsilon or v) -> element-wise loss (L2 / L1 / Huber / smooth-L1 with its c
 schedule) -> per-sample mean (masked: divided by the mask's area) -> per-sample
-weights (min-SNR gamma, debiased estimation, prior-preservation) -> batch mean.
+weights (min-SNR gamma, debiased estimation, v scaled like epsilon, prior-preservation) -> batch mean.
 
 The formulas follow kohya sd-scripts (library/custom_train_functions.py,
 train_util.py) so settings carry over; where sdxlpipe differs, the docstring
@@ -132,9 +132,18 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
     return clipped / (snr_t + 1) if prediction_type == "v_prediction" else clipped / snr_t
 
 
-def debiased_weight(snr_t: torch.Tensor) -> torch.Tensor:
-    """Debiased estimation: 1 / sqrt(snr), with snr clamped at 1000 as kohya does."""
-    return 1 / snr_t.clamp(max=1000).sqrt()
+def debiased_weight(snr_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Debiased estimation: 1 / sqrt(snr) for epsilon, 1 / (snr + 1) for v (kohya's apply_debiased_estimation),
+    snr clamped at 1000 as kohya does. The v weight stays finite at zero terminal SNR (snr 0 at t = T-1)."""
+    s = snr_t.clamp(max=1000)
+    return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / s.sqrt()
+
+
+def v_pred_like_noise_pred_weight(snr_t: torch.Tensor) -> torch.Tensor:
+    """snr / (snr + 1), snr clamped at 1000: a v-prediction loss weighted like an epsilon one
+    (kohya's scale_v_prediction_loss_like_noise_prediction)."""
+    s = snr_t.clamp(max=1000)
+    return s / (s + 1)
 
 
 def prior_weight(is_reg: torch.Tensor, weight: float) -> torch.Tensor:

@@ -15,6 +15,13 @@ ADAPTER = "default"
 NUM_BLOCKS = 23
 # LoCon: the convolutions kohya's LoCon (conv_dim) trains, inside these modules.
 CONV_PARENTS = ("resnets", "downsamplers", "upsamplers")
+# target_modules presets. "kohya": what kohya's SDXL LoRA (networks/lora.py) adapts, every Linear inside a
+# Transformer2DModel (diffusers names them `...attentions.N...`: proj_in, proj_out, attn1/attn2 to_q/k/v/out.0,
+# ff.net.0.proj, ff.net.2). "attention": the attention projections only (sdxlpipe's default before).
+UNET_PRESETS = {"kohya": None, "attention": ("to_q", "to_k", "to_v", "to_out.0")}
+# The text encoders' targets: kohya's CLIPAttention and CLIPMLP, or the attention projections only.
+TEXT_ENCODER_TARGETS = {"kohya": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                        "attention": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 
 
 def block_index(name: str, layers_per_block: int) -> int:
@@ -46,7 +53,7 @@ def target_names(unet, p) -> dict[str, tuple[int, float]]:
     layers = layers if isinstance(layers, int) else layers[0]
     out: dict[str, tuple[int, float]] = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in p.target_modules):
+        if isinstance(module, torch.nn.Linear) and _is_target(name, p.target_modules):
             rank, alpha = p.rank, p.alpha
             if p.block_dims:
                 b = block_index(name, layers)
@@ -54,11 +61,37 @@ def target_names(unet, p) -> dict[str, tuple[int, float]]:
                 alpha = p.block_alphas[b] if p.block_alphas else p.alpha
         elif p.conv_rank and isinstance(module, torch.nn.Conv2d) and any(f".{c}." in f".{name}." for c in CONV_PARENTS):
             rank, alpha = p.conv_rank, p.conv_alpha
+            if p.conv_block_dims:
+                b = block_index(name, layers)
+                rank = p.conv_block_dims[b]
+                alpha = p.conv_block_alphas[b] if p.conv_block_alphas else p.conv_alpha
         else:
             continue
         if rank > 0:
+            if p.network == "lokr" and _lokr_full(module, rank, p.lokr_factor):
+                alpha = rank  # both Kronecker factors are full matrices: LyCORIS scales them by 1, not alpha/rank
             out[name] = (rank, alpha)
     return out
+
+
+def _is_target(name: str, targets: tuple[str, ...]) -> bool:
+    """A Linear's full name against target_modules: a preset, or name suffixes."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if targets == ("kohya",):
+        return name.startswith("attentions.") or ".attentions." in name
+    suffixes = UNET_PRESETS.get(targets[0]) if len(targets) == 1 and targets[0] in UNET_PRESETS else targets
+    return any(name == t or name.endswith("." + t) for t in suffixes)
+
+
+def _lokr_full(module, rank: int, factor: int) -> bool:
+    """Whether peft's LoKr gives `module` a full w2 (w1 is full unless decompose_both, which is not used here)."""
+    from peft.tuners.lokr.layer import factorization
+
+    if isinstance(module, torch.nn.Linear):
+        in_dim, out_dim = module.in_features, module.out_features
+    else:
+        in_dim, out_dim = module.in_channels // module.groups, module.out_channels
+    return rank >= max(factorization(out_dim, factor)[1], factorization(in_dim, factor)[1]) / 2
 
 
 def peft_config(unet, p):
@@ -70,20 +103,21 @@ def peft_config(unet, p):
         from sdxlpipe.errors import UserError
 
         raise UserError(f"train.target_modules {list(p.target_modules)} match no layer of the UNet",
-                         'use attention projections such as ["to_q", "to_k", "to_v", "to_out.0"]')
+                         'use a preset ("kohya" or "attention") or Linear name suffixes such as ["to_q", "to_k", "to_v", "to_out.0"]')
     names = sorted(targets)
     # peft reads pattern keys as regexes; full names match only themselves.
     ranks = {n: r for n, (r, _) in targets.items() if r != p.rank}
     alphas = {n: a for n, (_, a) in targets.items() if a != p.alpha}
     if p.network == "lora":
-        return peft.LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights="gaussian",
-                               target_modules=names, rank_pattern=ranks, alpha_pattern=alphas)
+        # peft's default init (kaiming-uniform A, zero B) is kohya's, so learning rates carry over.
+        return peft.LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=True,
+                               use_dora=p.use_dora, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas)
     if p.network == "loha":
         return peft.LoHaConfig(r=p.rank, alpha=p.alpha, rank_dropout=p.dropout, target_modules=names,
                                rank_pattern=ranks, alpha_pattern=alphas)
     if p.network == "lokr":
         return peft.LoKrConfig(r=p.rank, alpha=p.alpha, rank_dropout=p.dropout, target_modules=names,
-                               rank_pattern=ranks, alpha_pattern=alphas)
+                               decompose_factor=p.lokr_factor, rank_pattern=ranks, alpha_pattern=alphas)
     if p.network == "ia3":
         return peft.IA3Config(target_modules=names, feedforward_modules=[])
     if p.network == "oft":
@@ -141,16 +175,74 @@ def config_dict(unet, p) -> dict:
     return plain
 
 
-# The CLIP attention projections kohya's and diffusers' text-encoder LoRAs train.
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
 def attach_text_encoder(encoder, p) -> None:
-    """A LoRA of `p.rank`/`p.alpha` on a CLIP text encoder (in place); the rest stays frozen."""
+    """A LoRA of `p.rank`/`p.alpha` on a CLIP text encoder (in place); the rest stays frozen.
+
+    Targets: kohya's (attention and MLP), or the attention projections with target_modules = "attention".
+    """
     from peft import LoraConfig
 
-    encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights="gaussian",
-                                   target_modules=TEXT_ENCODER_TARGETS), adapter_name=ADAPTER)
+    preset = p.target_modules in ("attention", ("attention",))
+    targets = TEXT_ENCODER_TARGETS["attention" if preset else "kohya"]
+    encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=True,
+                                   use_dora=p.use_dora, target_modules=targets), adapter_name=ADAPTER)
+
+
+def frozen_dtype(p, compute: torch.dtype) -> torch.dtype:
+    """Storage dtype of frozen weights: the compute dtype (bf16/fp16 under mixed precision), fp32, or float8."""
+    if p.base_dtype == "fp8":
+        return torch.float8_e4m3fn
+    return torch.float32 if p.base_dtype == "fp32" else compute
+
+
+def set_precision(model, p, compute: torch.dtype) -> None:
+    """Frozen weights to `frozen_dtype` (fp8: upcast layer by layer to `compute` in each forward), trained
+    weights to fp32 (bf16 with full_bf16). Called after the network is attached, so its init is fp32 whatever
+    the storage."""
+    storage = frozen_dtype(p, compute)
+    trained = torch.bfloat16 if p.full_bf16 else torch.float32
+    for q in model.parameters():
+        want = trained if q.requires_grad else (compute if storage == torch.float8_e4m3fn else storage)
+        if q.dtype != want:
+            q.data = q.data.to(want)
+    if storage == torch.float8_e4m3fn:
+        # The frozen Linear and Conv layers (the adapter's own layers train and stay as they are); norms and
+        # embeddings' other weights stay in `compute`.
+        for module in model.modules():
+            if (isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad
+                    and module.weight.dtype == compute):
+                _store_in_fp8(module, compute)
+
+
+def _store_in_fp8(module, compute: torch.dtype) -> None:
+    """Keep `module`'s weight in float8 and compute with a temporary `compute` copy made in each forward.
+
+    The copy is a new tensor, so autograd keeps it (not the float8 weight) for the backward pass; with gradient
+    checkpointing it lives one block at a time. (diffusers' layerwise casting casts the weight in place after
+    the forward, which breaks the backward pass of a frozen layer.)
+    """
+    import torch.nn.functional as F
+
+    module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    if isinstance(module, torch.nn.Linear):
+        def forward(x):
+            bias = module.bias.to(compute) if module.bias is not None else None
+            return F.linear(x.to(compute), module.weight.to(compute), bias)
+    else:
+        def forward(x):
+            bias = module.bias.to(compute) if module.bias is not None else None
+            return module._conv_forward(x.to(compute), module.weight.to(compute), bias)
+    module.forward = forward
+
+
+def dtype_counts(model) -> dict[str, dict[str, int]]:
+    """{"frozen"|"trained": {dtype name: bytes}}: what the weights really are stored as (done.json records it)."""
+    out: dict[str, dict[str, int]] = {"frozen": {}, "trained": {}}
+    for q in model.parameters():
+        side = out["trained" if q.requires_grad else "frozen"]
+        name = str(q.dtype).removeprefix("torch.")
+        side[name] = side.get(name, 0) + q.numel() * q.element_size()
+    return out
 
 
 def text_encoder_state(encoder) -> dict[str, torch.Tensor]:
@@ -164,3 +256,33 @@ def load_text_encoder_state(encoder, state: dict[str, torch.Tensor]) -> None:
     from peft.utils import set_peft_model_state_dict
 
     set_peft_model_state_dict(encoder, state, adapter_name=ADAPTER)
+
+
+def load_network_weights(unet, p, path: str) -> None:
+    """Start the LoRA from a file (kohya's network_weights): peft keys (a checkpoint's adapter.safetensors) or
+    diffusers keys (`unet.` prefixed, what export's diffusers file holds). Every key must land on the network
+    this run builds, and every network weight must come from the file."""
+    from safetensors.torch import load_file
+
+    from sdxlpipe.errors import UserError
+
+    state = load_file(path)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in state):
+        raise UserError(f"train.network_weights: {path} is a kohya-format LoRA, which this version cannot read yet",
+                        "give the diffusers-format file export writes (formats = [\"diffusers\"]) or a checkpoint's "
+                        "adapter.safetensors")
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    wanted = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    normalised = {k.replace(f".{ADAPTER}.", "."): v for k, v in unet_state.items()}
+    missing = sorted(set(wanted) - set(normalised))
+    extra = sorted(set(normalised) - set(wanted))
+    shapes = [k for k in wanted if k in normalised and normalised[k].shape != wanted[k].shape]
+    if missing or extra or shapes:
+        what = (f"{len(missing)} weights of this network are not in it (e.g. {missing[:2]})" if missing else
+                f"it has {len(extra)} weights this network lacks (e.g. {extra[:2]})" if extra else
+                f"shapes differ at {shapes[:2]}")
+        raise UserError(f"train.network_weights: {path} does not fit this run's network: {what}",
+                        "set train.rank, alpha, target_modules and conv_rank as in the run that made the file")
+    set_peft_model_state_dict(unet, normalised, adapter_name=ADAPTER)

@@ -34,6 +34,61 @@ def param_groups(unet, p) -> list[dict]:
     return [{"params": params, "lr": lr} for lr, params in by_lr.items()]
 
 
+def text_encoder_groups(encoders: list, p) -> list[dict]:
+    """The text encoders' LoRA weights at text_encoder_lr; with LoRA+ their B matrices at
+    text_encoder_lora_plus_ratio (0: lora_plus_ratio) times that, as kohya's loraplus_text_encoder_lr_ratio."""
+    lr = p.text_encoder_lr or p.learning_rate
+    ratio = p.text_encoder_lora_plus_ratio or p.lora_plus_ratio
+    by_lr: dict[float, list] = {}
+    for encoder in encoders:
+        for name, param in encoder.named_parameters():
+            if param.requires_grad:
+                plus = ratio and any(f".{b}." in name for b in LORA_PLUS_B)
+                by_lr.setdefault(lr * ratio if plus else lr, []).append(param)
+    return [{"params": params, "lr": rate} for rate, params in by_lr.items()]
+
+
+class FusedBackward:
+    """Adafactor stepped inside the backward pass (kohya's fused_backward_pass), one weight at a time.
+
+    Each trained weight gets a hook that runs when its gradient is complete: clip that tensor's gradient to
+    `max_grad_norm` (per tensor, as kohya does: the global norm is not known yet), step the optimizer on that
+    weight alone, and free the gradient. So at most one weight's gradient exists at a time, instead of a
+    second copy of every trained weight. The optimizer steps only weights whose gradient is set, so the step
+    is restricted by handing it that weight's group alone.
+    """
+
+    def __init__(self, optimizer, max_grad_norm: float) -> None:
+        self.optimizer, self.max_grad_norm, self.squares = optimizer, max_grad_norm, 0.0
+        self.groups = [list(g["params"]) for g in optimizer.param_groups]
+        for i, params in enumerate(self.groups):
+            for param in params:
+                param.register_post_accumulate_grad_hook(lambda q, i=i: self._step(q, i))
+
+    def _step(self, param, group: int) -> None:
+        norm = float(param.grad.detach().float().norm())
+        self.squares += norm**2  # for the logged (unclipped) global norm
+        if self.max_grad_norm and norm > self.max_grad_norm:
+            param.grad.mul_(self.max_grad_norm / (norm + 1e-6))
+        for j, g in enumerate(self.optimizer.param_groups):
+            g["params"] = [param] if j == group else []
+        try:
+            self.optimizer.step()
+        finally:
+            for g, params in zip(self.optimizer.param_groups, self.groups):
+                g["params"] = params
+        param.grad = None
+
+    def take_norm(self) -> torch.Tensor:
+        """The global gradient norm of the step just taken (before clipping); resets the sum."""
+        norm, self.squares = self.squares**0.5, 0.0
+        return torch.tensor(norm)
+
+
+def fuse_into_backward(optimizer, max_grad_norm: float) -> FusedBackward:
+    return FusedBackward(optimizer, max_grad_norm)
+
+
 def build_optimizer(groups: list[dict], p) -> torch.optim.Optimizer:
     if p.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=p.learning_rate, weight_decay=p.weight_decay)

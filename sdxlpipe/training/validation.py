@@ -19,12 +19,21 @@ from sdxlpipe.errors import UserError
 
 
 def render(unet, text_stack: dict, vae, noise_scheduler, prompts, negatives, *, seed: int, size: tuple[int, int],
-           steps: int, guidance: float) -> list:
-    """One PIL image per prompt; prompt i is drawn from seed + i."""
+           steps: int, guidance: float, prediction_type: str = "", zero_terminal_snr: bool = False) -> list:
+    """One PIL image per prompt; prompt i is drawn from seed + i.
+
+    No negative prompt means the "" prompt's embedding, as training's caption dropout and A1111/ComfyUI
+    sampling use (diffusers would use zeros). `prediction_type` (the run's, which may override the model's
+    scheduler config) and zero terminal SNR (with "trailing" timesteps, which reach t = T-1) go to the sampler.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    overrides: dict = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=vae, scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config), **text_stack)
+        unet=unet, vae=vae, scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config, **overrides),
+        **text_stack)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
@@ -32,9 +41,9 @@ def render(unet, text_stack: dict, vae, noise_scheduler, prompts, negatives, *, 
     try:
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
-                negative = negatives[i] if len(negatives) > 1 else (negatives[0] if negatives else None)
+                negative = negatives[i] if len(negatives) > 1 else (negatives[0] if negatives else "")
                 gen = torch.Generator().manual_seed(seed + i)
-                images.append(pipe(prompt, negative_prompt=negative or None, width=size[0], height=size[1],
+                images.append(pipe(prompt, negative_prompt=negative, width=size[0], height=size[1],
                                    num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0])
     finally:
         unet.train(was_training)

@@ -1,5 +1,6 @@
 """Payload codec: tensors and JSON go in as bytes and come back equal; nothing else goes in."""
 
+import io
 import subprocess
 import sys
 
@@ -51,8 +52,6 @@ def test_anything_but_arrays_and_string_metadata_is_refused():
         encode_tensors({"x": np.zeros(1)}, {"step": 3})
     with pytest.raises(ValueError, match="framework"):
         decode_tensors(encode_tensors({"x": np.zeros(1)}), framework="pickle")
-    with pytest.raises(ValueError, match="not a safetensors payload"):
-        decode_tensors(b"\x80\x04K\x01.")  # a pickle is not read
 
 
 def test_json_is_canonical():
@@ -73,3 +72,36 @@ def test_importing_the_store_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _Planted:
+    """Unpickling this creates a file: the evidence that a pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_payload_is_refused_and_never_executed(tmp_path):
+    import pickle
+    import struct
+
+    marker = tmp_path / "executed"
+    plain = pickle.dumps({"x": _Planted(marker)})
+    buffer = io.BytesIO()
+    torch.save({"x": torch.zeros(2), "planted": _Planted(marker)}, buffer)
+    payloads = {
+        "pickle": plain,
+        "torch.save": buffer.getvalue(),
+        # A plausible header length, so the pickle reaches the header parser.
+        "pickle as header": struct.pack("<Q", len(plain)) + plain,
+    }
+    for name, payload in payloads.items():
+        for framework in ("np", "pt"):
+            with pytest.raises(ValueError):
+                decode_tensors(payload, framework)
+            assert not marker.exists(), f"{name} was unpickled"
+    pickle.loads(plain)
+    assert marker.exists()  # the planted object does execute when unpickled

@@ -156,17 +156,23 @@ def test_present_is_cached_until_refresh(tmp_path, payloads):
     assert reader.present("vae") == set(payloads)
 
 
-def test_a_failing_run_keeps_what_it_added_and_reraises(tmp_path, payloads):
+def test_a_failing_run_keeps_the_items_it_finished_drops_the_half_made_one_and_reraises(tmp_path, payloads):
     store = open_store(str(tmp_path))
     keys = list(payloads)
     with pytest.raises(RuntimeError, match="boom"):
         with store.writer("vae") as w:
-            for key in keys[:4]:
-                w.add(key, FIELD, payloads[key])
+            for key in keys[:3]:
+                w.add(key, FIELD, payloads[key])  # finished by the next item's first add
+            w.add(keys[3], FIELD, payloads[keys[3]])
+            w.end_item()
+            w.add(keys[4], FIELD, payloads[keys[4]])  # its second field never comes
             raise RuntimeError("boom")
 
+    store.refresh()
     assert store.present("vae") == set(keys[:4])
     assert store.missing("vae", keys) == keys[4:]
+    assert store.read("vae", keys[4], FIELD) is None
+    assert store.verify() == []
 
 
 def test_a_writer_without_items_writes_nothing(tmp_path):

@@ -69,3 +69,37 @@ def test_captioner_fills_only_missing_captions_and_caches_by_image_model_and_pro
     assert _items(config) == 4  # a new prompt is a new item per image
     rows = pq.read_table(config.workspace / "tables" / "caption.parquet").to_pylist()
     assert all(r["caption"].startswith("a photo of") for r in rows if r["caption_origin"] == "captioner")
+
+
+def test_a_rerun_and_status_open_no_caption_payload_and_a_fresh_checkout_reads_them_from_the_store(
+        tmp_path, tiny_blip):
+    write(tmp_path / "images" / "IMG_0001.jpg", image_bytes("JPEG", seed=2))
+    write(tmp_path / "images" / "IMG_0002.png", image_bytes("PNG", seed=3))
+    cfg_path = tmp_path / "sdxlpipe.toml"
+    cfg_path.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n'
+                        f'[caption.captioner]\nmodel = "{tiny_blip}"\nmax_new_tokens = 6\n')
+    config = load_config(cfg_path)
+    run_pipeline(config, "caption")
+    table = config.workspace / "tables" / "caption.parquet"
+    captions = pq.read_table(table).column("caption").to_pylist()
+    # Scramble the caption payloads: a run that opened one would find it damaged and mark it bad.
+    store_dir = Path(config.store_url)
+    shards = list((store_dir / "shards" / "caption").glob("*.tar"))
+    originals = {s: s.read_bytes() for s in shards}
+    for shard in shards:
+        shard.write_bytes(bytes(b ^ 0xFF for b in originals[shard]))
+
+    from sdxlpipe.pipeline.status import status
+
+    assert status(load_config(cfg_path), "caption")["stages"]["caption"]["to_compute"] == 0
+    run_pipeline(load_config(cfg_path), "caption")
+
+    assert list((store_dir / "index" / "caption").glob("bad-*")) == []
+    assert pq.read_table(table).column("caption").to_pylist() == captions
+    # Another checkout of the same store (no workspace table yet) reads the captions it lacks.
+    for shard, data in originals.items():
+        shard.write_bytes(data)
+    (config.workspace / "tables" / "captioner.parquet").unlink()
+    run_pipeline(load_config(cfg_path), "caption")
+    assert pq.read_table(table).column("caption").to_pylist() == captions
+    assert _items(config) == 2

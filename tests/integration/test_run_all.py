@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,10 @@ STAGES = ("ingest", "caption", "bucket", "vae_encode", "text_encode", "train", "
 def finished_run(tmp_path_factory) -> tuple[Path, dict]:
     """examples/tiny after one full `run all`, shared read-only by the tests below."""
     config = copy_example(tmp_path_factory.mktemp("finished") / "tiny")
-    report = cli_json("run", "all", "-c", str(config))
-    return config, report
+    proc = cli("run", "all", "-c", str(config), "--json")
+    # stderr is a pipe here, as with `2>run.log`: what it holds is what a log file gets.
+    (config.parent.parent / "run.log").write_text(proc.stderr)
+    return config, json.loads(proc.stdout)
 
 
 @pytest.fixture
@@ -59,6 +62,25 @@ def test_first_run_computes_every_stage_and_writes_both_lora_files(finished_run)
     assert sorted(Path(p).name for p in report["outputs"]["lora"]) == [
         "tiny-shapes.diffusers.safetensors", "tiny-shapes.safetensors"]
     assert all(Path(p).exists() for p in report["outputs"]["lora"])
+    assert report["outputs"]["written"] == report["outputs"]["lora"] and report["failed_stages"] == []
+
+
+def test_a_run_logging_to_a_file_shows_vae_encode_and_train_progress_with_counts(finished_run):
+    config, _ = finished_run
+    log = (config.parent.parent / "run.log").read_text().splitlines()
+    encode = [line for line in log if "vae_encode " in line and "/32 items" in line]
+    assert encode and "vae_encode 32/32 items (100%)" in encode[-1]
+    steps = [line for line in log if "train step " in line]
+    assert len(steps) >= 2 and "train step 20/20 (100%)" in steps[-1]
+    assert all(word in steps[0] for word in ("loss ", "lr ", "s/step", "ETA"))
+
+
+def test_rerun_prints_up_to_date_not_wrote_and_status_check_follows_set(trained):
+    proc = cli("run", "all", "-c", str(trained))
+    assert "wrote" not in proc.stdout and proc.stdout.count("up to date: ") == 2
+    assert cli("status", "-c", str(trained), "--check").returncode == 0
+    stale = cli("status", "-c", str(trained), "--check", "--set", "train.max_steps=21", check=False)
+    assert stale.returncode == 1 and "train.max_steps 20 -> 21" in stale.stdout
 
 
 def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):

@@ -50,7 +50,8 @@ def exported(adapted, tmp_path_factory):
     text = {name: part(getattr(adapted, name)) for name in TEXT_ENCODERS}
     return {
         "diffusers": save_diffusers_lora(out / "lora.diffusers.safetensors", unet_state, unet_config, text_encoders=text),
-        "kohya": save_kohya_lora(out / "lora.safetensors", unet_state, unet_config, text_encoders=text),
+        "kohya": save_kohya_lora(out / "lora.safetensors", unet_state, unet_config, text_encoders=text,
+                                 unet_config=dict(adapted.unet.config)),
     }
 
 
@@ -98,4 +99,5 @@ def test_diffusers_file_carries_each_encoders_config_under_its_prefix(exported):
 
 def test_an_unknown_encoder_name_is_refused():
     with pytest.raises(ValueError, match="text_encoder_3"):
-        save_kohya_lora("unused.safetensors", {}, {"r": 4, "lora_alpha": 8}, text_encoders={"text_encoder_3": ({}, {})})
+        save_kohya_lora("unused.safetensors", {}, {"r": 4, "lora_alpha": 8}, text_encoders={"text_encoder_3": ({}, {})},
+                        unet_config={})

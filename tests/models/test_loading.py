@@ -93,7 +93,8 @@ def test_a_missing_spec_and_an_uncached_hub_id_say_how_to_fix_it(tmp_path, monke
         load_unet(str(tmp_path / "missing-dir" / "x"))
 
 
-def test_single_file_checkpoints_say_they_are_not_supported_yet(tmp_path):
+def test_a_broken_single_file_checkpoint_is_named_in_a_clear_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelError, match="not supported yet"):
+    with pytest.raises(ModelError, match="model.safetensors.* not a readable .safetensors file") as err:
         load_unet(str(tmp_path / "model.safetensors"))
+    assert "single-file" in err.value.hint

@@ -23,13 +23,17 @@ from sdxlpipe.pipeline.progress import Reporter
 from sdxlpipe.pipeline.workspace import Workspace
 from sdxlpipe.stages import train as train_stage
 
-SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, save_every_steps=4, max_checkpoints=2)
+# loader_workers 0: forking workers costs ~0.7 s a run on this machine; the tests of the
+# streaming loader (test_stream.py, test_train_resume.py) use workers.
+SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, save_every_steps=4, max_checkpoints=2,
+             loader_workers=0)
 
 
-def make_context(root: Path, **train_overrides) -> Context:
+def make_context(root: Path, model: str = "tiny", store: str | None = None, **train_overrides) -> Context:
+    """A workspace at root; `store`: a store URL instead of the workspace's own store."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
-    lines = ['model = "tiny"', "[[sources]]", 'path = "images"', "[train]"]
+    lines = [f'model = "{model}"', *([f'[store]\nurl = "{store}"'] if store else []), "[[sources]]", 'path = "images"', "[train]"]
     config_path = root / "sdxlpipe.toml"
     config_path.write_text("\n".join(lines) + "\n")
     config = load_config(config_path, [f"train.{k}={_toml(v)}" for k, v in train_overrides.items()])
@@ -50,14 +54,15 @@ def _toml(v) -> str:
 
 
 def build_samples(ctx: Context, n: int = 6, *, size: int = 64, flips: bool = False, variants: int = 0,
-                  masks: bool = False, reg: int = 0, seed: int = 0) -> pa.Table:
-    """n training rows (plus `reg` regularisation rows) of one 64 px bucket, their payloads in ctx.store."""
+                  masks: bool = False, reg: int = 0, seed: int = 0, shard_bytes: int = 256 << 20) -> pa.Table:
+    """n training rows (plus `reg` regularisation rows) of one 64 px bucket, their payloads in ctx.store
+    (in shards of about `shard_bytes`)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     side = size // 8
     rows = []
-    with ctx.store.writer("vae_encode") as lw, ctx.store.writer("text_encode") as tw:
+    with ctx.store.writer("vae_encode", shard_bytes) as lw, ctx.store.writer("text_encode", shard_bytes) as tw:
         def text(name: str) -> str:
             key = xxh3_hex(name)  # store keys are xxh3-128 hex digests
             tw.add(key, "text.safetensors", encode_tensors({

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdxlpipe.lora.formats import save_kohya_lycoris
+from sdxlpipe.models.sgm import sgm_unet_name
 from sdxlpipe.models.tiny import build_tiny_component
 from sdxlpipe.stages import export
 from sdxlpipe.training import networks
@@ -25,13 +26,15 @@ def test_lycoris_file_reproduces_peft_delta_weights_with_the_readers_formula(tmp
         for name, q in unet.named_parameters():
             if q.requires_grad:
                 q.copy_(torch.randn(q.shape, generator=g) * 0.1)
-    path = save_kohya_lycoris(tmp_path / "x.safetensors", networks.trained_state(unet, p), networks.config_dict(unet, p))
+    config = dict(unet.config)
+    path = save_kohya_lycoris(tmp_path / "x.safetensors", networks.trained_state(unet, p), networks.config_dict(unet, p),
+                              unet_config=config)
     saved = load_file(path)
     checked = 0
     for name, module in unet.named_modules():
         if not hasattr(module, "get_delta_weight") or networks.ADAPTER not in getattr(module, "scaling", {}):
             continue
-        k = "lora_unet_" + name.replace(".", "_")
+        k = "lora_unet_" + sgm_unet_name(name, config).replace(".", "_")  # kohya's SGM names
         f = {key[len(k) + 1:]: v for key, v in saved.items() if key.startswith(k + ".")}
         alpha = float(f["alpha"])
         if network == "loha":
@@ -56,7 +59,7 @@ def test_full_fine_tune_exports_a_unet_folder_with_the_trained_weights(tmp_path)
     table = build_samples(ctx, 2)
     done = run_train(ctx, table, params(network="full", max_steps=2, save_every_steps=2))
     ctx.stage = "export"
-    out = export.Params(formats=("diffusers",), output_dir=str(tmp_path / "out"), name="tuned")
+    out = export.Params(formats=("unet",), output_dir=str(tmp_path / "out"), name="tuned")
     export.run(table, out, ctx)
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "tuned-unet")
     trained = load_file(done["outputs"]["weights"])
@@ -72,8 +75,9 @@ def test_loha_with_diffusers_format_is_a_clear_error(tmp_path):
     table = build_samples(ctx, 2)
     run_train(ctx, table, params(network="loha", max_steps=1, save_every_steps=1))
     ctx.stage = "export"
-    with pytest.raises(UserError, match="kohya"):
-        export.run(table, dataclasses.replace(export.Params(), output_dir=str(tmp_path / "o")), ctx)
+    with pytest.raises(UserError, match="loha network cannot be written as diffusers") as error:
+        export.run(table, dataclasses.replace(export.Params(), formats=("diffusers",), output_dir=str(tmp_path / "o")), ctx)
+    assert '["kohya"]' in error.value.hint
 
 
 def test_text_encoder_lora_goes_into_both_files_and_reloads_as_trained(tmp_path):

@@ -101,13 +101,12 @@ def test_optimizers_adafactor_and_prodigy_train(tmp_path):
         assert done["eval_loss_after"] < done["eval_loss_before"], (name, done)
 
 
-def test_adamw8bit_without_bitsandbytes_is_a_clear_error():
-    pytest.importorskip("torch")
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed here")
-    except ImportError:
-        pass
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import sys
+
+    # A None entry makes `import bitsandbytes` fail as if it were not installed, so the
+    # test runs on CUDA machines that have it too.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     unet = build_tiny_component("unet").requires_grad_(False)
     p = params(optimizer="adamw8bit")
     networks.attach(unet, p)
@@ -135,4 +134,4 @@ def test_lr_schedule_with_warmup_as_logged(tmp_path, schedule):
         else:
             want = 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))
         assert e["lr"] == pytest.approx(1e-3 * want, abs=1e-12), e
-        assert e["grad_norm"] >= 0
+        assert math.isfinite(e["grad_norm"]) and e["grad_norm"] > 0, e  # the LoRA got gradients

@@ -25,6 +25,8 @@ OPTIONS = {
     "multires_noise": dict(multires_noise_iterations=4, multires_noise_discount=0.3),
     "input_perturbation": dict(input_perturbation=0.1),
     "debiased_estimation": dict(debiased_estimation=True),
+    "zero_terminal_snr_v_scaled_like_epsilon": dict(prediction_type="v_prediction", zero_terminal_snr=True,
+                                                     scale_v_pred_loss_like_noise_pred=True),
     "l1": dict(loss_type="l1"),
     "huber_constant": dict(loss_type="huber", huber_schedule="constant"),
     "huber_exponential": dict(loss_type="huber", huber_schedule="exponential"),

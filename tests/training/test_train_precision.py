@@ -14,7 +14,8 @@ from tests.training.test_train_resume import prepare
 
 @pytest.mark.slow
 def test_bf16_with_gradient_checkpointing_lowers_the_loss(tmp_path):
-    settings = {**SMALL, "max_steps": 6, "save_every_steps": 6, "conv_rank": 4, "learning_rate": 1e-2,
+    # 2e-2: kaiming-uniform A (the default init since issue 13) starts smaller than the old gaussian one.
+    settings = {**SMALL, "max_steps": 6, "save_every_steps": 6, "conv_rank": 4, "learning_rate": 2e-2,
                 "mixed_precision": "bf16", "gradient_checkpointing": True}
     command = prepare(tmp_path / "bf16", settings)
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}

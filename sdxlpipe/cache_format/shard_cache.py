@@ -1,0 +1,168 @@
+"""A local directory of whole shards copied from a remote store, for training's per-batch reads.
+
+A shard is named by the xxh3 of its bytes (decisions.md 2), so a cached copy
+is named by its content, not by the store it came from: two runs on one
+machine, or two stores holding the same shard, share one copy. A download is
+hashed as it streams in and renamed into place only when the hash matches the
+name ("verified once on arrival"); readers still check each item's xxh3.
+
+The directory is kept under a byte limit by evicting the least recently used
+shards. "Used" is the file's mtime, touched on every use, so separate
+processes (loader workers, ranks, other runs) share one LRU order without a
+shared index; a per-shard lock file makes processes that want the same shard
+download it once. An evicted shard that a reader still has open stays
+readable (POSIX unlink); one evicted before it was opened is fetched again.
+Modelled on MosaicML streaming's `cache_limit` / `predownload`, which keeps
+one local directory per dataset instead. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import posixpath
+import secrets
+import time
+from pathlib import Path
+
+import fsspec
+import xxhash
+
+from .shards import HASH_CHUNK, StoreError
+
+log = logging.getLogger("sdxlpipe.shard_cache")
+# A failed download (network, throttling) is tried this often, waiting 1, 2, 4 s between tries,
+# before the run stops; a missing shard is not retried (it is damage, not a transient error).
+DOWNLOAD_ATTEMPTS = 4
+
+
+def default_directory() -> Path:
+    """$XDG_CACHE_HOME/sdxlpipe/shards (~/.cache/sdxlpipe/shards): one cache per user and machine."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdxlpipe" / "shards"
+
+
+class ShardCache:
+    """Verified local copies of one remote store's shards, under `limit_bytes` (LRU).
+
+    Picklable and fork-safe: the remote filesystem is opened lazily in each process.
+    """
+
+    def __init__(self, url: str, directory: str | Path, limit_bytes: int):
+        self.url = url.rstrip("/")
+        self.directory = Path(directory)
+        self.limit_bytes = int(limit_bytes)
+        self._fs = None
+        self._pid = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    def _remote(self):
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, root = fsspec.core.url_to_fs(self.url)
+            self._root, self._pid = root.rstrip("/"), os.getpid()
+        return self._fs
+
+    def local_path(self, shard_id: str) -> Path:
+        return self.directory / f"{shard_id}.tar"
+
+    def get(self, stage: str, shard_id: str, keep: frozenset[str] = frozenset()) -> Path | None:
+        """The local path of a verified copy of the shard, downloading it if needed.
+
+        None when the remote shard does not hash to its name (a damaged shard whose intact
+        items are read from the store one by one). Raises FileNotFoundError when the remote
+        shard is gone, StoreError when it cannot be fetched after retries. `keep`: shard ids
+        eviction must spare (the prefetcher's window).
+        """
+        path = self.local_path(shard_id)
+        if _touch(path):
+            return path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _locked(self.directory / f".{shard_id}.lock"):
+            if _touch(path):  # another process fetched it while we waited for the lock
+                return path
+            if not self._download(stage, shard_id, path):
+                return None
+        self.evict(keep | {shard_id})
+        return path
+
+    def _download(self, stage: str, shard_id: str, path: Path) -> bool:
+        fs = self._remote()
+        remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
+        tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                digest = xxhash.xxh3_128()
+                with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(HASH_CHUNK):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                if digest.hexdigest() != shard_id:
+                    log.warning("shard %s of %s hashes to %s: not cached; its items are read one by one",
+                                shard_id, self.url, digest.hexdigest())
+                    return False
+                os.replace(tmp, path)
+                return True
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                    raise StoreError(
+                        f"could not fetch shard {remote} from {self.url} after {DOWNLOAD_ATTEMPTS} tries: {e}",
+                        "check the network and credentials, then run the same command again: "
+                        "training resumes from its last checkpoint") from e
+                time.sleep(2 ** attempt)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return False
+
+    def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> int:
+        """Delete least recently used shards until the directory is under the limit; returns bytes left."""
+        entries = []
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(".tar") and not entry.name.startswith("."):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue  # evicted by another process meanwhile
+                entries.append((st.st_mtime, st.st_size, entry.name))
+        total = sum(size for _, size, _ in entries)
+        for _, size, name in sorted(entries):
+            if total <= self.limit_bytes:
+                break
+            if name[: -len(".tar")] in keep:
+                continue
+            (self.directory / name).unlink(missing_ok=True)
+            total -= size
+        return total
+
+    def discard(self, shard_id: str) -> None:
+        """Forget a cached copy that turned out bad after arrival (e.g. the disk); the next use refetches."""
+        self.local_path(shard_id).unlink(missing_ok=True)
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cached shard as just used; False if it is not there."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class _locked:
+    """An exclusive flock on a small lock file, held for one download."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)

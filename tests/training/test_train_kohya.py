@@ -1,0 +1,217 @@
+"""What a kohya user expects: the fixed bugs (debiased v weight, validation's negative prompt and sampler,
+LoKr's full-matrix scale, EMA text-encoder weights) and kohya's defaults (targets, init)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdxlpipe.models.tiny import build_tiny_component, save_tiny
+from sdxlpipe.training import losses, networks, validation
+from tests.training.conftest import build_samples, make_context, params, run_train
+
+
+# --- debiased estimation and zero terminal SNR ----------------------------------------------------------------
+
+def _zero_snr_alphas() -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         rescale_betas_zero_snr=True).alphas_cumprod
+
+
+def test_debiased_weight_for_v_prediction_is_one_over_snr_plus_one_and_finite_at_zero_terminal_snr():
+    snr = losses.snr(_zero_snr_alphas(), torch.tensor([0, 500, 999]))
+    assert float(snr[2]) == 0.0  # the rescaled schedule ends in pure noise
+    w = losses.debiased_weight(snr, "v_prediction")
+    assert torch.allclose(w, 1 / (snr.clamp(max=1000) + 1))
+    assert torch.isfinite(w).all() and float(w[2]) == 1.0
+    assert torch.allclose(losses.debiased_weight(snr[:2], "epsilon"), 1 / snr[:2].clamp(max=1000).sqrt())
+
+
+def test_v_pred_loss_like_noise_pred_weight_is_snr_over_snr_plus_one():
+    snr = torch.tensor([0.0, 0.5, 4.0, 5000.0])
+    assert torch.allclose(losses.v_pred_like_noise_pred_weight(snr), torch.tensor([0.0, 1 / 3, 0.8, 1000 / 1001]))
+
+
+def test_zero_terminal_snr_v_prediction_with_debiased_estimation_trains_to_a_finite_loss(tmp_path):
+    ctx = make_context(tmp_path / "ztsnr")
+    # Only t = 999, where the rescaled schedule's SNR is 0.
+    p = params(max_steps=8, save_every_steps=8, conv_rank=4, learning_rate=1e-2, prediction_type="v_prediction",
+               zero_terminal_snr=True, debiased_estimation=True, min_timestep=999, max_timestep=1000)
+    done = run_train(ctx, build_samples(ctx, 4), p)
+    assert math.isfinite(done["final_loss"]) and math.isfinite(done["eval_loss_before"]), done
+    assert done["eval_loss_after"] < done["eval_loss_before"], done
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+
+def test_validation_without_a_negative_prompt_uses_the_empty_prompts_embedding(tmp_path):
+    ctx = make_context(tmp_path / "neg")
+    unet = build_tiny_component("unet")
+    from sdxlpipe.models import loading
+
+    sched = loading.load_noise_scheduler("tiny")
+    kwargs = dict(seed=3, size=(64, 64), steps=2, guidance=5.0)
+    none = validation.render(unet, ctx.models.text_stack(), ctx.models.vae(), sched, ["a red square"], (), **kwargs)
+    empty = validation.render(unet, ctx.models.text_stack(), ctx.models.vae(), sched, ["a red square"], ("",), **kwargs)
+    other = validation.render(unet, ctx.models.text_stack(), ctx.models.vae(), sched, ["a red square"], ("blue",), **kwargs)
+    assert np.array_equal(np.asarray(none[0]), np.asarray(empty[0]))
+    assert not np.array_equal(np.asarray(none[0]), np.asarray(other[0]))
+
+
+def test_a_prediction_type_override_reaches_the_validation_sampler(tmp_path):
+    """A model whose scheduler predicts v, and the tiny model told to predict v, validate alike."""
+    model = save_tiny(tmp_path / "vmodel")
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    images = []
+    for name, model_spec, override in (("config", str(model), ""), ("override", "tiny", "v_prediction")):
+        ctx = make_context(tmp_path / name, model=model_spec)
+        p = params(max_steps=1, save_every_steps=1, prediction_type=override, validation_prompts=("a red square",),
+                   validation_every_steps=1, validation_steps=3, validation_guidance=1.0)
+        done = run_train(ctx, build_samples(ctx, 2), p)
+        images.append(np.asarray(Image.open(Path(done["outputs"]["validation"]) / "step-00000001" / "prompt-00.png")))
+    assert np.array_equal(images[0], images[1])
+
+
+# --- LoKr ---------------------------------------------------------------------------------------------------------
+
+def _lokr_layers(unet):
+    return [m for m in unet.modules() if hasattr(m, "lokr_w1") and networks.ADAPTER in m.scaling]
+
+
+def test_lokr_with_full_matrix_factors_trains_at_scale_one_as_lycoris():
+    unet = build_tiny_component("unet").requires_grad_(False)
+    networks.attach(unet, params(network="lokr", rank=10000, alpha=1.0))  # LyCORIS's full-matrix recipe
+    layers = _lokr_layers(unet)
+    assert layers and all(m.scaling[networks.ADAPTER] == 1.0 for m in layers)
+    assert all(networks.ADAPTER in m.lokr_w2 for m in layers)  # w2 really is one full matrix
+
+
+def test_lokr_with_a_decomposed_factor_keeps_alpha_over_rank_and_the_factor_sets_w1():
+    unet = build_tiny_component("unet").requires_grad_(False)
+    networks.attach(unet, params(network="lokr", rank=2, alpha=1.0, lokr_factor=4, target_modules=("to_q",)))
+    layers = _lokr_layers(unet)
+    assert layers and all(m.scaling[networks.ADAPTER] == 0.5 for m in layers)
+    assert all(m.lokr_w1[networks.ADAPTER].shape == (4, 4) for m in layers)
+    assert all(networks.ADAPTER in m.lokr_w2_a for m in layers)
+
+
+# --- targets and init -----------------------------------------------------------------------------------------------
+
+def _lora_modules(model) -> set[str]:
+    return {n.removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith(".lora_A.default")}
+
+
+def test_default_targets_are_kohyas_every_linear_of_the_transformer_blocks_and_the_text_encoders_mlp():
+    unet = build_tiny_component("unet").requires_grad_(False)
+    inside = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and ".attentions." in f".{n}"}
+    networks.attach(unet, params())
+    adapted = _lora_modules(unet)
+    assert adapted == inside
+    kinds = {"proj_in", "proj_out", "attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"}
+    assert all(any(n.endswith(k) for n in adapted) for k in kinds)
+    attention = build_tiny_component("unet").requires_grad_(False)
+    networks.attach(attention, params(target_modules=("attention",)))
+    assert _lora_modules(attention) == {n for n in inside if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
+    encoder = build_tiny_component("text_encoder").requires_grad_(False)
+    networks.attach_text_encoder(encoder, params())
+    assert {n.rsplit(".", 1)[-1] for n in _lora_modules(encoder)} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+def test_lora_init_is_kaiming_uniform_with_a_zero_b_as_kohya_and_peft():
+    unet = build_tiny_component("unet").requires_grad_(False)
+    networks.attach(unet, params(rank=8))
+    for name, module in unet.named_modules():
+        if name.endswith(".lora_A.default"):
+            w = module.weight
+            bound = 1 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert float(w.abs().max()) <= bound
+            assert float(w.abs().max()) > 0.5 * bound
+        if name.endswith(".lora_B.default"):
+            assert not module.weight.any()
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet_on_meta():
+    from diffusers import UNet2DConditionModel
+
+    from sdxlpipe.models.sdxl_config import SDXL_UNET
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(SDXL_UNET)
+
+
+@pytest.mark.parametrize("preset, modules, size", [("kohya", 722, 42_557_440), ("attention", 560, 23_224_320)])
+def test_lora_on_the_real_sdxl_unet_counts_as_kohyas(sdxl_unet_on_meta, preset, modules, size):
+    targets = networks.target_names(sdxl_unet_on_meta, params(rank=16, target_modules=(preset,)))
+    layers = dict(sdxl_unet_on_meta.named_modules())
+    count = sum(r * (layers[n].in_features + layers[n].out_features) for n, (r, _) in targets.items())
+    assert (len(targets), count) == (modules, size)
+
+
+# --- EMA with text-encoder training -------------------------------------------------------------------------------
+
+def test_ema_pairs_the_ema_unet_with_the_ema_text_encoders(tmp_path):
+    ctx = make_context(tmp_path / "ema")
+    p = params(max_steps=4, save_every_steps=4, ema_decay=0.5, train_text_encoder=True, learning_rate=1e-2)
+    done = run_train(ctx, build_samples(ctx, 2), p)
+    out = done["outputs"]
+    assert out["weights"].endswith("adapter.ema.safetensors")
+    checkpoint = Path(out["checkpoint"])
+    for name in ("text_encoder", "text_encoder_2"):
+        assert out[name] == str(checkpoint / f"{name}.ema.safetensors")
+        ema, raw = load_file(out[name]), load_file(checkpoint / f"{name}.safetensors")
+        assert ema.keys() == raw.keys()
+        assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+# --- DoRA, conv_block_dims, text-encoder LoRA+ ----------------------------------------------------------------------
+
+def test_dora_trains_and_saves_its_magnitudes(tmp_path):
+    ctx = make_context(tmp_path / "dora")
+    done = run_train(ctx, build_samples(ctx, 4), params(use_dora=True, conv_rank=4, learning_rate=1e-2,
+                                                        max_steps=6, save_every_steps=6))
+    assert done["eval_loss_after"] < done["eval_loss_before"], done
+    saved = load_file(done["outputs"]["weights"])
+    assert any("lora_magnitude_vector" in k for k in saved)
+    assert json.loads(Path(done["outputs"]["network_config"]).read_text())["use_dora"] is True
+
+
+def test_conv_block_dims_give_each_blocks_convolutions_their_rank():
+    unet = build_tiny_component("unet")
+    dims = [2] * 23
+    dims[1] = 0  # input block 0 (conv_in's block) left out
+    dims[13] = 3
+    p = params(conv_rank=4, conv_alpha=1.0, conv_block_dims=tuple(dims), conv_block_alphas=tuple([0.5] * 23))
+    targets = networks.target_names(unet, p)
+    convs = {n: ra for n, ra in targets.items() if isinstance(dict(unet.named_modules())[n], torch.nn.Conv2d)}
+    layers = unet.config.layers_per_block
+    blocks = {n: networks.block_index(n, layers) for n in convs}
+    assert convs and 1 not in blocks.values()
+    assert all(convs[n] == ((3, 0.5) if blocks[n] == 13 else (2, 0.5)) for n in convs)
+    assert any(b == 13 for b in blocks.values())
+
+
+def test_text_encoder_lora_plus_gives_the_b_matrices_their_own_ratio():
+    from sdxlpipe.training import optimizers
+
+    encoders = [build_tiny_component(n).requires_grad_(False) for n in ("text_encoder", "text_encoder_2")]
+    p = params(lora_plus_ratio=16.0, text_encoder_lora_plus_ratio=4.0, text_encoder_lr=1e-4)
+    for e in encoders:
+        networks.attach_text_encoder(e, p)
+    groups = optimizers.text_encoder_groups(encoders, p)
+    names = {id(q): n for e in encoders for n, q in e.named_parameters()}
+    rates = {names[id(q)]: g["lr"] for g in groups for q in g["params"]}
+    assert rates and all(r == pytest.approx(4e-4 if ".lora_B." in n else 1e-4) for n, r in rates.items())
+    # 0 takes the UNet's ratio, as kohya's loraplus_text_encoder_lr_ratio falls back to loraplus_lr_ratio.
+    fallback = optimizers.text_encoder_groups(encoders, params(lora_plus_ratio=16.0, text_encoder_lr=1e-4))
+    assert sorted(g["lr"] for g in fallback) == pytest.approx([1e-4, 16e-4])
