@@ -71,3 +71,49 @@ def test_a_file_that_does_not_fit_the_network_is_refused_naming_it(tmp_path, koh
     with pytest.raises(UserError, match=says) as err:
         networks.load_network_weights(str(path), {"unet": unet}, text_encoders=False)
     assert str(path) in err.value.what and "train.rank" in err.value.hint
+
+
+@pytest.fixture(scope="module")
+def kohya_file_with_text_encoders(tmp_path_factory):
+    """A kohya-format file adapting the UNet and both text encoders (lora_te1_/lora_te2_), and its weights."""
+    from sdxlpipe.models.loading import load_text_stack
+
+    p = params(**NET, train_text_encoder=True)
+    unet = load_unet("tiny")
+    networks.attach(unet, p)
+    encoders = load_text_stack("tiny")
+    g = torch.Generator().manual_seed(8)
+    for model in (unet, encoders["text_encoder"], encoders["text_encoder_2"]):
+        if model is not unet:
+            networks.attach_text_encoder(model, p)
+        for q in model.parameters():
+            if q.requires_grad:
+                q.data = torch.randn(q.shape, generator=g) * 0.1
+    text = {n: (networks.text_encoder_state(encoders[n]), {"r": p.rank, "lora_alpha": p.alpha})
+            for n in ("text_encoder", "text_encoder_2")}
+    path = tmp_path_factory.mktemp("lora") / "with-te.safetensors"
+    save_kohya_lora(path, networks.trained_state(unet, p), networks.config_dict(unet, p), text_encoders=text,
+                    unet_config=dict(unet.config))
+    return path, networks.trained_state(unet, p), {n: s for n, (s, _) in text.items()}
+
+
+def test_text_encoders_start_from_the_files_weights_when_trained(tmp_path, kohya_file_with_text_encoders):
+    path, unet_state, text_states = kohya_file_with_text_encoders
+    assert any(k.startswith("lora_te2_") for k in load_file(path))
+    ctx = make_context(tmp_path / "ws")
+    p = params(**NET, train_text_encoder=True, text_encoder_lr=1e-12, max_steps=1, save_every_steps=1,
+               learning_rate=1e-12, network_weights=str(path))
+    done = run_train(ctx, build_samples(ctx, 2), p)
+    for saved, source in [(load_file(done["outputs"]["weights"]), unet_state),
+                          *((load_file(done["outputs"][n]), text_states[n]) for n in text_states)]:
+        assert saved.keys() == source.keys()
+        assert all(torch.allclose(saved[k], source[k], atol=1e-6) for k in saved)
+
+
+def test_a_unet_only_run_refuses_a_file_that_adapts_the_text_encoders(kohya_file_with_text_encoders):
+    path = kohya_file_with_text_encoders[0]
+    unet = load_unet("tiny")
+    networks.attach(unet, params(**NET))
+    with pytest.raises(UserError, match="also adapts the text encoders") as err:
+        networks.load_network_weights(str(path), {"unet": unet}, text_encoders=False)
+    assert "train_text_encoder = true" in err.value.hint
