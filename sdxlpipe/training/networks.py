@@ -289,13 +289,22 @@ def _load_component(lora, component: str, model, path: str, hint: str) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from sdxlpipe.errors import UserError
-    from sdxlpipe.lora.read import LoraFileError, peft_state
+    from sdxlpipe.lora.read import LoraFileError, module_names, peft_state
 
+    view = _unadapted(model)
     try:
-        state, config = peft_state(lora, component, _unadapted(model))
+        state, config = peft_state(lora, component, view)
     except LoraFileError as exc:
         raise UserError(f"train.network_weights: {exc.what}",
                         f"{exc.hint}; train.network = \"lora\" starts only from a LoRA/LoCon file") from None
+    # DoRA magnitudes (a peft/diffusers file of a use_dora run); peft_state carries only A and B.
+    names = module_names(view, component)
+    for m in lora.modules:
+        if m.component == component and "dora_scale" in m.tensors and m.name in names:
+            state[f"{names[m.name]}.lora_magnitude_vector"] = m.tensors["dora_scale"]
+    # A peft file without diffusers' lora_adapter_metadata (a checkpoint's adapter.safetensors) records no
+    # alpha: it takes this run's (read_lora would assume alpha = rank, which no sdxlpipe checkpoint means).
+    records_alpha = lora.format not in ("peft", "diffusers") or "lora_adapter_metadata" in lora.metadata
     # The run's network, module by module: rank and the alpha / rank scale it applies.
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.r}
     file_modules = {m.name: m for m in lora.modules if m.component == component}
@@ -315,7 +324,7 @@ def _load_component(lora, component: str, model, path: str, hint: str) -> None:
             run_scale, file_scale = layer.scaling[ADAPTER], alpha_of[name] / rank_of[name]
             if layer.r[ADAPTER] != rank_of[name]:
                 what = f"{component} module {name} has rank {rank_of[name]} in the file, {layer.r[ADAPTER]} here"
-            elif abs(run_scale - file_scale) > 1e-6 * max(1.0, abs(file_scale)):
+            elif records_alpha and abs(run_scale - file_scale) > 1e-6 * max(1.0, abs(file_scale)):
                 what = (f"{component} module {name} has alpha {alpha_of[name]:g} (rank {rank_of[name]}) in the file, "
                         f"a scale of {file_scale:g}; this run's network scales by {run_scale:g}")
             if what:

@@ -117,3 +117,21 @@ def test_a_unet_only_run_refuses_a_file_that_adapts_the_text_encoders(kohya_file
     with pytest.raises(UserError, match="also adapts the text encoders") as err:
         networks.load_network_weights(str(path), {"unet": unet}, text_encoders=False)
     assert "train_text_encoder = true" in err.value.hint
+
+
+def test_a_dora_run_starts_from_a_checkpoints_adapter_file_with_its_magnitudes(tmp_path):
+    from safetensors.torch import save_file
+
+    p = params(**NET, use_dora=True)
+    source = load_unet("tiny")
+    networks.attach(source, p)
+    g = torch.Generator().manual_seed(9)
+    for q in source.parameters():
+        if q.requires_grad:
+            q.data = torch.randn(q.shape, generator=g) * 0.1 + (1.0 if q.dim() == 1 else 0.0)
+    path = tmp_path / "adapter.safetensors"  # what a checkpoint holds: peft keys
+    save_file(networks.trained_state(source, p), path)
+    unet = load_unet("tiny")
+    networks.attach(unet, p)
+    networks.load_network_weights(str(path), {"unet": unet}, text_encoders=False)
+    assert (unet_output(unet) - unet_output(source)).abs().max() < 1e-5
