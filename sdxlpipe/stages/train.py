@@ -75,7 +75,9 @@ class Params:
     train_text_encoder: bool = False
     # Text-encoder learning rate; 0 takes learning_rate (kohya's advice: about half the UNet's).
     text_encoder_lr: float = 0.0
-    # Start from this LoRA file's weights (kohya's network_weights); its ranks must match. "": a fresh init.
+    # Start from this LoRA file's weights (kohya's network_weights): any plain LoRA/LoCon file `lora info`
+    # reads (kohya, diffusers, peft; its text-encoder part too with train_text_encoder). Its modules, ranks and
+    # alphas must be this run's (rank, alpha, conv_rank, target_modules). "": a fresh init.
     network_weights: str = field(default="", metadata={"path": True})
     # --- loss and noise ---
     # What the UNet predicts; "" takes the model's scheduler config (SDXL base: epsilon).

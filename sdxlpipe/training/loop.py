@@ -98,8 +98,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)  # the network's initial weights
         networks.attach(unet, p)
-    if p.network_weights:
-        networks.load_network_weights(unet, p, p.network_weights)
+    if p.network_weights:  # before set_precision: the file's weights enter in fp32, like a fresh init
+        networks.load_network_weights(p.network_weights, {"unet": unet}, text_encoders=p.train_text_encoder)
     networks.set_precision(unet, p, compute)
     unet.to(device)
     unet.train()
@@ -114,6 +114,10 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
             torch.manual_seed(p.seed + 1)
             for name in TEXT_ENCODERS:
                 networks.attach_text_encoder(encoders[name], p)
+        if p.network_weights:  # the file's text-encoder modules, if it has any
+            networks.load_network_weights(p.network_weights, encoders, text_encoders=True)
+        with torch.random.fork_rng(devices=[]):
+            for name in TEXT_ENCODERS:
                 networks.set_precision(encoders[name], p, compute)
                 encoders[name].to(device)
                 encoders[name].train()

@@ -258,31 +258,106 @@ def load_text_encoder_state(encoder, state: dict[str, torch.Tensor]) -> None:
     set_peft_model_state_dict(encoder, state, adapter_name=ADAPTER)
 
 
-def load_network_weights(unet, p, path: str) -> None:
-    """Start the LoRA from a file (kohya's network_weights): peft keys (a checkpoint's adapter.safetensors) or
-    diffusers keys (`unet.` prefixed, what export's diffusers file holds). Every key must land on the network
-    this run builds, and every network weight must come from the file."""
-    from safetensors.torch import load_file
-
+def load_network_weights(path: str, models: dict, *, text_encoders: bool) -> None:
+    """Start the LoRA of `models` ({component: model with its adapter attached}) from a file (kohya's
+    network_weights): any plain LoRA/LoCon file `lora info` reads (kohya with SGM or diffusers names,
+    diffusers, peft, a checkpoint's adapter.safetensors), read through `lora.read`. Each model's modules,
+    ranks and alpha / rank scales must be the ones this run builds, so training starts from exactly the
+    file's output; a text encoder the file has no modules for keeps its fresh init. `text_encoders`: this
+    run trains them (else a file that adapts them is refused rather than half used)."""
     from sdxlpipe.errors import UserError
+    from sdxlpipe.lora.read import LoraFileError, read_lora
 
-    state = load_file(path)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in state):
-        raise UserError(f"train.network_weights: {path} is a kohya-format LoRA, which this version cannot read yet",
-                        "give the diffusers-format file export writes (formats = [\"diffusers\"]) or a checkpoint's "
-                        "adapter.safetensors")
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    hint = ("set train.rank, alpha, conv_rank and target_modules as in the run that made the file "
+            "(`sdxlpipe lora info FILE` shows its ranks and alphas)")
+    try:
+        lora = read_lora(path)
+    except LoraFileError as exc:
+        raise UserError(f"train.network_weights: {exc.what}", exc.hint) from None
+    text = sorted({m.component for m in lora.modules if m.component != "unet"})
+    if text and not text_encoders:
+        raise UserError(f"train.network_weights: {path} also adapts the text encoders ({', '.join(text)}), "
+                        "and this run trains the UNet only",
+                        "set train.train_text_encoder = true to train them too, or give a UNet-only file")
+    for component, model in sorted(models.items()):
+        if component == "unet" or component in text:
+            _load_component(lora, component, model, path, hint)
+
+
+def _load_component(lora, component: str, model, path: str, hint: str) -> None:
+    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    wanted = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    normalised = {k.replace(f".{ADAPTER}.", "."): v for k, v in unet_state.items()}
-    missing = sorted(set(wanted) - set(normalised))
-    extra = sorted(set(normalised) - set(wanted))
-    shapes = [k for k in wanted if k in normalised and normalised[k].shape != wanted[k].shape]
-    if missing or extra or shapes:
-        what = (f"{len(missing)} weights of this network are not in it (e.g. {missing[:2]})" if missing else
-                f"it has {len(extra)} weights this network lacks (e.g. {extra[:2]})" if extra else
-                f"shapes differ at {shapes[:2]}")
-        raise UserError(f"train.network_weights: {path} does not fit this run's network: {what}",
-                        "set train.rank, alpha, target_modules and conv_rank as in the run that made the file")
-    set_peft_model_state_dict(unet, normalised, adapter_name=ADAPTER)
+    from sdxlpipe.errors import UserError
+    from sdxlpipe.lora.read import LoraFileError, module_names, peft_state
+
+    view = _unadapted(model)
+    try:
+        state, config = peft_state(lora, component, view)
+    except LoraFileError as exc:
+        raise UserError(f"train.network_weights: {exc.what}",
+                        f"{exc.hint}; train.network = \"lora\" starts only from a LoRA/LoCon file") from None
+    # DoRA magnitudes (a peft/diffusers file of a use_dora run); peft_state carries only A and B.
+    names = module_names(view, component)
+    for m in lora.modules:
+        if m.component == component and "dora_scale" in m.tensors and m.name in names:
+            state[f"{names[m.name]}.lora_magnitude_vector"] = m.tensors["dora_scale"]
+    # A peft file without diffusers' lora_adapter_metadata (a checkpoint's adapter.safetensors) records no
+    # alpha: it takes this run's (read_lora would assume alpha = rank, which no sdxlpipe checkpoint means).
+    records_alpha = lora.format not in ("peft", "diffusers") or "lora_adapter_metadata" in lora.metadata
+    # The run's network, module by module: rank and the alpha / rank scale it applies.
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.r}
+    file_modules = {m.name: m for m in lora.modules if m.component == component}
+    wanted = set(layers)
+    got = set(config.get("target_modules", []))
+    missing, extra = sorted(wanted - got), sorted(got - wanted)
+    what = ""
+    if missing:
+        what = f"{len(missing)} {component} modules of this run's network are not in it (e.g. {missing[:2]})"
+    elif extra:
+        what = f"it adapts {len(extra)} {component} modules this run's network does not (e.g. {extra[:2]})"
+    else:
+        rank_of = {n: config["rank_pattern"].get(n, config["r"]) for n in got}
+        alpha_of = {n: config["alpha_pattern"].get(n, config["lora_alpha"]) for n in got}
+        for name in sorted(got):
+            layer = layers[name]
+            run_scale, file_scale = layer.scaling[ADAPTER], alpha_of[name] / rank_of[name]
+            if layer.r[ADAPTER] != rank_of[name]:
+                what = f"{component} module {name} has rank {rank_of[name]} in the file, {layer.r[ADAPTER]} here"
+            elif records_alpha and abs(run_scale - file_scale) > 1e-6 * max(1.0, abs(file_scale)):
+                what = (f"{component} module {name} has alpha {alpha_of[name]:g} (rank {rank_of[name]}) in the file, "
+                        f"a scale of {file_scale:g}; this run's network scales by {run_scale:g}")
+            if what:
+                break
+    if not what:
+        lacking = sorted(set(get_peft_model_state_dict(model, adapter_name=ADAPTER)) - set(state))
+        if lacking:
+            what = f"it lacks {len(lacking)} {component} weights this run trains (e.g. {lacking[:2]}; DoRA magnitudes?)"
+    if what:
+        raise UserError(f"train.network_weights: {path} does not fit this run's network: {what}", hint)
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise UserError(f"train.network_weights: {path} has {component} weights this network has no place for "
+                        f"(e.g. {unexpected[:2]})", hint)
+
+
+def _unadapted(model):
+    """A view of `model` as before its adapter was attached (each peft LoRA layer shown as its base layer), so
+    `peft_state` finds the module names a file uses."""
+    from types import SimpleNamespace
+
+    from peft.tuners.lora import LoraLayer
+
+    def named_modules():
+        inside = None
+        for name, module in model.named_modules():
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(module, LoraLayer):
+                inside = name + "."
+                yield name, module.get_base_layer()
+            else:
+                yield name, module
+
+    return SimpleNamespace(config=getattr(model, "config", None), named_modules=named_modules)
