@@ -38,7 +38,8 @@ DEFAULT_CONFIG = Path("sdxlpipe.toml")
 
 
 def _stderr() -> Console:
-    return Console(stderr=True)
+    # soft_wrap: a path in a message stays on one line, whole for copy-paste and grep in logs.
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _setup(debug_console: Console, quiet: bool = False, verbose: bool = False) -> None:
