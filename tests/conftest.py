@@ -16,6 +16,11 @@ EXAMPLE = REPO / "examples" / "tiny"
 
 # No test may reach the network or a Hub cache it did not make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`-n 2`), one torch thread per worker and per CLI subprocess: two workers
+# with two threads each oversubscribe a 2-core machine, and spinning OpenMP threads then made
+# single tests 10-40x slower. Set before torch is imported anywhere in the worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def copy_example(dest: Path) -> Path:
