@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+import torch
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
@@ -34,3 +35,13 @@ def lora_unet():
         torch.manual_seed(1)
         unet.add_adapter(config)
     return unet
+
+
+def unet_output(unet) -> torch.Tensor:
+    """The tiny UNet's output on a fixed random input: what two LoRA loadings must agree on."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    hidden = torch.randn(1, 77, 96, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample

@@ -13,17 +13,9 @@ import torch
 from safetensors import safe_open
 
 from sdxlpipe.lora.formats import save_diffusers_lora, save_kohya_lora
+from tests.lora.conftest import unet_output
 
 RANK, ALPHA = 4, 8  # as lora_unet in conftest.py; alpha != rank so scaling bugs show
-
-
-def unet_output(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    hidden = torch.randn(1, 77, 96, generator=g)
-    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    with torch.no_grad():
-        return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,10 @@ from sdxlpipe.lora.formats import save_kohya_lora
 from sdxlpipe.models.loading import load_unet
 from sdxlpipe.training import networks
 from tests.training.conftest import build_samples, make_context, params, run_train
+from tests.lora.conftest import unet_output
 
 # alpha != rank (and conv layers too): a scale bug shows in the output.
 NET = dict(rank=4, alpha=8.0, conv_rank=4, conv_alpha=2.0)
-
-
-def unet_output(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    hidden = torch.randn(1, 77, 96, generator=g)
-    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    with torch.no_grad():
-        return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample
 
 
 @pytest.fixture(scope="module")
