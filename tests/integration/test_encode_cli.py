@@ -69,10 +69,11 @@ def test_two_processes_encoding_into_one_store_at_once_split_the_work_and_hold_e
         members = Counter(tar_members(store, stage))
         assert len(members) == n and max(members.values()) == 1, f"{stage}: an item is stored twice"
         assert [r["stages"][stage]["items"] for r in reports] == [n, n]
-        # `computed` is what a run stored (what another committed first counts as reused); the
-        # index holds one row per item each run stored, so both count the duplicated work.
+        # `computed` is what a run stored (what another committed first counts as reused). The index
+        # holds a row per item and commit, except that two identical commits of one chunk may share
+        # a fragment (fragments are named by content): between n and the sum.
         stored = [r["stages"][stage]["computed"] for r in reports]
-        assert sum(stored) == len(_index_rows(store, stage)), (stage, stored)
+        assert n <= len(_index_rows(store, stage)) <= sum(stored), (stage, stored)
         assert [r["stages"][stage]["reused"] for r in reports] == [n - c for c in stored], (stage, stored)
     # Decision 7: the runs split the 24 single-image chunks; each re-reads the index before a
     # chunk and walks them in an order of its own. Duplicates come from chunks both started

@@ -177,26 +177,47 @@ def test_kohya_and_diffusers_files_give_the_same_unet_output(finished_run, tmp_p
     assert (kohya - base).abs().max() > 1e-4
 
 
+# Runs `sdxlpipe run ...` and SIGKILLs it at the Nth fsync of a file in a checkpoint being written
+# (checkpoints/.tmp-*): in the middle of a checkpoint, before it is renamed into place.
+KILL_IN_CHECKPOINT = r"""
+import os, signal, sys
+real, seen, kill_at = os.fsync, [0], int(sys.argv[1])
+def fsync(fd):
+    if "/checkpoints/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(fd)
+os.fsync = fsync
+sys.argv = ["sdxlpipe", *sys.argv[2:]]
+from sdxlpipe.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fsynced files")
 def test_killed_training_resumes_and_ends_with_the_same_weights(finished_run, trained):
-    """The finished run is the unbroken reference; its copy trains again from the cached
-    latents (save cadence is not in the train key), is SIGKILLed mid-run and resumed."""
+    """The finished run is the unbroken reference; its copy trains again from the cached latents
+    (save cadence is not in the train key), is SIGKILLed in the middle of writing a checkpoint
+    (a seeded fsync within the 2nd-4th of 10) and resumed."""
     from safetensors.torch import load_file
 
     train_root = trained.parent / ".sdxlpipe" / "train"
     shutil.rmtree(train_root)
     settings = ["--set", "train.save_every_steps=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdxlpipe", "run", "all", "-c", str(trained), *settings],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(train_root.glob("*/checkpoints/step-00000010")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # A checkpoint makes 6 fsyncs in its temp folder: network.json and state.json, each written
+    # atomically, then each of its 4 files (adapter, optimizer state, the two JSON) before the rename.
+    kill_at = random.Random(20).randrange(9, 25)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(kill_at), "run", "all", "-c", str(trained),
+                           *settings], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not list(train_root.glob("*/done.json")), "the run finished before it was killed"
+    assert list(train_root.glob("*/checkpoints/.tmp-*")), "killed outside a checkpoint write"
 
     resumed = cli("run", "all", "-c", str(trained), *settings)
     assert "resuming" in resumed.stderr
+    assert not list(train_root.glob("*/checkpoints/.tmp-*")), "the killed checkpoint's temp folder is left"
 
     def final_adapter(config: Path):
         (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000020/adapter.safetensors")
