@@ -197,14 +197,15 @@ main()
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fsynced files")
 def test_killed_training_resumes_and_ends_with_the_same_weights(finished_run, trained):
-    """The finished run is the unbroken reference; its copy trains again from the cached latents
-    (save cadence is not in the train key), is SIGKILLed in the middle of writing a checkpoint
-    (a seeded fsync within the 2nd-4th of 10) and resumed."""
+    """The finished run's step-10 checkpoint is the unbroken reference; its copy trains 10 steps again
+    from the cached latents (neither save cadence nor, with a constant LR, max_steps is in the train
+    key: decision 29), is SIGKILLed in the middle of writing a checkpoint (a seeded fsync within the
+    2nd-4th of 5) and resumed."""
     from safetensors.torch import load_file
 
     train_root = trained.parent / ".sdxlpipe" / "train"
     shutil.rmtree(train_root)
-    settings = ["--set", "train.save_every_steps=2"]
+    settings = ["--set", "train.save_every_steps=2", "--set", "train.max_steps=10"]
     # A checkpoint makes 6 fsyncs in its temp folder: network.json and state.json, each written
     # atomically, then each of its 4 files (adapter, optimizer state, the two JSON) before the rename.
     kill_at = random.Random(20).randrange(9, 25)
@@ -220,7 +221,7 @@ def test_killed_training_resumes_and_ends_with_the_same_weights(finished_run, tr
     assert not list(train_root.glob("*/checkpoints/.tmp-*")), "the killed checkpoint's temp folder is left"
 
     def final_adapter(config: Path):
-        (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000020/adapter.safetensors")
+        (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000010/adapter.safetensors")
         return load_file(adapter)
 
     a, b = final_adapter(finished_run[0]), final_adapter(trained)
