@@ -230,50 +230,45 @@ def test_killed_training_resumes_and_ends_with_the_same_weights(finished_run, tr
 
 
 # Runs `sdxlpipe run ...` and SIGKILLs it at the Nth os.replace into the output folder, before the
-# rename (the file is written and fsynced under a temp name) or after it, as argv[2] says.
+# rename: the file is written and fsynced under its temp name.
 KILL_AT_EXPORT_RENAME = r"""
 import os, signal, sys
-real, seen, kill_at, after = os.replace, [0], int(sys.argv[1]), sys.argv[2] == "after"
+real, seen, kill_at = os.replace, [0], int(sys.argv[1])
 def replace(src, dst, *args, **kwargs):
-    mine = os.path.basename(os.path.dirname(os.fspath(dst))) == "output"
-    seen[0] += mine
-    if mine and seen[0] == kill_at and not after:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.path.basename(os.path.dirname(os.fspath(dst))) == "output":
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst, *args, **kwargs)
-    if mine and seen[0] == kill_at and after:
-        os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
-sys.argv = ["sdxlpipe", *sys.argv[3:]]
+sys.argv = ["sdxlpipe", *sys.argv[2:]]
 from sdxlpipe.cli import main
 main()
 """
-# The export writes the kohya file, the diffusers file, then its record. Always killed before the
-# record's rename (new files beside the old record), plus one seeded point of the other windows.
-EXPORT_KILLS = [(3, "before")] + random.Random(12).sample(
-    [(1, "before"), (2, "before"), (1, "after"), (2, "after"), (3, "after")], 1)
+# The export writes the kohya file, the diffusers file, then its record: killed before one of the
+# three renames (seeded), so a new file is half-way (a temp) and the old record still names the old.
+EXPORT_KILL = random.Random(12).choice([1, 2, 3])
 
 
-def test_an_export_killed_at_any_rename_reruns_to_the_files_of_an_unbroken_export(trained):
-    """A changed export (fp16) over the finished run's fp32 files is killed at seeded renames;
-    each rerun ends with the unbroken fp16 export's bytes, no temp file, and trains nothing."""
+def test_an_export_killed_at_a_rename_reruns_to_the_files_of_an_unbroken_export(trained):
+    """A changed export (fp16) over the finished run's fp32 files is killed at a seeded rename; the
+    rerun ends with the unbroken fp16 export's files, no temp file, and trains nothing."""
     out = trained.parent / "output"
     fp16 = ["--set", "export.dtype=fp16"]
     fp32_files = {p.name: p.read_bytes() for p in out.iterdir()}
     cli("run", "export", "-c", str(trained), *fp16)
     unbroken = _contents(out)
     assert unbroken.keys() == fp32_files.keys() and unbroken != _contents(out, fp32_files)
+    for p in out.iterdir():  # the finished fp32 export again: the files a changed export replaces
+        p.write_bytes(fp32_files[p.name]) if p.name in fp32_files else p.unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for kill_at, when in EXPORT_KILLS:
-        for p in out.iterdir():  # the finished fp32 export again: the files a changed export replaces
-            p.write_bytes(fp32_files[p.name]) if p.name in fp32_files else p.unlink()
-        proc = subprocess.run([sys.executable, "-c", KILL_AT_EXPORT_RENAME, str(kill_at), when, "run", "export",
-                               "-c", str(trained), *fp16], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (kill_at, when, proc.stderr[-2000:])
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_EXPORT_RENAME, str(EXPORT_KILL), "run", "export",
+                           "-c", str(trained), *fp16], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
-        report = cli_json("run", "export", "-c", str(trained), *fp16)
-        computed = {n: s["computed"] for n, s in report["stages"].items()}
-        assert computed == {**dict.fromkeys(STAGES, 0), "export": int((kill_at, when) != (3, "after"))}
-        assert _contents(out) == unbroken, (kill_at, when)
+    report = cli_json("run", "export", "-c", str(trained), *fp16)
+    assert {n: s["computed"] for n, s in report["stages"].items()} == {**dict.fromkeys(STAGES, 0), "export": 1}
+    assert _contents(out) == unbroken, EXPORT_KILL  # the same files, no temp left beside them
 
 
 def _contents(folder: Path, files: dict[str, bytes] | None = None) -> dict:
