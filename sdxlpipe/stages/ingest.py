@@ -226,8 +226,10 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
         ctx.memo.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
-    if not ctx.dry_run:
-        ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
+    rejected_table = pa.table(rejected, schema=REJECTED_SCHEMA)
+    # An equal table is not rewritten: a no-op run writes nothing (decision 35).
+    if not ctx.dry_run and (old_rejected is None or not old_rejected.equals(rejected_table)):
+        ctx.workspace.write_table(REJECTED_TABLE, rejected_table)
     return pa.table(rows, schema=SCHEMA)
 
 
