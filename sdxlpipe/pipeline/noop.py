@@ -148,7 +148,9 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
         "outputs": {**report["outputs"], **({"written": []} if "written" in report["outputs"] else {})},
         "models_loaded": [],
     }
-    # Walked after the run, so what it wrote is part of the picture (the record itself is hidden).
+    # Walked after the run, so what it wrote is part of the picture (the record itself is hidden,
+    # and its folder is made first, so writing it changes nothing the walk sees).
+    config.workspace.mkdir(parents=True, exist_ok=True)
     digest, _ = _digest([], outputs)
     record = {"version": RECORD_VERSION, **began, "outputs": outputs, "outputs_digest": digest, "report": noop}
     # Not sorted: the report keeps the stages in pipeline order, as the normal path prints them.
@@ -157,7 +159,8 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
 
 def _header(config_path: Path, overrides: list[str] | None) -> list[str]:
     path = Path(config_path).absolute()
-    return [str(RECORD_VERSION), sys.version, sys.executable, str(path),
+    # The working directory: a default relative path (export.output_dir = "output") resolves against it.
+    return [str(RECORD_VERSION), sys.version, sys.executable, os.getcwd(), str(path),
             hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(), json.dumps(list(overrides or [])),
             json.dumps({k: os.environ.get(k) for k in ENV_KEYS})]
 
