@@ -155,7 +155,7 @@ def _single_process() -> bool:
 
 def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -> None:
     """The run's results on stdout; exit 1 for a failed stage or, with --strict, a rejected file."""
-    from sdxlpipe.pipeline.progress import ITEM_NAMES
+    from sdxlpipe.pipeline.graph import ITEM_NAMES
 
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])

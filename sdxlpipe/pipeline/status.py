@@ -28,7 +28,7 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
 
 
 def format_status(result: dict[str, Any]) -> str:
-    from sdxlpipe.pipeline.progress import ITEM_NAMES
+    from sdxlpipe.pipeline.graph import ITEM_NAMES
 
     lines = []
     for name, s in result["stages"].items():
