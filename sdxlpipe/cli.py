@@ -427,7 +427,60 @@ def store_du(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json
     print(f"{'total':12} {usage['bytes'] / 1e6:>32.1f} MB")
 
 
+def _noop_before_typer(argv: list[str]) -> int | None:
+    """`run [all]` and `status` in their plain spellings answered from the no-op record before typer
+    parses anything (its parameter coercion imports pydantic: ~0.2 s, half of `--help`).
+
+    Returns the exit code, or None when typer must run: any other command, flag or spelling
+    (`--config=x`, `--shards`, `--engine`, `--help`), or no record that answers.
+    """
+    if not argv or argv[0] not in ("run", "status") or not _single_process():
+        return None
+    command, rest = argv[0], argv[1:]
+    flags = {"run": {"--json", "--strict", "-q", "--quiet", "-v", "--verbose"}, "status": {"--json", "--check"}}[command]
+    config, overrides, seen, target = DEFAULT_CONFIG, [], set(), None
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-c", "--config", "--set") and i + 1 < len(rest):
+            if arg == "--set":
+                overrides.append(rest[i + 1])
+            else:
+                config = Path(rest[i + 1])
+            i += 2
+        elif arg in flags:
+            seen.add(arg)
+            i += 1
+        elif command == "run" and target is None and not arg.startswith("-"):
+            target = arg
+            i += 1
+        else:
+            return None
+    if command == "run" and target not in (None, "all"):
+        return None
+    from sdxlpipe.pipeline.noop import answer, as_status
+
+    recorded = answer(config, overrides or None)
+    if recorded is None:
+        return None
+    as_json = "--json" in seen
+    if command == "status":
+        from sdxlpipe.pipeline.status import format_status
+
+        result = as_status(recorded)
+        print(json.dumps(result, indent=2) if as_json else format_status(result))
+        return 0
+    try:
+        _print_run_report(recorded, as_json, "--strict" in seen, config)
+    except typer.Exit as e:
+        return e.exit_code
+    return 0
+
+
 def main() -> None:
+    code = _noop_before_typer(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
     try:
         app()
     except Exception as e:  # noqa: BLE001 - user errors become two lines; the rest keep their traceback
