@@ -50,6 +50,10 @@ class Workspace:
     def memo_path(self) -> Path:
         return self.root / "memo" / "content_hash.parquet"
 
+    @property
+    def sidecar_memo_path(self) -> Path:
+        return self.root / "memo" / "sidecar_text.parquet"
+
     def train_dir(self, train_key: str) -> Path:
         return self.root / "train" / train_key
 
