@@ -385,7 +385,7 @@ def _run_all(cli: list[str], work: Path, env: dict) -> tuple[float, float, dict]
     return wall, d.ru_utime + d.ru_stime - c.ru_utime - c.ru_stime, json.loads(proc.stdout)
 
 
-def bench_e2e(files: int, px: int, workdir: str | None, incremental: bool) -> None:
+def bench_e2e(files: int, px: int, workdir: str | None, incremental: bool, noop: bool = True) -> None:
     """workdir: kept between runs (the first `run all` encodes every image)."""
     cli = [sys.executable, "-m", "sdxlpipe"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -405,6 +405,9 @@ def bench_e2e(files: int, px: int, workdir: str | None, incremental: bool) -> No
             n = make_npz(work / "images", work / "npz", px)
             print(f"# e2e: {n} kohya .npz files written in {time.perf_counter() - t:.0f} s")
         images = sum(1 for _ in (work / "images").rglob("*.png"))
+        if not noop:
+            bench_incremental(cli, work, env, images, px)
+            return
         print(f"# e2e: {images} images (+ captions) in {work}; python {sys.version.split()[0]}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         # The record is written by a complete run; one more run makes sure there is one.
@@ -463,6 +466,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000, help="e2e: images on disk (each with a caption file)")
     ap.add_argument("--px", type=int, default=32, help="e2e: image side (32: the smallest bucket, cheapest to encode)")
     ap.add_argument("--no-incremental", action="store_true", help="e2e: skip the 1%% change")
+    ap.add_argument("--incremental-only", action="store_true", help="e2e: only the 1%% change (on a filled --workdir)")
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--fragments", type=int, default=1000)
     ap.add_argument("--images", type=int, default=2000)
@@ -473,7 +477,7 @@ def main() -> None:
     if a.part in ("noop", "all"):
         bench_noop(a.images, a.workdir)
     if a.part in ("e2e", "all"):
-        bench_e2e(a.files, a.px, a.workdir, not a.no_incremental)
+        bench_e2e(a.files, a.px, a.workdir, not a.no_incremental, noop=not a.incremental_only)
 
 
 if __name__ == "__main__":
