@@ -72,7 +72,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     """
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = encode_json(header)
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment with spaces
     return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
 
@@ -111,7 +111,11 @@ def decode_tensors(data: bytes, framework: str = "np") -> tuple[dict, dict[str, 
 
 
 def encode_json(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN, so equal objects give equal bytes."""
+    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN, so equal objects give equal bytes.
+
+    The one canonical form of sdxlpipe: item keys (pipeline/keys.py), model fingerprints,
+    manifests and JSON payloads all hash or store these bytes, so they must never change.
+    """
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")

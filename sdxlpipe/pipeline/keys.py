@@ -7,15 +7,11 @@ kept beside the key where a stage wants `status` to explain a change.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import xxhash
 
-
-def canonical_json(doc: Any) -> str:
-    """Sorted keys, no whitespace, UTF-8 kept: one text per document."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+from sdxlpipe.cache_format.codec import encode_json
 
 
 def xxh3_hex(data: bytes | str) -> str:
@@ -25,7 +21,8 @@ def xxh3_hex(data: bytes | str) -> str:
 
 
 def item_key(doc: dict[str, Any]) -> str:
-    return xxh3_hex(canonical_json(doc))
+    """xxh3-128 hex of the document's canonical JSON (the store's one canonical form, codec.py)."""
+    return xxh3_hex(encode_json(doc))
 
 
 def partition_of(key: str, count: int) -> int:
