@@ -311,11 +311,6 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
             fs.rm(tmp)
 
 
-def items_per_shard(item_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
-    """How many items of about `item_bytes` fill one shard: the encode stages' chunk size."""
-    return max(1, shard_bytes // max(1, item_bytes))
-
-
 def hash_file(path) -> str:
     """xxh3_128 hex of a local file's bytes, read in HASH_CHUNK pieces."""
     with open(path, "rb") as f:

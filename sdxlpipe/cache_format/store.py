@@ -34,7 +34,9 @@ from .index import (
     StageIndex,
     is_key,
     keys_array,
+    list_detail,
     list_files,
+    list_names,
     table_bytes,
     to_parquet,
 )
@@ -56,7 +58,6 @@ from .shards import (
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
 STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
-DEFAULT_SHARD_BYTES = SHARD_BYTES  # 256 MiB; why: see shards.py
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -99,7 +100,7 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
                 f"no sdxlpipe store at {url}: {format_path} does not exist",
                 "check the store path, or open it with create=True to start a new store there",
             )
-        strangers = sorted(set(_list_names(fs, root)) - STORE_ENTRIES)
+        strangers = sorted(set(list_names(fs, root)) - STORE_ENTRIES)
         if strangers:
             raise StoreError(
                 f"{url} is not an sdxlpipe store (no FORMAT file) and is not empty: {strangers[:5]}",
@@ -112,19 +113,6 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
             "open it with the sdxlpipe version that wrote it, or point the store at a new directory",
         )
     return Store(fs, root, url)
-
-
-def _list_names(fs, path: str, dirs_only: bool = False) -> list[str]:
-    fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(
-        posixpath.basename(e["name"].rstrip("/"))
-        for e in entries
-        if not dirs_only or e.get("type") == "directory"
-    )
 
 
 def _check(f: BinaryIO, loc: Location) -> tuple[bytes | None, str | None]:
@@ -149,6 +137,8 @@ class Store:
         self._indexes: dict[str, StageIndex] = {}
         # Set it shorter (or empty) where waiting on a failing backend is pointless, e.g. tests.
         self.read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
+        # What writers aim a shard at and chunk_size plans for; why 256 MiB: shards.py.
+        self.shard_bytes = SHARD_BYTES
         self._stale: set[str] = set()  # stages to list again before the next lookup
         # This Store's bad markers, one file per stage for its whole life (a run), rewritten whole.
         self._bad_name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
@@ -177,8 +167,8 @@ class Store:
         return self._path("shards", check_stage(stage), f"{shard_id}.{ext}")
 
     def _stage_names(self) -> list[str]:
-        names = set(_list_names(self.fs, self._path("shards"), dirs_only=True))
-        names |= set(_list_names(self.fs, self._path("index"), dirs_only=True))
+        names = set(list_names(self.fs, self._path("shards"), dirs_only=True))
+        names |= set(list_names(self.fs, self._path("index"), dirs_only=True))
         return sorted(names)
 
     # -- index -----------------------------------------------------------------------------
@@ -248,10 +238,18 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES, group: str = "",
+    def chunk_size(self, item_bytes: int) -> int:
+        """How many items of one field whose payload is about `item_bytes` fill one shard of
+        this store (tar headers and padding included): the encode stages' chunk size, so
+        that each chunk of work becomes one shard."""
+        return max(1, self.shard_bytes // member_bytes(max(0, item_bytes)))
+
+    def writer(self, stage: str, target_shard_bytes: int | None = None, group: str = "",
                keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS) -> "Writer":
-        """A context manager that packs added items into shards of about target_shard_bytes."""
-        return Writer(self, check_stage(stage), target_shard_bytes, group, keepalive_seconds)
+        """A context manager that packs added items into shards of about target_shard_bytes
+        (None: the store's shard_bytes)."""
+        size = self.shard_bytes if target_shard_bytes is None else target_shard_bytes
+        return Writer(self, check_stage(stage), size, group, keepalive_seconds)
 
     def _new_builder(self) -> ShardBuilder:
         # Local stores build the tar inside the store so the final rename is atomic.
@@ -574,7 +572,7 @@ class Store:
     def _gc_candidates(self, referenced: set[tuple[str, str]]) -> list[str]:
         candidates = [
             self._path("shards", st, name)
-            for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
+            for st in list_names(self.fs, self._path("shards"), dirs_only=True)
             for name in list_files(self.fs, self._path("shards", st), "")
             if (st, name.split(".", 1)[0]) not in referenced
         ]
@@ -680,13 +678,7 @@ class Store:
         """
         stages = {}
         for st in self._stage_names():
-            directory = self._path("shards", st)
-            self.fs.invalidate_cache(directory)
-            try:
-                entries = self.fs.ls(directory, detail=True)
-            except FileNotFoundError:
-                entries = []
-            tars = [e for e in entries if e["name"].endswith(".tar")]
+            tars = [e for e in list_detail(self.fs, self._path("shards", st)) if e["name"].endswith(".tar")]
             stages[st] = {
                 "shards": len(tars),
                 "items": self._index(st).present_count(),
