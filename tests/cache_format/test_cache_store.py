@@ -229,3 +229,17 @@ def test_a_chunk_of_chunk_size_items_fills_one_shard(tmp_path):
         (shard_id,) = write(store, items)
         tar_bytes = (tmp_path / "shards" / "vae" / f"{shard_id}.tar").stat().st_size
         assert tar_bytes > store.shard_bytes // 2 or n == 1  # and not a wastefully small one
+
+
+def test_a_local_store_builds_a_shard_in_tmp_and_renames_it_into_place(tmp_path, payloads):
+    store = open_store(str(tmp_path))
+    key = sorted(payloads)[0]
+    with store.writer("vae") as w:
+        w.add(key, FIELD, payloads[key])
+        w.end_item()
+        (part,) = (tmp_path / "tmp").iterdir()  # the unfinished shard: in tmp/, never under shards/
+        assert part.name.endswith(".tar.part") and not (tmp_path / "shards" / "vae").exists()
+        inode = part.stat().st_ino
+    (shard_id,) = w.shard_ids
+    assert (tmp_path / "shards" / "vae" / f"{shard_id}.tar").stat().st_ino == inode  # renamed, not copied
+    assert list((tmp_path / "tmp").iterdir()) == []
