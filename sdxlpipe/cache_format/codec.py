@@ -110,15 +110,18 @@ def decode_tensors(data: bytes, framework: str = "np") -> tuple[dict, dict[str, 
         raise ValueError(f"not a safetensors payload: {e}") from e
 
 
-def encode_json(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN, so equal objects give equal bytes.
+def canonical_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces, UTF-8 kept, no NaN, so equal objects give equal text.
 
     The one canonical form of sdxlpipe: item keys (pipeline/keys.py), model fingerprints,
-    manifests and JSON payloads all hash or store these bytes, so they must never change.
+    manifests and JSON payloads all hash or store it, so it must never change.
     """
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode_json(obj: Any) -> bytes:
+    """A JSON payload: canonical_json's UTF-8 bytes."""
+    return canonical_json(obj).encode("utf-8")
 
 
 def decode_json(data: bytes) -> Any:

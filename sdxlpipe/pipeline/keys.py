@@ -11,7 +11,7 @@ from typing import Any
 
 import xxhash
 
-from sdxlpipe.cache_format.codec import encode_json
+from sdxlpipe.cache_format.codec import canonical_json
 
 
 def xxh3_hex(data: bytes | str) -> str:
@@ -21,8 +21,7 @@ def xxh3_hex(data: bytes | str) -> str:
 
 
 def item_key(doc: dict[str, Any]) -> str:
-    """xxh3-128 hex of the document's canonical JSON (the store's one canonical form, codec.py)."""
-    return xxh3_hex(encode_json(doc))
+    return xxh3_hex(canonical_json(doc))
 
 
 def partition_of(key: str, count: int) -> int:

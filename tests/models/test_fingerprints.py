@@ -133,7 +133,7 @@ def test_an_uncached_hub_id_names_the_fix(tmp_path, monkeypatch):
 
 def test_folder_fingerprints_written_by_earlier_versions_are_unchanged(tmp_path):
     # Fingerprints enter every item key: pinned as computed before the canonical JSON
-    # helpers were folded into one (codec.encode_json).
+    # helpers were folded into one (codec.canonical_json).
     for c in COMPONENTS:
         (tmp_path / c).mkdir()
         (tmp_path / c / "config.json").write_text('{"c": "%s"}' % c)

@@ -1,7 +1,6 @@
 import xxhash
 
-from sdxlpipe.cache_format.codec import encode_json
-from sdxlpipe.pipeline.keys import item_key, partition_of
+from sdxlpipe.pipeline.keys import canonical_json, item_key, partition_of
 
 
 def test_item_key_ignores_dict_order_and_changes_with_any_value():
@@ -15,12 +14,12 @@ def test_item_key_ignores_dict_order_and_changes_with_any_value():
 
 
 def test_canonical_json_has_no_whitespace_and_sorted_keys():
-    assert encode_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+    assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'
 
 
 def test_keys_written_by_earlier_versions_are_unchanged():
     # Every store item is found by this key: pinned as computed before the canonical JSON
-    # helpers were folded into one (codec.encode_json), unicode, floats and big ints included.
+    # helpers were folded into one (codec.canonical_json), unicode, floats and big ints included.
     doc = {"stage": "text_encode", "text": "café, 東京, \"q\"\n", "crop": [0, 16], "scale": 0.18215,
            "flip": True, "mask": None, "n": 10**20}
     assert item_key(doc) == "2fc3a2b552cc7945a40626fd09d8a530"
