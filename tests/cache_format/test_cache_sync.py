@@ -32,7 +32,7 @@ def test_a_damaged_shard_is_not_copied_as_is_and_its_bad_items_are_named(tmp_pat
     src, dst = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
     (shard_id,) = write(src, payloads)
     victim = sorted(payloads)[2]
-    loc = next(l for l in src._index("vae").rows if l.item_key == victim)
+    loc = next(l for l in src.locations("vae") if l.item_key == victim)
     path = tmp_path / "a" / "shards" / "vae" / f"{shard_id}.tar"
     data = bytearray(path.read_bytes())
     data[loc.offset] ^= 0xFF
