@@ -139,7 +139,7 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
     outputs = watch_outputs(config)
     if outputs is None:
         return
-    from sdxlpipe.pipeline.atomic import write_bytes_atomic
+    from sdxlpipe.cache_format.shards import write_atomic
 
     noop = {
         **report,
@@ -154,7 +154,7 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
     digest, _ = _digest([], outputs)
     record = {"version": RECORD_VERSION, **began, "outputs": outputs, "outputs_digest": digest, "report": noop}
     # Not sorted: the report keeps the stages in pipeline order, as the normal path prints them.
-    write_bytes_atomic(json.dumps(record, indent=1).encode(), config.workspace / RECORD_NAME)
+    write_atomic(config.workspace / RECORD_NAME, json.dumps(record, indent=1).encode())
 
 
 def _header(config_path: Path, overrides: list[str] | None) -> list[str]:
