@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, NamedTuple
 
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import index_cache
 from .shards import StoreError, is_local
 
 BAD_PREFIX = "bad-"
@@ -58,6 +60,12 @@ HEX_LEN = 32
 # searchsorted calls and merging costs O(n log n) only every so often.
 MERGE_SHARE = 8
 MAX_SEGMENTS = 32
+
+# The index cache file is rewritten once the index holds a quarter more rows than the file
+# (so a growing stage rewrites it ~5x its final size in all), or this many fragments it lacks
+# (each costs ~1 ms to parse on a load; the same count that triggers compaction).
+CACHE_GROWTH = 4
+CACHE_FRAGMENTS = 256
 
 # Fragments parsed and checked per batch: bounds the Arrow memory held at once while loading.
 LOAD_BATCH = 128
@@ -97,20 +105,24 @@ def read_parquet_bytes(data: bytes, dictionary: tuple[str, ...] = ()) -> pa.Tabl
     return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
 
 
-def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> dict[str, tuple]:
+def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "",
+                 detail_all: bool = False) -> dict[str, tuple]:
     """{base name: (size, modified)} of the files in `directory` ending with `suffix`.
 
     On a local disk only names starting with `detail_prefix` are stat'ed (the rest get
     (None, "")): a stage of a thousand immutable fragments lists in a millisecond.
+    detail_all: stat every name (the index cache compares fragments' signatures; ~3 ms per 1,000).
     """
     if is_local(fs):
+        if detail_all:
+            detail_prefix = ""
         try:
             names = sorted(n for n in os.listdir(directory) if n.endswith(suffix))
         except FileNotFoundError:
             return {}
         out = {}
         for n in names:
-            if detail_prefix and n.startswith(detail_prefix):
+            if detail_all or (detail_prefix and n.startswith(detail_prefix)):
                 try:
                     st = os.stat(os.path.join(directory, n))
                 except FileNotFoundError:
@@ -179,10 +191,15 @@ def keys_array(keys) -> np.ndarray:
     if isinstance(keys, np.ndarray) and keys.dtype == np.dtype("S32"):
         return keys
     keys = list(keys)
-    arr = pa.array(keys, pa.string())
-    good = hex_column(arr)
-    if good is not None:
-        return good
+    # One join instead of pa.array(list), whose first call imports pandas (1.4 s) on the no-op path.
+    try:
+        joined = "".join(keys).encode()
+    except (TypeError, UnicodeEncodeError):
+        joined = b""
+    if len(joined) == HEX_LEN * len(keys) and (np.fromiter(map(len, keys), np.int64, len(keys)) == HEX_LEN).all():
+        raw = np.frombuffer(joined, np.uint8)  # equal byte and char counts: all ASCII
+        if _all_hex(raw):
+            return raw.view(f"S{HEX_LEN}") if len(keys) else np.zeros(0, "S32")
     return np.array([k.encode() if is_key(k) else b"" for k in keys], "S32")
 
 
@@ -323,8 +340,12 @@ class _Segment:
         self.cols = cols  # key, shard, field, offset, length, xxh3, group, frag (codes), bad (bool)
         self.n = len(cols["key"])
         self.hi = top64(cols["key"])
-        self.order = np.argsort(self.hi, kind="stable")  # stable: a key's rows stay in fragment order
-        self.hi_sorted = self.hi[self.order]
+        self.presorted = bool(self.n) and bool((self.hi[1:] >= self.hi[:-1]).all())
+        if self.presorted:  # already in key order (the index cache writes rows so): no sort
+            self.order, self.hi_sorted = np.arange(self.n), self.hi
+        else:
+            self.order = np.argsort(self.hi, kind="stable")  # stable: a key's rows stay in fragment order
+            self.hi_sorted = self.hi[self.order]
         self._good: dict = {}
 
     def invalidate(self) -> None:
@@ -402,9 +423,17 @@ class StageIndex:
     fragments (and changed bad-marker files) it has not seen.
     """
 
-    def __init__(self, log: logging.Logger, directory: str = ""):
+    def __init__(self, log: logging.Logger, directory: str = "", cache: tuple[str, str, str] | None = None):
+        """cache: (cache file, store url, stage) of the local index cache (index_cache.py), or None."""
         self.log = log
         self.directory = directory
+        self.cache = cache
+        self.cache_seed = True  # may the first update start from the cache file?
+        self.retry_delays: tuple[float, ...] = ()  # waits between attempts at a fragment that fails to read
+        self.from_cache = 0  # fragments whose rows came from the index cache (tests and benchmarks watch it)
+        self._signature: dict[str, tuple] = {}  # live fragment -> its listing signature
+        self._saved: set[str] | None = None  # fragments the cache file covers (None: no usable file)
+        self._saved_rows = 0
         self.fragments: list[str] = []  # loaded fragment names; a row's `frag` code indexes it
         self._frag_code: dict[str, int] = {}
         self._live: set[int] = set()  # codes of fragments still listed
@@ -431,9 +460,12 @@ class StageIndex:
         A fragment deleted between the listing and its read (a `compact` replaced it)
         makes us list again, for the merged fragment that holds its rows.
         """
-        listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX)
+        listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX,
+                              detail_all=self.cache is not None)
         frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
         markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
+        if self.cache is not None and self.cache_seed and not self.fragments:
+            self._seed(frags)
         # A name seen before but compacted away may be written again (the same shard recomputed).
         new = [n for n in frags if not self._is_live(n)
                and not (n in self.refused and self.refused[n] == frags[n])]
@@ -441,7 +473,7 @@ class StageIndex:
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
         gone_markers = [n for n in self.bad_fragments if n not in markers]
         added, segment_cols, lost = [], [], []
-        read = functools.partial(_load, fs, self.directory)
+        read = functools.partial(_load, fs, self.directory, self.retry_delays, self.log)
         with ThreadPoolExecutor(min(READ_THREADS, max(1, len(new) + len(new_markers)))) as pool:
             results = dict(zip(new_markers, pool.map(read, new_markers)))
             for start in range(0, len(new), LOAD_BATCH):
@@ -498,7 +530,82 @@ class StageIndex:
                     "another process is compacting this stage; retry when it is done",
                 )
             return added + self.update(fs, attempts - 1)  # compacted meanwhile: list again
+        self._signature = {n: frags[n] for n in frags if self._is_live(n)}
+        if self.cache is not None:
+            self._save_if_behind()
         return added
+
+    # -- the local index cache (index_cache.py) -------------------------------------------------
+
+    def _seed(self, frags: dict[str, tuple]) -> None:
+        """Start from the cache file's rows instead of parsing fragments, if it checks out.
+
+        Its fragments that are no longer listed stay dead (their rows are dropped by the
+        update that follows); one listed with another size or time voids the whole file.
+        """
+        path, url, stage = self.cache
+        got = index_cache.load(path, url, stage)
+        if got is None:
+            return
+        header, cols = got
+        try:
+            names = [str(f[0]) for f in header["fragments"]]
+            sigs = [tuple(f[1]) if f[1] is not None else None for f in header["fragments"]]
+            shards, fields, groups = (list(map(str, header[k])) for k in ("shards", "fields", "groups"))
+        except (KeyError, TypeError, IndexError):
+            return
+        n = len(cols["key"])
+        ranges = {"shard": len(shards), "field": len(fields), "group": len(groups), "frag": len(names)}
+        # "" stands for a null in the name lists (no row that passed the grammar uses it).
+        if (len(set(names)) != len(names) or not all(is_key(x) or x == "" for x in shards)
+                or not all(_plain_name(x) or x == "" for x in fields) or not all(map(_plain_name, names))
+                or any(n and (cols[c].min() < 0 or cols[c].max() >= size) for c, size in ranges.items())):
+            return
+        if any(sig is not None and name in frags and frags[name] != sig for name, sig in zip(names, sigs)):
+            return  # a listed fragment is not the one the file read: trust the store
+        self.fragments, self._frag_code = names, {x: i for i, x in enumerate(names)}
+        self._live = {i for i, sig in enumerate(sigs) if sig is not None}
+        self.shards, self._shard_code = shards, {x: i for i, x in enumerate(shards)}
+        self.field_names, self._field_code = fields, {x: i for i, x in enumerate(fields)}
+        self.group_names, self._group_code = groups, {x: i for i, x in enumerate(groups)}
+        if n:
+            segment = _Segment({**cols, "bad": np.zeros(n, bool)})
+            if not segment.presorted:
+                return self._forget()  # not in key order: not a file this code wrote
+            self.segments = [segment]
+        self.from_cache = len(self._live)
+        self._saved = {x for x, sig in zip(names, sigs) if sig is not None}
+        self._saved_rows = n
+
+    def _forget(self) -> None:
+        fresh = StageIndex(self.log, self.directory, self.cache)
+        fresh.retry_delays = self.retry_delays
+        self.__dict__.update(fresh.__dict__)
+
+    def _save_if_behind(self) -> None:
+        """Write the cache file when it lacks enough of what is now known: any change when
+        there is no file; else a compaction, a quarter more rows, or COMPACT-many fragments."""
+        live = set(self._signature)
+        saved = self._saved
+        if live == (saved or set()):
+            return
+        if saved is not None and saved <= live:  # only additions
+            grown = self.row_count - self._saved_rows
+            if grown * CACHE_GROWTH < self._saved_rows and len(live - saved) < CACHE_FRAGMENTS:
+                return
+        if len(self.segments) == 1:  # the usual case: its sort order is already known
+            cols, order = self.segments[0].cols, self.segments[0].order
+        else:
+            cols = _concat(self.segments)
+            order = np.argsort(top64(cols["key"]), kind="stable")
+        codes = self._live
+        fragments = [[n, list(self._signature[n]) if self._frag_code[n] in codes and n in self._signature
+                      else None] for n in self.fragments]
+        path, url, stage = self.cache
+        header = {"store": url, "stage": stage, "fragments": fragments, "shards": self.shards,
+                  "fields": self.field_names, "groups": self.group_names}
+        index_cache.save(path, header, cols, order)
+        self._saved, self._saved_rows = live, len(order)
 
     def _refuse(self, name: str, why: str, signature) -> None:
         if self.unreadable.get(name) != why:
@@ -795,14 +902,29 @@ def _decode(names: list[str], codes: np.ndarray) -> pa.Array:
 _VANISHED = "vanished"
 
 
-def _load(fs, directory: str, name: str) -> tuple[pa.Table | None, str | None]:
-    """(table, None), (None, why it is unusable), or (None, _VANISHED) if it was deleted."""
-    try:
-        data = fs.cat_file(posixpath.join(directory, name))
-    except FileNotFoundError:
-        return None, _VANISHED
-    except OSError as e:
-        return None, f"{type(e).__name__}: {e}"
+def _load(fs, directory: str, delays: tuple[float, ...], log: logging.Logger,
+          name: str) -> tuple[pa.Table | None, str | None]:
+    """(table, None), (None, why the bytes are unusable), or (None, _VANISHED) if it was deleted.
+
+    An I/O error is not damage: it is retried after each of `delays`, then raised as a
+    StoreError naming the fragment (its items must not silently count as missing).
+    """
+    path = posixpath.join(directory, name)
+    for delay in (*delays, None):
+        try:
+            data = fs.cat_file(path)
+            break
+        except FileNotFoundError:
+            return None, _VANISHED
+        except OSError as e:
+            if delay is None:
+                raise StoreError(
+                    f"could not read index fragment {path}: {type(e).__name__}: {e} ({len(delays) + 1} attempts)",
+                    "the store's disk or network is failing; nothing was refused or marked bad, so "
+                    "run the command again once the store is reachable",
+                ) from e
+            log.warning("reading index fragment %s failed (%s); retrying in %.1f s", path, e, delay)
+            time.sleep(delay)
     return _parse(data, () if name.startswith(BAD_PREFIX) else CODED)
 
 

@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterable, Iterator
 import fsspec
 import xxhash
 
+from . import index_cache
 from .codec import decode_json, encode_json
 import numpy as np
 import pyarrow as pa
@@ -188,23 +189,36 @@ class Store:
         fragments not read before (fragments are immutable, so each is read once)."""
         self._stale |= set(self._indexes) if stage is None else {stage}
 
-    def _index(self, stage: str) -> StageIndex:
+    def _index(self, stage: str, cached: bool = True) -> StageIndex:
+        """cached: may start from the local index cache (index_cache.py); verify, gc and
+        compact read every fragment from the store instead."""
         check_stage(stage)
         index = self._indexes.get(stage)
         if index is None:
-            index = StageIndex(log, self._path("index", stage))
+            index = self._new_index(stage, cached)
+            index.retry_delays = self.read_retry_delays
             index.update(self.fs)
             self._indexes[stage] = index
             self._stale.discard(stage)
         elif stage in self._stale:
             self._stale.discard(stage)
+            index.retry_delays = self.read_retry_delays
             index.update(self.fs)
+        return index
+
+    def _new_index(self, stage: str, cached: bool = True) -> StageIndex:
+        cache_file = index_cache.path_for(self.fs, self.url, stage)
+        index = StageIndex(log, self._path("index", stage),
+                           (cache_file, self.url, stage) if cache_file else None)
+        if not cached:
+            index._saved = set()  # read everything from the store, and then refresh the file
+            index.cache_seed = False
         return index
 
     def _fresh_index(self, stage: str) -> StageIndex:
         """Every fragment read again from the store: for verify, gc and compact."""
         self._indexes.pop(stage, None)
-        return self._index(stage)
+        return self._index(stage, cached=False)
 
     def present(self, stage: str) -> set[str]:
         """Item keys of a stage with at least one location not known to be bad."""
@@ -641,7 +655,7 @@ class Store:
             except FileNotFoundError:
                 pass  # a concurrent compact removed it
         # The new view: the merged fragment as written; the next lookup lists once for the rest.
-        fresh = StageIndex(log, self._path("index", st))
+        fresh = self._new_index(st, cached=False)
         if merged is not None:
             fresh.add_written(merged, table)
         self._indexes[st] = fresh
