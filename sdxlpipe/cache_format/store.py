@@ -232,8 +232,8 @@ class Store:
         """The keys that are not present, in their order, each once."""
         keys = keys if isinstance(keys, list) else list(keys)
         present = self._index(stage).present_mask(keys_array(keys))
-        # Deduplicate only what is missing: usually few, where a dict of a million keys is not.
-        return list(dict.fromkeys(k for k, here in zip(keys, present.tolist()) if not here))
+        # A Python object only per missing key, and deduplicate only those: usually few.
+        return list(dict.fromkeys([keys[i] for i in np.flatnonzero(~present).tolist()]))
 
     def damaged(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that were written but whose every copy is known bad (checksum, truncation, lost shard)."""
@@ -640,11 +640,8 @@ class Store:
                   "rows_before": rows_before, "rows_after": rows_before}
         if len(index.live_fragments) <= 1 and not index.bad_fragments:
             return result
-        table = index.table(good_only=True)
         # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
-        table = table.group_by(table.column_names, use_threads=False).aggregate([])
-        table = table.sort_by([("shard_id", "ascending"), ("offset", "ascending"),
-                               ("item_key", "ascending"), ("field", "ascending")])
+        table = index.compacted_table()
         merged = None
         if table.num_rows:
             merged = f"compact-{secrets.token_hex(8)}.parquet"
