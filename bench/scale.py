@@ -7,7 +7,10 @@ index: makes stores of real index fragments (1,000 of them; keys, shard ids
 and checksums are real xxh3 hex, the shards they point at are not written)
 and measures, each store loaded in a fresh process:
   load       time and peak RSS (growth over the process after imports) of the
-             first lookup, which lists and reads every fragment
+             first lookup: without the local index cache (every fragment
+             parsed), with an empty cache (parsed, then the cache written), a
+             rerun (the cache covers every fragment), and a rerun after
+             another writer added 10 fragments (only those parsed)
   missing    store.missing() for 10k keys (half present) against the store
   plan       a vae_encode over every row planned the way the stage does it:
              one missing() over all keys, then per chunk of 906 keys (SDXL
@@ -43,8 +46,9 @@ FIELD = "latent.safetensors"
 CHUNK = 906  # SDXL 1024^2: mean+std fp16 (+mask) per item, 256 MiB shards -> 906 items
 
 
-def make_index_store(root: Path, rows: int, fragments: int) -> None:
-    """A store whose index holds `rows` rows in `fragments` fragments, written to the spec."""
+def make_index_store(root: Path, rows: int, fragments: int, seed: int = 0) -> None:
+    """A store whose index holds `rows` rows in `fragments` fragments, written to the spec
+    (into an existing store: more fragments, from another seed)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -53,8 +57,8 @@ def make_index_store(root: Path, rows: int, fragments: int) -> None:
 
     open_store(str(root))
     directory = root / "index" / STAGE
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     per = -(-rows // fragments)
     for f in range(fragments):
         n = min(per, rows - f * per)
@@ -98,13 +102,16 @@ def child_index(root: str, plan_missing: float | None) -> dict:
     store.missing(STAGE, [])  # the first lookup lists and reads every fragment
     load, load_cpu = time.perf_counter() - t, _cpu() - cpu
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times = []
+    index = store._index(STAGE)
+    times, cpus = [], []
     for _ in range(5):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         absent = store.missing(STAGE, probe)
         times.append(time.perf_counter() - t)
+        cpus.append(_cpu() - c)
     out = {"rows": len(keys), "load_s": load, "load_cpu_s": load_cpu, "load_peak_mb": peak, "missing10k_s": min(times),
-           "missing10k_found": len(absent)}
+           "missing10k_cpu_s": min(cpus), "missing10k_found": len(absent), "parsed": index.reads,
+           "from_cache": index.from_cache}
     if plan_missing is not None:
         out.update(plan(store, keys, plan_missing, rng))
     return out
@@ -145,8 +152,9 @@ def plan(store, keys: list[str], share: float, rng) -> dict:
             "write_s": writing, "todo": len(todo)}
 
 
-def run_child(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_child(args: list[str], cache: Path | None = None) -> dict:
+    """cache: the index cache directory the child uses (SDXLPIPE_INDEX_CACHE)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDXLPIPE_INDEX_CACHE": str(cache) if cache else "off"}
     out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -154,21 +162,30 @@ def run_child(args: list[str]) -> dict:
 def bench_index(rows_list: list[int], fragments: int) -> None:
     print(f"# index: {fragments} fragments; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
+
+    def show(what: str, r: dict) -> None:
+        print(f"  {what}: load {r['load_s']:.2f} s wall, {r['load_cpu_s']:.2f} s CPU (target <= 2 s), "
+              f"peak +{r['load_peak_mb']:.0f} MB (target <= 300); {r['parsed']} fragments parsed, "
+              f"{r['from_cache']} from the index cache; missing(10k) {r['missing10k_s'] * 1000:.1f} ms wall, "
+              f"{r['missing10k_cpu_s'] * 1000:.1f} ms CPU (target <= 50), found {r['missing10k_found']} absent")
+
     for rows in rows_list:
         with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "store"
+            root, cache = Path(tmp) / "store", Path(tmp) / "index-cache"
             t = time.perf_counter()
             make_index_store(root, rows, fragments)
             print(f"rows {rows:>9,}: store made in {time.perf_counter() - t:.1f} s")
-            r = run_child(["--child-index", str(root)])
-            print(f"  load {r['load_s']:.2f} s wall, {r['load_cpu_s']:.2f} s CPU (target <= 2 s), peak +{r['load_peak_mb']:.0f} MB (target <= 300); "
-                  f"missing(10k) {r['missing10k_s'] * 1000:.1f} ms (target <= 50), found {r['missing10k_found']} absent")
+            show("no index cache (every fragment parsed)", run_child(["--child-index", str(root)]))
+            show("first run, cache empty (parses, then writes the cache)", run_child(["--child-index", str(root)], cache))
+            show("rerun (cache covers every fragment)", run_child(["--child-index", str(root)], cache))
+            make_index_store(root, rows // fragments * 10, 10, seed=1)
+            show("rerun after another writer added 10 fragments", run_child(["--child-index", str(root)], cache))
             if rows >= 1_000_000:
                 for share in (0.0, 0.01):
-                    p = run_child(["--child-index", str(root), "--plan", str(share)])
+                    p = run_child(["--child-index", str(root), "--plan", str(share)], cache)
                     print(f"  plan {share:.0%} missing: {p['plan_total_s']:.1f} s wall, {p['plan_cpu_s']:.1f} s CPU "
                           f"(target <= 60) = first missing() "
-                          f"{p['plan_first_s']:.2f} s + {p['chunks']} chunks' refresh+missing "
+                          f"{p['plan_first_s']:.2f} s + {p['chunks']} chunks' refresh+missing+housekeeping "
                           f"{p['plan_between_s']:.1f} s; {p['commits']} shards committed in {p['write_s']:.1f} s "
                           f"(not planning); {p['todo']} to compute")
 
