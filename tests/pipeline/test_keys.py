@@ -55,5 +55,6 @@ def test_keys_from_columns_are_the_per_row_keys_bit_for_bit():
     assert text_encode.keys_of(texts[:2] + texts[6:7], tparams, fp) == expected[:2] + expected[6:7]  # no escapes
 
     odd = [True, 1, 1.5, None, [1, "x"], {"b": 1, "a": 2}, "plain"]  # bool is not 1, floats, nesting
-    assert item_keys({"k": "%"}, {"v": odd, "w": (list(range(7)), odd)}) == \
-        [item_key({"k": "%", "v": v, "w": [i, v]}) for i, v in enumerate(odd)]
+    flags = [i % 2 == 0 for i in range(7)]  # all bools: JSON true/false, not %d's 1/0
+    assert item_keys({"k": "%"}, {"v": odd, "w": (list(range(7)), odd), "b": flags}) == \
+        [item_key({"k": "%", "v": v, "w": [i, v], "b": b}) for i, (v, b) in enumerate(zip(odd, flags))]
