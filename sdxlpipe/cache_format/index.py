@@ -337,10 +337,15 @@ def _check_markers(table: pa.Table) -> tuple[list | None, str | None]:
 class _Segment:
     """Rows of some fragments: numpy columns, plus an order sorted by the key's top 64 bits."""
 
-    def __init__(self, cols: dict[str, np.ndarray]):
+    def __init__(self, cols: dict[str, np.ndarray], order: np.ndarray | None = None):
+        """order: the rows' stable order by key, when known (a filtered segment's)."""
         self.cols = cols  # key, shard, field, offset, length, xxh3, group, frag (codes), bad (bool)
         self.n = len(cols["key"])
         self.hi = top64(cols["key"])
+        self._good: dict = {}
+        if order is not None:
+            self.presorted, self.order, self.hi_sorted = False, order, self.hi[order]
+            return
         self.presorted = bool(self.n) and bool((self.hi[1:] >= self.hi[:-1]).all())
         if self.presorted:  # already in key order (the index cache writes rows so): no sort
             self.order, self.hi_sorted = np.arange(self.n), self.hi
@@ -435,6 +440,7 @@ class StageIndex:
         self._signature: dict[str, tuple] = {}  # live fragment -> its listing signature
         self._saved: set[str] | None = None  # fragments the cache file covers (None: no usable file)
         self._saved_rows = 0
+        self._saved_counts: dict[str, int] = {}  # rows per fragment in the cache file
         self.fragments: list[str] = []  # loaded fragment names; a row's `frag` code indexes it
         self._frag_code: dict[str, int] = {}
         self._live: set[int] = set()  # codes of fragments still listed
@@ -577,6 +583,8 @@ class StageIndex:
         self.from_cache = len(self._live)
         self._saved = {x for x, sig in zip(names, sigs) if sig is not None}
         self._saved_rows = n
+        counts = np.bincount(cols["frag"], minlength=len(names))
+        self._saved_counts = {x: int(counts[i]) for i, x in enumerate(names)}
 
     def _forget(self) -> None:
         fresh = StageIndex(self.log, self.directory, self.cache)
@@ -584,29 +592,38 @@ class StageIndex:
         self.__dict__.update(fresh.__dict__)
 
     def _save_if_behind(self) -> None:
-        """Write the cache file when it lacks enough of what is now known: any change when
-        there is no file; else a compaction, a quarter more rows, or COMPACT-many fragments."""
+        """Write the cache file when it lacks enough of what is now known: always when there
+        is no file; else once the rows it lacks or holds in vanished fragments reach a quarter
+        of its rows, or it lacks CACHE_FRAGMENTS fragments."""
         live = set(self._signature)
         saved = self._saved
         if live == (saved or set()):
             return
-        if saved is not None and saved <= live:  # only additions
-            grown = self.row_count - self._saved_rows
-            if grown * CACHE_GROWTH < self._saved_rows and len(live - saved) < CACHE_FRAGMENTS:
+        rows = self.fragment_rows()
+        if saved is not None:
+            changed = sum(rows.get(n, 0) for n in live - saved) + sum(self._saved_counts.get(n, 0)
+                                                                      for n in saved - live)
+            if changed * CACHE_GROWTH < self._saved_rows and len(live - saved) < CACHE_FRAGMENTS:
                 return
-        if len(self.segments) == 1:  # the usual case: its sort order is already known
-            cols, order = self.segments[0].cols, self.segments[0].order
-        else:
-            cols = _concat(self.segments)
-            order = np.argsort(top64(cols["key"]), kind="stable")
+        segments = self.segments
+        # Each segment's rows in key order, then one stable argsort: timsort merges the sorted
+        # runs in linear time, and a key's rows stay in fragment order.
+        hi = np.concatenate([s.hi_sorted for s in segments] or [np.zeros(0, np.uint64)])
+        order = np.argsort(hi, kind="stable") if len(segments) > 1 else np.arange(len(hi))
+
+        def column(name: str) -> np.ndarray:
+            if len(segments) == 1:
+                return segments[0].cols[name][segments[0].order]
+            return np.concatenate([s.cols[name][s.order] for s in segments])[order]
+
         codes = self._live
         fragments = [[n, list(self._signature[n]) if self._frag_code[n] in codes and n in self._signature
                       else None] for n in self.fragments]
         path, url, stage = self.cache
         header = {"store": url, "stage": stage, "fragments": fragments, "shards": self.shards,
                   "fields": self.field_names, "groups": self.group_names}
-        index_cache.save(path, header, cols, order)
-        self._saved, self._saved_rows = live, len(order)
+        index_cache.save(path, header, column, len(hi))
+        self._saved, self._saved_rows, self._saved_counts = live, len(hi), rows
 
     def _refuse(self, name: str, why: str, signature) -> None:
         if self.unreadable.get(name) != why:
@@ -709,15 +726,32 @@ class StageIndex:
                 self.segments = self.segments[:first + 1] + [_Segment(_concat(self.segments[first + 1:]))]
 
     def _rebuild(self, extra: list[dict]) -> None:
-        """One segment of every live row (dropping vanished fragments' rows) plus `extra`."""
-        cols = _concat(self.segments)
-        keep = np.isin(cols["frag"], np.fromiter(self._live, np.int32, len(self._live)))
-        parts = [{c: v[keep] for c, v in cols.items()}] + extra
-        self.segments = []
-        parts = [p for p in parts if len(p["key"])]
-        if parts:
-            self.segments = [_Segment({c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS})]
+        """Drop vanished fragments' rows, then add `extra` as a segment.
+
+        Segment by segment, without sorting again: a segment without vanished rows stays as
+        it is, and filtering keeps the rest in key order (a compaction of the small fragments
+        beside a big one must not re-sort the big one's million rows).
+        """
+        live = np.fromiter(self._live, np.int32, len(self._live))
+        segments = []
+        for seg in self.segments:
+            keep = np.isin(seg.cols["frag"], live)
+            if keep.all():
+                segments.append(seg)
+            elif keep.any():
+                new_row = np.cumsum(keep) - 1
+                order = new_row[seg.order[keep[seg.order]]]
+                segments.append(_Segment({c: v[keep] for c, v in seg.cols.items()}, order))
+        self.segments = segments
         self._present_count = None
+        if extra:
+            self._add_segment(extra)
+
+    def fragment_rows(self) -> dict[str, int]:
+        """Rows per live fragment."""
+        codes = np.concatenate([s.cols["frag"] for s in self.segments] or [np.zeros(0, np.int32)])
+        counts = np.bincount(codes, minlength=len(self.fragments))
+        return {n: int(counts[self._frag_code[n]]) for n in self.live_fragments}
 
     def _apply_markers(self, markers: list[tuple[str, str, str]]) -> None:
         """Set `bad` on the rows these markers name: one batched searchsorted per segment."""
@@ -862,27 +896,34 @@ class StageIndex:
         """Every row as a Location: for maintenance commands and tests, not for lookups."""
         return [self.location(n, r) for n, s in enumerate(self.segments) for r in range(s.n)]
 
-    def compacted_table(self) -> pa.Table:
+    def compacted_table(self, leave: str | None = None) -> pa.Table:
         """The good rows, each distinct row once, in (shard_id, offset, item_key, field) order:
-        what `compact` writes. Sorted and deduplicated in numpy (pyarrow's group_by took ~6 s
-        for a million rows)."""
+        what `compact` writes (leave: a fragment whose rows stay out). Sorted and deduplicated
+        in numpy (pyarrow's group_by took ~5 s CPU for a million rows)."""
         cols = _concat(self.segments)
-        cols = {c: v[~cols["bad"]] for c, v in cols.items()}
+        take = ~cols["bad"]
+        if leave is not None:
+            take &= cols["frag"] != self._frag_code[leave]
+        cols = {c: v[take] for c, v in cols.items()}
         rank = {}
         for name, names in (("shard", self.shards), ("field", self.field_names), ("group", self.group_names)):
             order = np.argsort(np.array(names or [""], dtype=object), kind="stable")
             rank[name] = np.empty(len(order), np.int64)
             rank[name][order] = np.arange(len(order))
             rank[name] = rank[name][cols[name]]
-        # Every column takes part, so equal rows end up next to each other; lexsort's last key leads.
-        sort_keys = [rank["group"], top64(cols["xxh3"], low=True), top64(cols["xxh3"]), cols["length"],
-                     rank["field"], top64(cols["key"], low=True), top64(cols["key"]), cols["offset"], rank["shard"]]
-        order = np.lexsort(sort_keys)
-        ordered = [k[order] for k in sort_keys]
-        keep = np.ones(len(order), bool)
-        if len(order):
-            keep[1:] = np.any([k[1:] != k[:-1] for k in ordered], axis=0)
-        rows = order[keep]
+        # Rows are nearly always unique by (shard, offset): sort by those two; only when some
+        # share them (the same shard indexed twice) does every column take part, so that equal
+        # rows end up next to each other. lexsort's last key leads.
+        rows = np.lexsort([cols["offset"], rank["shard"]])
+        tied = (rank["shard"][rows][1:] == rank["shard"][rows][:-1]) & (cols["offset"][rows][1:] == cols["offset"][rows][:-1])
+        if tied.any():
+            sort_keys = [rank["group"], top64(cols["xxh3"], low=True), top64(cols["xxh3"]), cols["length"],
+                         rank["field"], top64(cols["key"], low=True), top64(cols["key"]), cols["offset"],
+                         rank["shard"]]
+            order = np.lexsort(sort_keys)
+            keep = np.ones(len(order), bool)
+            keep[1:] = np.any([k[order][1:] != k[order][:-1] for k in sort_keys], axis=0)
+            rows = order[keep]
         return pa.table({
             "item_key": _strings(cols["key"][rows]),
             "field": _decode(self.field_names, cols["field"][rows]),

@@ -73,13 +73,10 @@ def path_for(fs, store_url: str, stage: str) -> str | None:
     return os.path.join(where, digest, f"{stage}.idx")
 
 
-def save(path: str, header: dict, cols: dict[str, np.ndarray], order: np.ndarray) -> None:
-    """Write `cols` in the row order `order` (their key order) and the header; best effort: a
-    cache that cannot be written (read-only home, full disk) only means the next load parses.
-
-    Columns are gathered and written one at a time, so the peak is one column's copy.
-    """
-    n = len(order)
+def save(path: str, header: dict, column, n: int) -> None:
+    """Write the header and `n` rows: column(name) gives one column in key order, asked for
+    one at a time, so the peak is one column's copy. Best effort: a cache that cannot be
+    written (read-only home, full disk) only means the next load parses."""
     layout, offset = {}, 0
     for name, dtype in COLUMNS:
         layout[name] = [np.dtype(dtype).str, offset]
@@ -97,7 +94,7 @@ def save(path: str, header: dict, cols: dict[str, np.ndarray], order: np.ndarray
         with os.fdopen(fd, "wb") as f:
             f.write(prefix)
             for name, dtype in COLUMNS:
-                arr = np.ascontiguousarray(cols[name][order], dtype=dtype)
+                arr = np.ascontiguousarray(column(name), dtype=dtype)
                 for chunk in (memoryview(arr).cast("B"), bytes(_aligned(arr.nbytes) - arr.nbytes)):
                     digest.update(chunk)
                     f.write(chunk)

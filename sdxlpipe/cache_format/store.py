@@ -631,17 +631,28 @@ class Store:
             return None
         log.info("store %s: stage %s holds %d index fragments and %d bad-marker files; compacting",
                  self.url, stage, len(index.live_fragments), len(index.bad_fragments))
-        return self._compact(stage, index)
+        # Without bad markers, a fragment holding most rows (the last compaction's) is left as
+        # it is and the small ones beside it are merged: an encode then rewrites its million
+        # rows once, not every 256 chunks. Markers name fragments, so with any, merge all.
+        leave = None
+        if not index.bad_fragments:
+            rows = index.fragment_rows()
+            biggest = max(rows, key=rows.get) if rows else None
+            if biggest is not None and rows[biggest] * 2 > index.row_count:
+                leave = biggest
+        return self._compact(stage, index, leave)
 
-    def _compact(self, st: str, index: StageIndex) -> dict:
-        old = index.live_fragments + list(index.bad_fragments)
+    def _compact(self, st: str, index: StageIndex, leave: str | None = None) -> dict:
+        """leave: a fragment that stays as it is (housekeeping's; there are no bad markers)."""
+        old = [n for n in index.live_fragments if n != leave] + list(index.bad_fragments)
         rows_before = index.row_count
-        result = {"fragments_before": len(old), "fragments_after": len(old),
+        result = {"fragments_before": len(index.live_fragments) + len(index.bad_fragments),
+                  "fragments_after": len(index.live_fragments) + len(index.bad_fragments),
                   "rows_before": rows_before, "rows_after": rows_before}
-        if len(index.live_fragments) <= 1 and not index.bad_fragments:
+        if len(old) <= 1 and not index.bad_fragments:
             return result
         # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
-        table = index.compacted_table()
+        table = index.compacted_table(leave)
         merged = None
         if table.num_rows:
             merged = f"compact-{secrets.token_hex(8)}.parquet"
@@ -651,14 +662,21 @@ class Store:
                 self.fs.rm(self._path("index", st, name))
             except FileNotFoundError:
                 pass  # a concurrent compact removed it
-        # The new view: the merged fragment as written; the next lookup lists once for the rest.
-        fresh = self._new_index(st, cached=False)
-        if merged is not None:
-            fresh.add_written(merged, table)
-        self._indexes[st] = fresh
+        kept = index.fragment_rows().get(leave, 0) if leave else 0
+        if leave is not None:
+            # The view keeps its rows; the next lookup lists once, dropping the merged names' rows.
+            if merged is not None:
+                index.add_written(merged, table)
+        else:
+            # The new view: the merged fragment as written; the next lookup lists once for the rest.
+            fresh = self._new_index(st, cached=False)
+            if merged is not None:
+                fresh.add_written(merged, table)
+            self._indexes[st] = fresh
         self._stale.add(st)
         self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped)
-        result.update(fragments_after=1 if table.num_rows else 0, rows_after=table.num_rows)
+        result.update(fragments_after=(1 if table.num_rows else 0) + (1 if leave else 0),
+                      rows_after=table.num_rows + kept)
         return result
 
     def _group_bytes(self, stage: str) -> dict[str, int]:
