@@ -17,6 +17,8 @@ and measures, each store loaded in a fresh process:
              1024^2 latents fill a 256 MiB shard with 906) one refresh and one
              missing(); with 0% missing, and with 1% missing where each chunk
              with work commits one real shard (that write time reported apart)
+keys: vae_encode's item keys of --key-rows rows computed from the table's
+  columns (as the stage does), against the per-row reference in the same process
 noop: a real folder of small images, `sdxlpipe run all` once to fill the store
   (tiny model, 64 px, 1 training step), then the no-op `run all`, `status` and
   `sdxlpipe --help` in fresh processes (bytecode cached, one warm-up), best of 3 each
@@ -190,6 +192,42 @@ def bench_index(rows_list: list[int], fragments: int) -> None:
                           f"(not planning); {p['todo']} to compute")
 
 
+# -- item keys ---------------------------------------------------------------------------
+
+
+def bench_keys(rows: int, reference: bool) -> None:
+    """vae_encode's keys of `rows` rows from the table's columns (the stage's way), and with
+    `reference` the per-row way it replaced (a dict and a json.dumps per row), in one process."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sdxlpipe.pipeline.keys import item_key
+    from sdxlpipe.stages import vae_encode
+
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 2**63, (rows, 2))
+    table = pa.table({
+        "content_hash": [f"{a:016x}{b:016x}" for a, b in halves.tolist()],
+        **{c: rng.integers(0, 2048, rows) for c in ("resize_w", "resize_h", "crop_top", "crop_left",
+                                                     "bucket_w", "bucket_h")},
+    })
+    del halves
+    params = vae_encode.Params()
+    print(f"# keys: {rows:,} rows; load average {os.getloadavg()[0]:.1f}")
+    t, c = time.perf_counter(), _cpu()
+    fast = vae_encode.keys_of(table, params, "vae:bench")
+    fast_cpu = _cpu() - c
+    print(f"  from columns (item_keys): {time.perf_counter() - t:.1f} s wall, {fast_cpu:.1f} s CPU "
+          f"= {fast_cpu / rows * 1e6:.2f} us a row")
+    if reference:
+        t, c = time.perf_counter(), _cpu()
+        slow = [item_key(vae_encode.key_doc(r, params, "vae:bench")) for r in table.to_pylist()]
+        slow_cpu = _cpu() - c
+        print(f"  per row (to_pylist + key_doc + item_key): {time.perf_counter() - t:.1f} s wall, "
+              f"{slow_cpu:.1f} s CPU = {slow_cpu / rows * 1e6:.2f} us a row; "
+              f"ratio {slow_cpu / fast_cpu:.1f}x; identical: {slow == fast}")
+
+
 # -- no-op run all -----------------------------------------------------------------------
 
 
@@ -279,7 +317,10 @@ def main() -> None:
         print(json.dumps(child_index(sys.argv[2], share)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["index", "noop", "all"])
+    ap.add_argument("part", choices=["index", "keys", "noop", "all"])
+    ap.add_argument("--key-rows", type=int, default=1_000_000, help="keys: rows of the table")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="keys: skip the per-row reference (needs ~1 GB per million rows)")
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--fragments", type=int, default=1000)
     ap.add_argument("--images", type=int, default=2000)
@@ -287,6 +328,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.part in ("index", "all"):
         bench_index(a.rows, a.fragments)
+    if a.part in ("keys", "all"):
+        bench_keys(a.key_rows, not a.no_reference)
     if a.part in ("noop", "all"):
         bench_noop(a.images, a.workdir)
 
