@@ -39,7 +39,7 @@ ENV = "SDXLPIPE_INDEX_CACHE"
 OFF = {"off", "0", "no", "false", "none"}
 # Filesystems whose stores live in this process only: a file on disk would describe another store.
 PROCESS_LOCAL = {"memory"}
-ALIGN = 64
+ALIGN = 64  # column offsets in the file: numpy views of any dtype start aligned (cache lines too)
 DIGEST = 16  # bytes of the xxh3-128 of the body that ends the file
 # (column, dtype): what a StageIndex segment holds, minus `bad` (markers are always read).
 COLUMNS = (("key", "S32"), ("xxh3", "S32"), ("offset", "<i8"), ("length", "<i8"),
