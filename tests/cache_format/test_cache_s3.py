@@ -74,3 +74,23 @@ def test_two_writers_on_s3_commit_and_a_refresh_sees_the_others_commit(s3_url, p
     root = s3_url[len("s3://"):]
     assert not fs.exists(f"{root}/tmp") or fs.ls(f"{root}/tmp") == []  # S3's PUT is atomic: no temp objects
     assert reader.verify("vae") == []
+
+
+def test_a_rerun_on_s3_fetches_only_the_fragments_its_index_cache_lacks(s3_url, payloads, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXLPIPE_INDEX_CACHE", str(tmp_path / "index-cache"))
+    keys = sorted(payloads)[:4]
+    for key in keys[:3]:  # three fragments
+        with open_store(s3_url).writer("vae") as w:
+            w.add(key, FIELD, payloads[key])
+    first = open_store(s3_url)
+    assert first.missing("vae", keys) == keys[3:] and first._index("vae").reads == 3
+
+    rerun = open_store(s3_url)
+    assert rerun.missing("vae", keys) == keys[3:]
+    assert (rerun._index("vae").reads, rerun._index("vae").from_cache) == (0, 3)  # nothing fetched
+
+    with open_store(s3_url).writer("vae") as w:  # another machine commits
+        w.add(keys[3], FIELD, payloads[keys[3]])
+    later = open_store(s3_url)
+    assert later.missing("vae", keys) == [] and later._index("vae").reads == 1
+    assert later.read("vae", keys[3], FIELD) == payloads[keys[3]]
