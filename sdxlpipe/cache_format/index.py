@@ -612,6 +612,8 @@ class StageIndex:
         order = np.argsort(hi, kind="stable") if len(segments) > 1 else np.arange(len(hi))
 
         def column(name: str) -> np.ndarray:
+            if not segments:  # fragments without rows
+                return np.zeros(0, dict(index_cache.COLUMNS)[name])
             if len(segments) == 1:
                 return segments[0].cols[name][segments[0].order]
             return np.concatenate([s.cols[name][s.order] for s in segments])[order]

@@ -97,6 +97,21 @@ def test_a_damaged_or_outdated_cache_file_is_rebuilt_from_the_store(tmp_path, pa
     assert index.from_cache == 0
 
 
+def test_a_stage_of_empty_fragments_is_cached_as_empty(tmp_path, monkeypatch, cache):
+    import pyarrow.parquet as pq
+
+    from sdxlpipe.cache_format.index import GROUPED_SCHEMA
+
+    root = tmp_path / "store"
+    open_store(str(root))
+    (root / "index" / "vae").mkdir(parents=True)
+    pq.write_table(GROUPED_SCHEMA.empty_table(), root / "index" / "vae" / "empty.parquet")
+    for _ in range(2):  # writes the cache, then reads it
+        truth, got, index = cached_and_not(root, ["a" * 32], monkeypatch, cache)
+        assert got == truth and truth[1] == ["a" * 32] + ABSENT
+    assert index.from_cache == 1
+
+
 class FlakyIndexFS(LocalFileSystem):
     """Index fragment reads fail with a connection reset, `failures` times."""
 
