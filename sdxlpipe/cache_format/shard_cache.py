@@ -68,6 +68,32 @@ class ShardCache:
     def local_path(self, shard_id: str) -> Path:
         return self.directory / f"{shard_id}.tar"
 
+    def peek(self, shard_id: str) -> Path | None:
+        """The local copy of a shard if it is cached (and now the most recently used), else None; never fetches."""
+        path = self.local_path(shard_id)
+        return path if _touch(path) else None
+
+    def read_range(self, stage: str, shard_id: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the remote shard, for reads of a shard that is not cached yet.
+
+        Raises FileNotFoundError when the shard is gone, StoreError when it cannot be read after retries.
+        """
+        fs = self._remote()
+        remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                return fs.cat_file(remote, start=start, end=end)
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                    raise StoreError(
+                        f"could not read {remote} from {self.url} after {DOWNLOAD_ATTEMPTS} tries: {e}",
+                        "check the network and credentials, then run the same command again: "
+                        "training resumes from its last checkpoint") from e
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
+
     def get(self, stage: str, shard_id: str, keep: frozenset[str] = frozenset()) -> Path | None:
         """The local path of a verified copy of the shard, downloading it if needed.
 

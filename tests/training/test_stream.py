@@ -27,7 +27,7 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import assemble, load_cached, pick
+from sdxlpipe.training.batches import as_float, assemble, load_cached, pick
 from sdxlpipe.training.data import BatchPlan
 from tests.training.conftest import build_samples, make_context, params, run_train
 
@@ -44,7 +44,10 @@ def plan_of(table, p) -> BatchPlan:
 
 
 def assert_same_batch(got: dict, want: dict) -> None:
+    """`got`, a streamed batch, arrives in the stored dtype; the loop computes in fp32 (`as_float`)."""
     assert set(got) - {"index"} == set(want)
+    assert got["mean"].dtype == torch.float16  # the stored dtype: half the bytes to copy
+    got = as_float(got)
     for name, value in want.items():
         if isinstance(value, torch.Tensor):
             assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
