@@ -211,6 +211,25 @@ def test_a_memory_store_trains_through_a_cache_smaller_than_the_dataset(tmp_path
         fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
 
 
+def test_a_batch_of_a_remote_store_is_read_by_ranges_before_its_shards_are_cached(tmp_path):
+    """The first batch does not wait for whole shards: items of uncached shards are read by range."""
+    url = f"memory://sdxlpipe-ranges-{tmp_path.name}/store"
+    try:
+        ctx = make_context(tmp_path / "ws", store=url)
+        table = build_samples(ctx, **SAMPLES)
+        p = params(**RUN, shard_cache_dir=str(tmp_path / "cache"))
+        rows, plan = table.to_pylist(), plan_of(table, p)
+        latents, texts = load_cached(rows, ctx)
+        source = stream.open_source(table, ctx.store, p, plan)
+        for index in range(3):  # no feed, so nothing fetches whole shards
+            epoch, members = plan.batch_at(index)
+            want = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, False)
+            assert_same_batch(source.recover(source.read(index)), want)
+        assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.tar"))
+    finally:
+        fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
+
+
 @pytest.fixture
 def s3_endpoint(monkeypatch):
     """moto's S3 server on 127.0.0.1, in its own process; s3fs reaches it through AWS_ENDPOINT_URL."""
@@ -278,5 +297,6 @@ def test_the_shard_cache_is_shared_by_content_verified_on_arrival_and_kept_under
         cache_a.get("vae_encode", ids[1])  # used again: now ids[2] is the oldest
         cache_a.get("vae_encode", ids[3])
         assert sorted(p.stem for p in directory.glob("*.tar")) == sorted([ids[1], ids[3]])
+        assert [p.name for p in directory.iterdir() if p.suffix != ".tar"] == []  # no lock or temp files left
     finally:
         fs.rm(f"/sdxlpipe-cache-{tmp_path.name}", recursive=True)
