@@ -158,14 +158,19 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         ctx.log.info("train_text_encoder on %d processes: text-encoder gradients are averaged by all-reduce", world)
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
+        batch, damage = None, None
         try:
             # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
             batch = as_float(source.batch(index, fixed=True) if fixed else feed.take(index))
-        except CacheDamaged:
+        except CacheDamaged as e:
+            damage = e
+        if not fixed:  # every process reads the same fixed batches, so meets the same damage there
+            damage = stream.agree_on_damage(damage, device)  # one process's damage stops them all
+        if damage is not None:
             # Keep the steps done so far: once the item is recomputed the run resumes right here.
             if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
                 save(index // per_step)
-            raise
+            raise damage
         if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
             batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
         return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)

@@ -519,6 +519,30 @@ class Feed:
             self.source.cache.evict()
 
 
+def agree_on_damage(damage: CacheDamaged | None, device) -> CacheDamaged | None:
+    """With several processes: the first damage any of them met this batch, on every process; else None.
+
+    Called by every process at every micro-batch, so a damage stop on one process stops them all
+    with the same error instead of leaving the others waiting at the next collective. One small
+    all-reduce when nothing is damaged (the common case); the error itself only travels when one is.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return damage
+    flag = torch.tensor([0 if damage is None else 1], device=device)
+    dist.all_reduce(flag)
+    if not int(flag.item()):
+        return None
+    mine = None if damage is None else (damage.items, damage.what, damage.hint)
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    items, what, hint = next(f for f in found if f is not None)
+    error = CacheDamaged(items, what)
+    error.hint = hint
+    return error
+
+
 def open_source(table: pa.Table, store, p, plan, device="cpu") -> BatchSource:
     """Batches for a run on `device`: in pinned memory for a CUDA device, so they copy to it asynchronously."""
     return BatchSource(table, store, p, plan, shard_cache(store, p), pin_memory=torch.device(device).type == "cuda")
