@@ -7,7 +7,7 @@ each batch is read when it is due (`training.stream`; memory holds the table,
 the plan and a few batches, not the ~566 KiB per SDXL sample) -> the UNet
 with its network -> optimizer, LR schedule, EMA -> resume from the newest
 checkpoint -> for each step and each micro-batch: a batch from one bucket
-(read ahead by loader workers), a fresh latent
+(read ahead by reader threads), a fresh latent
 sample from the stored distribution, noise, timesteps, the loss of
 `training.losses` -> clip, step -> log, validate, checkpoint -> `done.json`.
 

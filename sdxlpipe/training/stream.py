@@ -2,25 +2,32 @@
 
 Recipe for batch i: the plan names its samples (`data.BatchPlan`), `batches.pick`
 makes their seeded choices and so names the store items it needs,
-`Store.locate` gives each item's (shard, offset, length, xxh3), the bytes are
-read from the shard file (a local store's own file, or a remote store's shard
-in the local `ShardCache`), checked against their xxh3, decoded with
-safetensors and assembled by `batches.assemble`: the same function of
-(seed, i) the in-memory path computed, so the tensors are equal.
+`Store.locate` gives each item's (shard, offset, length, xxh3) (for 16
+batches at a time: one lookup has a fixed cost), each item's safetensors
+header is read, then one preadv puts its tensors' bytes straight into their
+slots of the batch, and the xxh3 runs over exactly the bytes read. The
+micro-conditioning comes from `batches.conditioning`, the function the
+in-memory path (`batches.assemble`) uses, so the tensors are equal.
 
-`Feed` runs this in a `torch.utils.data.DataLoader` (worker processes, a
-bounded prefetch, pinned memory on CUDA; workers hand over the stored fp16,
-the training process makes it fp32) over the batch indices this process
-takes, in order; for a remote store a thread fetches the shards of the next
-batches ahead, in plan order, within the cache's byte limit. Memory holds the
+Batches are delivered in the stored dtype (fp16: half the bytes to copy, to
+pin and to send to a GPU); the loop makes them fp32 (`batches.as_float`).
+`Feed` reads ahead in `loader_workers` threads of the training process, at
+most workers x prefetch batches: preadv and the tensor copies release the GIL,
+and nothing crosses a process boundary (worker processes handed a 4.5 MB
+batch over shared memory at ~16 batches/s on a 2-core VM; decision 37). A
+remote store's shards come through the local `ShardCache`; a thread fetches
+the shards of the coming batches ahead, in plan order, within the cache's
+byte limit, and an item whose shard is not cached yet is read by a range
+request, so the first batch never waits for whole shards. Memory holds the
 table, the plan and a few batches, never the dataset.
 
-Damage (docs/decisions.md 31): a worker that finds an item failing its
-checksum, truncated, or in a vanished shard hands the batch back to the main
-process, which reads the item through `Store.read` (every copy is checked, bad
-ones are marked in the store). An intact copy is used; with none, the run
-stops with `CacheDamaged` naming the item, and the pipeline runner recomputes
-it (`sdxlpipe run encode`) and resumes training from the last checkpoint.
+Damage (docs/decisions.md 31): an item failing its checksum, truncated, or in
+a vanished shard makes the reader hand the batch back marked damaged; `take`
+reads the item through `Store.read` (every copy is checked, bad ones are
+marked in the store). An intact copy is used; with none, the run stops with
+`CacheDamaged` naming the item, and the pipeline runner recomputes it
+(`sdxlpipe run encode`) and resumes training from the last checkpoint. With
+several processes, `agree_on_damage` makes every process stop with that error.
 """
 
 from __future__ import annotations
