@@ -102,7 +102,7 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     ctx.store.refresh()
     victim = ctx.store.locate("text_encode", [key])[0]  # the copy read first
     plan = plan_of(table, p)
-    source = stream.open_source(table, ctx.store, p, plan)  # the workers' index still points at the first copy
+    source = stream.open_source(table, ctx.store, p, plan)  # batches are located ahead: at the first copy
     flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
     rows = table.to_pylist()
     with stream.open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
