@@ -143,35 +143,38 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     assert open_store(ctx.store.root).damaged("text_encode", [key]) == [key]
 
 
-# Two processes (gloo, like `accelerate launch` on CPU) each call agree_on_damage once per batch; rank 1
-# meets damage at batch 2.
-AGREE = """
-import sys
-import torch.distributed as dist
-from sdxlpipe.cache_format import CacheDamaged
-from sdxlpipe.training.stream import agree_on_damage
-rank, init = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-for index in range(3):
-    mine = CacheDamaged({"vae_encode": ["ab" * 16]}, "vae_encode item abab... (checksum mismatch)") if (rank, index) == (1, 2) else None
-    if mine is not None:
-        mine.hint = "sdxlpipe run encode"
-    got = agree_on_damage(mine, "cpu")
-    print(index, None if got is None else [got.what, got.items, got.hint], flush=True)
-dist.destroy_process_group()
-"""
+def _agree_in_process(rank: int, init: str, out: str) -> None:
+    """One of two processes (gloo, as `accelerate launch` on CPU): agree_on_damage once per batch; rank 1
+    meets damage at batch 2."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    lines = []
+    for index in range(3):
+        mine = None
+        if (rank, index) == (1, 2):
+            mine = CacheDamaged({"vae_encode": ["ab" * 16]}, "vae_encode item abab... (checksum mismatch)")
+            mine.hint = "sdxlpipe run encode"
+        got = stream.agree_on_damage(mine, "cpu")
+        lines.append(f"{index} " + ("None" if got is None else repr([got.what, got.items, got.hint])))
+    dist.destroy_process_group()
+    Path(out).write_text("\n".join(lines))
 
 
 def test_damage_met_by_one_process_stops_every_process_with_the_same_error(tmp_path):
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(rank), init], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outs = [proc.communicate(timeout=120) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
-    damaged = "['vae_encode item abab... (checksum mismatch)', {'vae_encode': ['" + "ab" * 16 + "']}, 'sdxlpipe run encode']"
-    for out, _ in outs:  # rank 0 met nothing itself, and stops with rank 1's error
-        assert out.splitlines() == ["0 None", "1 None", f"2 {damaged}"]
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")  # torch is imported already: forking costs no import
+    init, outs = f"file://{tmp_path / 'rendezvous'}", [tmp_path / f"rank{rank}.txt" for rank in (0, 1)]
+    procs = [fork.Process(target=_agree_in_process, args=(rank, init, str(outs[rank]))) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    damaged = repr(["vae_encode item abab... (checksum mismatch)", {"vae_encode": ["ab" * 16]}, "sdxlpipe run encode"])
+    for out in outs:  # rank 0 met nothing itself, and stops with rank 1's error
+        assert out.read_text().splitlines() == ["0 None", "1 None", f"2 {damaged}"]
 
 
 # --- whole runs: damage met mid-run, remote stores through the local shard cache ---------
