@@ -14,7 +14,7 @@ pin and to send to a GPU); the loop makes them fp32 (`batches.as_float`).
 `Feed` reads ahead in `loader_workers` threads of the training process, at
 most workers x prefetch batches: preadv and the tensor copies release the GIL,
 and nothing crosses a process boundary (worker processes handed a 4.5 MB
-batch over shared memory at ~16 batches/s on a 2-core VM; decision 38). A
+batch over shared memory at ~16 batches/s on a 2-core VM; decision 39). A
 remote store's shards come through the local `ShardCache`; a thread fetches
 the shards of the coming batches ahead, in plan order, within the cache's
 byte limit, and an item whose shard is not cached yet is read by a range
