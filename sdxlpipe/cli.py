@@ -171,7 +171,8 @@ def status(
     """What is up to date, what must be computed, and why. Loads no model.
 
     Exit code: 0 (with --check: 0 only when everything is up to date, 1 when
-    anything must be computed); 2 for a config mistake.
+    anything must be computed or a run would fail, e.g. train asked for fewer
+    steps than its finished run has); 2 for a config mistake.
     """
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.status import format_status, status as compute_status

@@ -89,7 +89,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if network == "full" and params.extract_rank:
         paths["extracted"] = out_dir / f"{params.name}-extracted.safetensors"
     record_path = out_dir / f"{params.name}.export.json"
-    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(formats),
+    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"),
+                    # The run's length: an extended run keeps its train key (docs/decisions.md 29) but not its weights.
+                    "steps": trained.get("steps"), "formats": sorted(formats),
                     "dtype": params.dtype, "name": params.name, "extract_rank": params.extract_rank})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
     if _up_to_date(record_path, key, paths.values()):

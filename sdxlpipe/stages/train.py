@@ -374,12 +374,19 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     done = checkpoints.read_done(run_dir)
     if done is not None and done["steps"] == steps:
         ctx.report(items=1, computed=0, reused=1)
-        ctx.outputs["train"].update(done["outputs"])
+        ctx.outputs["train"].update(done["outputs"], steps=done["steps"])
         return table
     if done is not None and done["steps"] > steps:
-        raise UserError(f"train: this run ({run_dir}) already trained to step {done['steps']}, past the {steps} asked for",
-                        f"set train.max_steps = {done['steps']} to use it (its weights are in {done['outputs']['weights']})"
-                        ", or train the shorter run in another workspace")
+        # The run's checkpoints are past the asked length (max_steps is not in the key): `run` refuses, and
+        # `status` says so in the train line (a run that cannot do what was asked), not as an error.
+        what = f"this run ({run_dir}) already trained to step {done['steps']}, past the {steps} asked for"
+        fix = (f"set train.max_steps = {done['steps']} to use it (its weights are in {done['outputs']['weights']})"
+               ", or train the shorter run in another workspace")
+        if ctx.dry_run:
+            ctx.report(items=1, computed=0, reused=0, failed=1,
+                       reasons=[f"trained to step {done['steps']}, past the {steps} asked for: `run` stops here; {fix}"])
+            return table
+        raise UserError(f"train: {what}", fix)
     latest = checkpoints.latest_step(run_dir)
     if done is not None:
         reason = f"extending from step {latest} to {steps}"
@@ -394,7 +401,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
     result = train(table, params, ctx, run_dir, steps)
-    ctx.outputs["train"].update(result["outputs"])
+    ctx.outputs["train"].update(result["outputs"], steps=result["steps"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table
 
