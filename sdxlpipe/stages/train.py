@@ -163,7 +163,9 @@ class Params:
     # SDXL-sized (over 1e9 parameters; without it a 1024 px SDXL step needs far more than a 24 GB card), off for
     # small models such as the tiny one.
     gradient_checkpointing: bool | None = None
-    # bf16 on recent GPUs and CPUs; fp16 (with a loss scaler) on older GPUs; no = fp32.
+    # bf16 on recent GPUs and CPUs; fp16 (with a dynamic loss scaler) on GPUs without bf16 (before Ampere);
+    # no = fp32. "no" is the default because it is exact on any device; on a GPU set bf16 (kohya users: their
+    # mixed_precision = "bf16" / "fp16" is this setting).
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # How the frozen weights (the UNet under a network, text encoders that do not train) are stored. auto: the
     # mixed_precision dtype (bf16/fp16; fp32 with "no"), half the memory of fp32 as kohya and diffusers do;
@@ -172,6 +174,10 @@ class Params:
     # Keep the trained weights, gradients and optimizer state in bf16 too (kohya's full_bf16; needs
     # mixed_precision = "bf16"): the way a full fine-tune fits 24 GB; fp32 otherwise, which is more exact.
     full_bf16: bool = False
+    # Keep the trained weights and gradients in fp16 (kohya's full_fp16; needs mixed_precision = "fp16"; the loss
+    # scaler skips steps whose gradients overflow). For GPUs without bf16; optimizer adafactor or adamw8bit, whose
+    # state stays fp32 (torch's AdamW state in fp16 underflows: its 1e-8 epsilon is 0 in fp16, so steps go NaN).
+    full_fp16: bool = False
     # Adafactor only: step each weight as soon as its gradient is ready and free the gradient (kohya's
     # fused_backward_pass), so a full fine-tune never holds all gradients at once. Clipping is then per tensor.
     fused_backward: bool = False
@@ -277,6 +283,14 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.use_dora", "DoRA reads the frozen weights directly, which fp8 storage does not support: use base_dtype = \"auto\""))
     if p.full_bf16 and p.mixed_precision != "bf16":
         problems.append(("train.full_bf16", "needs mixed_precision = \"bf16\""))
+    if p.full_fp16 and p.mixed_precision != "fp16":
+        problems.append(("train.full_fp16", "needs mixed_precision = \"fp16\""))
+    if p.full_fp16 and p.optimizer not in ("adafactor", "adamw8bit"):
+        problems.append(("train.full_fp16", f"optimizer = \"{p.optimizer}\" keeps its state in fp16, where it underflows "
+                         "to NaN: use optimizer = \"adafactor\" or \"adamw8bit\" (or full_bf16 on a GPU with bf16)"))
+    if p.fused_backward and p.mixed_precision == "fp16":
+        problems.append(("train.fused_backward", "steps each weight before fp16's loss scaler has seen every gradient: "
+                         "use mixed_precision = \"bf16\", or fused_backward = false"))
     if p.fused_backward and p.optimizer != "adafactor":
         problems.append(("train.fused_backward", "is implemented for optimizer = \"adafactor\" only"))
     if p.fused_backward and p.gradient_accumulation_steps > 1:
@@ -306,6 +320,8 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # An absent column reads as None: a table from an older run still gets a key.
         lines.append(json.dumps([cols[c][i] if c in cols else None for c in SAMPLE_COLUMNS], separators=(",", ":")))
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_KEY}
+    if not settings["full_fp16"]:
+        del settings["full_fp16"]  # added after VERSION 3: keys of runs without it stay as they were
     if not length_shapes_schedule(params):
         # Where the run stops is not in the key: a longer run passes through the same weights, so raising
         # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").

@@ -109,6 +109,7 @@ def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):
     with safe_open(kohya, "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 8.0
+    assert meta["ss_gradient_checkpointing"] == "False"  # unset: off for the tiny UNet (what the run did)
     assert json.loads(meta["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 32}}
     tags = json.loads(meta["ss_tag_frequency"])["images"]
     # "a red circle on a blue background" is one comma-free tag; 30 such captions, 2 from file names.
