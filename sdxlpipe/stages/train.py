@@ -46,9 +46,11 @@ class Params:
     network: Literal["lora", "loha", "lokr", "ia3", "oft", "full"] = "lora"
     # Network rank (OFT: block size): 4-32 covers most SDXL character/style LoRAs; higher learns more and overfits sooner.
     rank: int = 16
-    # The update is scaled by alpha/rank; alpha = rank means scale 1.
+    # The update is scaled by alpha/rank; alpha = rank means scale 1. kohya's network_alpha defaults to 1 (scale
+    # 1/rank), and its recipes' learning rates assume their alpha: copy alpha with the rate.
     alpha: float = 16.0
-    # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets.
+    # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets. It is peft's lora_dropout, on the layer's
+    # input; kohya's network_dropout drops the down projection's output instead, so the same value acts differently.
     dropout: float = 0.0
     # Linear layers to adapt: a preset, or name suffixes such as ["to_q", "to_k"]. "kohya" (as kohya's SDXL
     # LoRA): every Linear inside the UNet's transformer blocks (proj_in/out, attn1, attn2, ff) and, when the
@@ -119,7 +121,8 @@ class Params:
     # --- data ---
     # Probability of training a sample on the empty caption; 0.05-0.1 helps classifier-free guidance.
     caption_dropout: float = 0.0
-    # Samples per batch and process, all from one bucket.
+    # Samples per batch and process, all from one bucket (kohya's train_batch_size, 1 there by default); 4 is a
+    # common SDXL LoRA batch; lower it first when memory runs out.
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0

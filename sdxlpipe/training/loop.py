@@ -125,7 +125,6 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     trainable += encoder_params
     ema = EMAModel(trainable, decay=p.ema_decay) if p.ema_decay else None
     fused = optimizers.fuse_into_backward(optimizer, p.max_grad_norm) if p.fused_backward else None
-    dtypes = networks.dtype_counts(unet)
 
     # --- resume ------------------------------------------------------------------
     start = checkpoints.latest_step(run_dir)
@@ -297,8 +296,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
         "processes": world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": checkpointing,
-        # Bytes of the UNet's weights by role and storage dtype: what the precision settings really did.
-        "weights_bytes": dtypes,
+        # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
+        "weights_bytes": networks.dtype_counts(bare),
     }
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
