@@ -271,7 +271,9 @@ def import_kohya(
     if output.exists() and not force:
         raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
     text, notes = convert(dataset_toml, output, model)
-    output.write_text(text, encoding="utf-8")
+    from sdxlpipe.cache_format.shards import default_mode, write_atomic
+
+    write_atomic(output, text.encode("utf-8"), mode=default_mode())  # --force must not leave half a config
     err = _stderr()
     for note in notes:
         err.print(f"not mapped: {note}", markup=False, highlight=False)

@@ -7,7 +7,7 @@ Importing this package does not import torch.
 """
 
 from .codec import decode_json, decode_tensors, encode_json, encode_tensors
-from .shards import SHARD_BYTES, CacheDamaged, StoreError, items_per_shard
+from .shards import SHARD_BYTES, CacheDamaged, StoreError
 from .store import FORMAT_LINE, Store, Writer, open_store
 
 __all__ = [
@@ -21,6 +21,5 @@ __all__ = [
     "decode_tensors",
     "encode_json",
     "encode_tensors",
-    "items_per_shard",
     "open_store",
 ]

@@ -72,7 +72,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     """
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = encode_json(header)
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment with spaces
     return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
 
@@ -110,11 +110,18 @@ def decode_tensors(data: bytes, framework: str = "np") -> tuple[dict, dict[str, 
         raise ValueError(f"not a safetensors payload: {e}") from e
 
 
+def canonical_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces, UTF-8 kept, no NaN, so equal objects give equal text.
+
+    The one canonical form of sdxlpipe: item keys (pipeline/keys.py), model fingerprints,
+    manifests and JSON payloads all hash or store it, so it must never change.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode_json(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN, so equal objects give equal bytes."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    """A JSON payload: canonical_json's UTF-8 bytes."""
+    return canonical_json(obj).encode("utf-8")
 
 
 def decode_json(data: bytes) -> Any:

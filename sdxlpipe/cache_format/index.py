@@ -119,13 +119,8 @@ def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> di
             elif detail_prefix or os.path.isfile(os.path.join(directory, n)):
                 out[n] = (None, "")  # index dirs hold only files: no stat per fragment
         return out
-    fs.invalidate_cache(directory)  # s3fs and friends cache listings; fragments come and go.
-    try:
-        entries = fs.ls(directory, detail=True)
-    except FileNotFoundError:
-        return {}
     out = {}
-    for e in entries:
+    for e in list_detail(fs, directory):
         name = posixpath.basename(e["name"].rstrip("/"))
         if e.get("type") != "directory" and name.endswith(suffix):
             out[name] = (e.get("size"), str(e.get("mtime") or e.get("LastModified") or e.get("updated") or ""))
@@ -135,6 +130,24 @@ def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> di
 def list_files(fs, directory: str, suffix: str) -> list[str]:
     """Base names in `directory` ending with `suffix`; an absent directory is empty."""
     return list(list_entries(fs, directory, suffix))
+
+
+def list_names(fs, directory: str, dirs_only: bool = False) -> list[str]:
+    """Sorted base names of everything in `directory` (only its subdirectories with dirs_only)."""
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in list_detail(fs, directory)
+                  if not dirs_only or e.get("type") == "directory")
+
+
+def list_detail(fs, directory: str) -> list[dict]:
+    """fsspec's detailed listing of `directory`, fresh; an absent directory is empty.
+
+    The store's one lister: every listing above goes through here (or the local fast path).
+    """
+    fs.invalidate_cache(directory)  # s3fs and friends cache listings; fragments come and go.
+    try:
+        return fs.ls(directory, detail=True)
+    except FileNotFoundError:
+        return []
 
 
 # -- the grammar of rows -----------------------------------------------------------------

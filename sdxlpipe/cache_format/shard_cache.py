@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import fsspec
-import xxhash
 
-from .shards import HASH_CHUNK, StoreError
+from .shards import StoreError, hash_stream
 
 log = logging.getLogger("sdxlpipe.shard_cache")
 # A failed download (network, throttling) is tried this often, waiting 1, 2, 4 s between tries,
@@ -94,14 +93,11 @@ class ShardCache:
         tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
-                digest = xxhash.xxh3_128()
                 with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(HASH_CHUNK):
-                        digest.update(chunk)
-                        dst.write(chunk)
-                if digest.hexdigest() != shard_id:
+                    digest, _ = hash_stream(src, copy_to=dst)
+                if digest != shard_id:
                     log.warning("shard %s of %s hashes to %s: not cached; its items are read one by one",
-                                shard_id, self.url, digest.hexdigest())
+                                shard_id, self.url, digest)
                     return False
                 os.replace(tmp, path)
                 return True

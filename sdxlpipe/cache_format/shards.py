@@ -1,7 +1,9 @@
 """Shard files: the tar builder, manifests, atomic placement, hashing.
 
 Owns every write of a file's bytes into the store (temp name, fsync,
-rename; see README.md for the guarantee on each backend) and the layout of
+rename; see README.md for the guarantee on each backend), the one local
+atomic write (`write_atomic`, which the workspace and exports use too), the one
+streaming hasher (`hash_stream`) and the layout of
 one shard: a plain ustar/pax tar whose members are `<item_key>.<field>`,
 written with fixed owner, mode and mtime so equal items give equal bytes.
 Also home of StoreError, which every module of the package raises.
@@ -15,7 +17,7 @@ import posixpath
 import secrets
 import tarfile
 import tempfile
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
@@ -212,11 +214,53 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _rename_durably(src: str, dest: str) -> None:
-    parent = os.path.dirname(dest)
+def rename_durably(src: str, dest: str) -> None:
+    """os.replace a file or directory, then fsync the directory that holds it: only then
+    does the new name survive a power cut."""
+    parent = os.path.dirname(dest) or "."
     os.makedirs(parent, exist_ok=True)
     os.replace(src, dest)
     _fsync_dir(parent)
+
+
+def default_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 under 022):
+    for files people share (exports, configs), where mkstemp's 0600 would lock others out."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path, data: bytes | Callable[[BinaryIO], object], *, mode: int | None = None,
+                 tmp_dir: str | None = None) -> None:
+    """Write a local file whole or not at all, durably: temp file, fsync, rename, fsync the directory.
+
+    `data`: the bytes, or a function that writes them into the open file (a parquet table,
+    without holding its bytes twice). `mode`: permission bits; None keeps mkstemp's 0600.
+    `tmp_dir`: where the temp file goes (same filesystem as `path`); None: beside `path`,
+    hidden. Every durable local write of sdxlpipe goes through here.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(tmp_dir or parent, exist_ok=True)
+    name = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or parent, prefix=f".{name}." if tmp_dir is None else "part-",
+                               suffix=".tmp")
+    try:
+        if mode is not None and os.name == "posix":
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        rename_durably(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # Object stores whose PUT makes an object appear whole or not at all (multipart uploads
@@ -232,7 +276,7 @@ def atomic_put(fs) -> bool:
 def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
     """Move a finished local file to `dest` in one step, as readers must never see half of it."""
     if is_local(fs):
-        _rename_durably(local_path, dest)
+        rename_durably(local_path, dest)
         return
     if atomic_put(fs):
         try:
@@ -253,18 +297,7 @@ def place_file(fs, local_path: str, dest: str, remote_tmp_dir: str) -> None:
 def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
     """Write a small file (FORMAT, manifest, index fragment): temp name, fsync, rename."""
     if is_local(fs):
-        os.makedirs(tmp_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="part-", dir=tmp_dir)
-        _readable_by_all(fd)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            _rename_durably(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_atomic(dest, data, mode=0o644, tmp_dir=tmp_dir)  # 0644: a store is shared between users
         return
     if atomic_put(fs):
         fs.pipe_file(dest, data)
@@ -278,23 +311,21 @@ def write_bytes(fs, dest: str, data: bytes, tmp_dir: str) -> None:
             fs.rm(tmp)
 
 
-def items_per_shard(item_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
-    """How many items of about `item_bytes` fill one shard: the encode stages' chunk size."""
-    return max(1, shard_bytes // max(1, item_bytes))
-
-
 def hash_file(path) -> str:
     """xxh3_128 hex of a local file's bytes, read in HASH_CHUNK pieces."""
     with open(path, "rb") as f:
         return hash_stream(f)[0]
 
 
-def hash_stream(f: BinaryIO) -> tuple[str, int]:
-    """xxh3_128 hex of everything left in `f`, and its length."""
+def hash_stream(f: BinaryIO, copy_to: BinaryIO | None = None) -> tuple[str, int]:
+    """xxh3_128 hex of everything left in `f`, and its length; `copy_to` gets the same bytes
+    (a shard downloaded and hashed in one pass). sdxlpipe's one streaming hasher."""
     h = xxhash.xxh3_128()
     n = 0
     while chunk := f.read(HASH_CHUNK):
         h.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
         n += len(chunk)
     return h.hexdigest(), n
 

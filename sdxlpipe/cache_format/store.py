@@ -34,7 +34,9 @@ from .index import (
     StageIndex,
     is_key,
     keys_array,
+    list_detail,
     list_files,
+    list_names,
     table_bytes,
     to_parquet,
 )
@@ -56,7 +58,6 @@ from .shards import (
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
 STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
-DEFAULT_SHARD_BYTES = SHARD_BYTES  # 256 MiB; why: see shards.py
 # One hour: far longer than a writer needs between renaming its shard and writing its index
 # fragment; shorten only when no writer can be running.
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -99,7 +100,7 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
                 f"no sdxlpipe store at {url}: {format_path} does not exist",
                 "check the store path, or open it with create=True to start a new store there",
             )
-        strangers = sorted(set(_list_names(fs, root)) - STORE_ENTRIES)
+        strangers = sorted(set(list_names(fs, root)) - STORE_ENTRIES)
         if strangers:
             raise StoreError(
                 f"{url} is not an sdxlpipe store (no FORMAT file) and is not empty: {strangers[:5]}",
@@ -112,19 +113,6 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
             "open it with the sdxlpipe version that wrote it, or point the store at a new directory",
         )
     return Store(fs, root, url)
-
-
-def _list_names(fs, path: str, dirs_only: bool = False) -> list[str]:
-    fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(
-        posixpath.basename(e["name"].rstrip("/"))
-        for e in entries
-        if not dirs_only or e.get("type") == "directory"
-    )
 
 
 def _check(f: BinaryIO, loc: Location) -> tuple[bytes | None, str | None]:
@@ -149,6 +137,8 @@ class Store:
         self._indexes: dict[str, StageIndex] = {}
         # Set it shorter (or empty) where waiting on a failing backend is pointless, e.g. tests.
         self.read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
+        # What writers aim a shard at and chunk_size plans for; why 256 MiB: shards.py.
+        self.shard_bytes = SHARD_BYTES
         self._stale: set[str] = set()  # stages to list again before the next lookup
         # This Store's bad markers, one file per stage for its whole life (a run), rewritten whole.
         self._bad_name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
@@ -176,9 +166,10 @@ class Store:
             )
         return self._path("shards", check_stage(stage), f"{shard_id}.{ext}")
 
-    def _stage_names(self) -> list[str]:
-        names = set(_list_names(self.fs, self._path("shards"), dirs_only=True))
-        names |= set(_list_names(self.fs, self._path("index"), dirs_only=True))
+    def stages(self) -> list[str]:
+        """The stages this store holds shards or index fragments of."""
+        names = set(list_names(self.fs, self._path("shards"), dirs_only=True))
+        names |= set(list_names(self.fs, self._path("index"), dirs_only=True))
         return sorted(names)
 
     # -- index -----------------------------------------------------------------------------
@@ -248,14 +239,30 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def writer(self, stage: str, target_shard_bytes: int = DEFAULT_SHARD_BYTES, group: str = "",
+    def chunk_size(self, item_bytes: int) -> int:
+        """How many items of one field whose payload is about `item_bytes` fill one shard of
+        this store (tar headers and padding included): the encode stages' chunk size, so
+        that each chunk of work becomes one shard."""
+        return max(1, self.shard_bytes // member_bytes(max(0, item_bytes)))
+
+    def writer(self, stage: str, target_shard_bytes: int | None = None, group: str = "",
                keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS) -> "Writer":
-        """A context manager that packs added items into shards of about target_shard_bytes."""
-        return Writer(self, check_stage(stage), target_shard_bytes, group, keepalive_seconds)
+        """A context manager that packs added items into shards of about target_shard_bytes
+        (None: the store's shard_bytes)."""
+        size = self.shard_bytes if target_shard_bytes is None else target_shard_bytes
+        return Writer(self, check_stage(stage), size, group, keepalive_seconds)
+
+    def temp_dir(self) -> str | None:
+        """Where to build a local file that add_shard will place: the store's tmp/ for a local
+        store (so placing it is a rename within one filesystem), None (the system's temp
+        directory) for a remote one."""
+        if not is_local(self.fs):
+            return None
+        os.makedirs(self._tmp, exist_ok=True)
+        return self._tmp
 
     def _new_builder(self) -> ShardBuilder:
-        # Local stores build the tar inside the store so the final rename is atomic.
-        return ShardBuilder(self._tmp if is_local(self.fs) else None)
+        return ShardBuilder(self.temp_dir())
 
     def _commit(self, stage: str, builder: ShardBuilder, group: str = "") -> str:
         """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
@@ -267,31 +274,61 @@ class Store:
     def _commit_steps(self, stage: str, builder: ShardBuilder, group: str) -> str:
         try:
             shard_id, nbytes = builder.finish()
-            place_file(self.fs, builder.path, self._shard(stage, shard_id), self._tmp)
+            names = [m["name"].split(".", 1) for m in builder.members]
+            table = pa.table({
+                "item_key": [n[0] for n in names], "field": [n[1] for n in names],
+                "shard_id": [shard_id] * len(names), "offset": [m["offset"] for m in builder.members],
+                "length": [m["length"] for m in builder.members], "xxh3": [m["xxh3"] for m in builder.members],
+                "group": [group] * len(names),
+            }, schema=GROUPED_SCHEMA)
+            return self.add_shard(stage, builder.path, manifest(stage, shard_id, nbytes, builder.members), table)
         finally:
             builder.discard()
-        doc = manifest(stage, shard_id, nbytes, builder.members)
+
+    def add_shard(self, stage: str, local_path: str, doc: dict, rows: pa.Table, tag: str = "") -> str:
+        """Commit a finished tar at `local_path` (moved into the store): the shard, then its
+        manifest `doc`, then an index fragment of `rows` (GROUPED_SCHEMA), the commit point.
+
+        The caller has checked that the tar hashes to `doc["xxh3"]` (its shard id). `tag`
+        names the fragment `<shard_id>-<tag>-<token>.parquet` (`pull` for copies from another
+        store); without one it is `<shard_id>.parquet`. Returns the shard id.
+        """
+        shard_id = doc["xxh3"]
+        place_file(self.fs, local_path, self._shard(stage, shard_id), self._tmp)
         write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
-        names = [m["name"].split(".", 1) for m in builder.members]
-        table = pa.table({
-            "item_key": [n[0] for n in names], "field": [n[1] for n in names],
-            "shard_id": [shard_id] * len(names), "offset": [m["offset"] for m in builder.members],
-            "length": [m["length"] for m in builder.members], "xxh3": [m["xxh3"] for m in builder.members],
-            "group": [group] * len(names),
-        }, schema=GROUPED_SCHEMA)
-        fragment = self._path("index", stage, f"{shard_id}.parquet")
-        if self.fs.exists(fragment):
+        fragment = self._path("index", stage, f"{shard_id}-{tag}-{secrets.token_hex(4)}.parquet" if tag
+                              else f"{shard_id}.parquet")
+        if not tag and self.fs.exists(fragment):
             # The same shard again (e.g. recomputed after it was found bad): a fresh fragment
             # name, because bad markers name the fragment whose locations went bad.
             fragment = self._path("index", stage, f"{shard_id}-{secrets.token_hex(4)}.parquet")
-        write_bytes(self.fs, fragment, table_bytes(table), self._tmp)
+        write_bytes(self.fs, fragment, table_bytes(rows), self._tmp)
         if stage in self._indexes:
             # Our own commit goes into the cache as it is; the next lookup lists once for others'.
-            self._indexes[stage].add_written(posixpath.basename(fragment), table)
+            self._indexes[stage].add_written(posixpath.basename(fragment), rows)
             self._stale.add(stage)
         return shard_id
 
     # -- reading ---------------------------------------------------------------------------
+
+    def locations(self, stage: str, good_only: bool = True) -> list[Location]:
+        """Every index row of a stage as a Location (only those not known bad, with good_only):
+        for copying whole shards. Lookups by key are `locate`, `present` and `missing`."""
+        index = self._index(stage)
+        return [loc for loc in index.rows if not good_only or not index.is_bad(loc)]
+
+    def open_shard(self, stage: str, shard_id: str) -> BinaryIO:
+        """A shard's raw tar for copying it whole; not verified (its id is the xxh3 of its
+        bytes: hash what you read). FileNotFoundError when it is gone."""
+        return self.fs.open(self._shard(stage, shard_id), "rb")
+
+    def read_manifest(self, stage: str, shard_id: str) -> dict:
+        """A shard's manifest; FileNotFoundError when absent, ValueError when not a JSON object.
+        Untrusted like the rest of a store: check `xxh3` against the shard id before use."""
+        doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
+        if not isinstance(doc, dict):
+            raise ValueError(f"manifest of shard {shard_id} is a JSON {type(doc).__name__}, not an object")
+        return doc
 
     def _retrying(self, what: str, attempt):
         """attempt() again after an I/O error, waiting read_retry_delays; then a StoreError.
@@ -453,7 +490,7 @@ class Store:
     def verify(self, stage: str | None = None) -> list[dict]:
         """Re-hash every shard and every indexed item; record bad items; return the problems."""
         problems: list[dict] = []
-        for st in [check_stage(stage)] if stage else self._stage_names():
+        for st in [check_stage(stage)] if stage else self.stages():
             index = self._fresh_index(st)
             for name, error in index.unreadable.items():
                 problems.append(_problem(st, None, None, f"index fragment {name} unreadable: {error}"))
@@ -477,7 +514,7 @@ class Store:
         problems = []
         doc: dict = {}
         try:
-            doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
+            doc = self.read_manifest(stage, shard_id)
             if doc.get("xxh3") != shard_id:
                 problems.append(_problem(stage, shard_id, None, f"manifest says xxh3 {doc.get('xxh3')}, "
                                                                  "not the shard's name"))
@@ -559,7 +596,7 @@ class Store:
 
     def _referenced_shards(self) -> set[tuple[str, str]]:
         referenced: set[tuple[str, str]] = set()
-        for st in self._stage_names():
+        for st in self.stages():
             index = self._fresh_index(st)
             if index.unreadable:
                 raise StoreError(
@@ -574,7 +611,7 @@ class Store:
     def _gc_candidates(self, referenced: set[tuple[str, str]]) -> list[str]:
         candidates = [
             self._path("shards", st, name)
-            for st in _list_names(self.fs, self._path("shards"), dirs_only=True)
+            for st in list_names(self.fs, self._path("shards"), dirs_only=True)
             for name in list_files(self.fs, self._path("shards", st), "")
             if (st, name.split(".", 1)[0]) not in referenced
         ]
@@ -601,7 +638,7 @@ class Store:
         "rows_before", "rows_after"}}.
         """
         return {st: self._compact(st, self._fresh_index(st))
-                for st in ([check_stage(stage)] if stage else self._stage_names())}
+                for st in ([check_stage(stage)] if stage else self.stages())}
 
     def housekeep(self, stage: str, max_fragments: int = COMPACT_FRAGMENTS,
                   max_markers: int = COMPACT_MARKERS) -> dict | None:
@@ -679,14 +716,8 @@ class Store:
         "groups": bytes of present items per model fingerprint their writer named ("" if none).
         """
         stages = {}
-        for st in self._stage_names():
-            directory = self._path("shards", st)
-            self.fs.invalidate_cache(directory)
-            try:
-                entries = self.fs.ls(directory, detail=True)
-            except FileNotFoundError:
-                entries = []
-            tars = [e for e in entries if e["name"].endswith(".tar")]
+        for st in self.stages():
+            tars = [e for e in list_detail(self.fs, self._path("shards", st)) if e["name"].endswith(".tar")]
             stages[st] = {
                 "shards": len(tars),
                 "items": self._index(st).present_count(),

@@ -288,5 +288,7 @@ def write_config(path: Path, out: Path, model: str = SDXL_BASE) -> tuple[Path, l
               f"max_steps = {d['max_steps']}", f"save_every_steps = {d['save_every_steps']}", *d["extra"],
               "", "[export]", 'formats = ["kohya", "diffusers"]', 'output_dir = "output"',
               f"name = {q(path.absolute().stem or 'lora')}", ""]
-    out.write_text("\n".join(lines), encoding="utf-8")
+    from sdxlpipe.cache_format.shards import default_mode, write_atomic
+
+    write_atomic(out, "\n".join(lines).encode("utf-8"), mode=default_mode())  # --force must not leave half a config
     return out, sources

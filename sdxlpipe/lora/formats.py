@@ -18,14 +18,13 @@ import enum
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from sdxlpipe.cache_format.shards import default_mode, write_atomic
 from sdxlpipe.models.sgm import kohya_name, sgm_unet_name
-from sdxlpipe.pipeline.atomic import write_bytes_atomic
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for
 KOHYA_WEIGHT_NAME = "lora.safetensors"
@@ -217,7 +216,7 @@ def save_peft_adapter(directory: str | Path, state: dict[str, torch.Tensor], con
     _write_atomic(directory / "adapter_model.safetensors",
                   safetensors_bytes(_contiguous(state), metadata={"format": "pt"}))
     text = json.dumps(_json_safe(config), indent=2, sort_keys=True) + "\n"
-    write_bytes_atomic(text.encode(), directory / "adapter_config.json", mode=default_mode())
+    _write_atomic(directory / "adapter_config.json", text.encode())
     return directory
 
 
@@ -315,15 +314,4 @@ def _target(path: str | Path, default_name: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename; mode as a plain open() would give (not mkstemp's 0600)."""
-    write_bytes_atomic(data, path, mode=default_mode())
-
-
-def default_mode() -> int:
-    """The mode a plain open() gives a new file under the current umask (0644 under 022)."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write_atomic(path, data, mode=default_mode())

@@ -10,13 +10,13 @@ imports torch, diffusers or transformers.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
 
+from sdxlpipe.cache_format.codec import encode_json
 from sdxlpipe.models.spec import COMPONENTS, ModelError, ModelSpec, resolve_spec
 from sdxlpipe.models.tiny_config import TINY_VERSION, tiny_configs
 
@@ -100,4 +100,6 @@ def _file_hash(path: Path, hash_file: Callable[[Path], str]) -> str:
 
 
 def _digest(obj: object) -> str:
-    return xxhash.xxh3_128_hexdigest(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+    # The store's canonical JSON: the same bytes json.dumps(sort_keys, no spaces) gave here
+    # before for every ASCII document (all of a diffusers folder's names are).
+    return xxhash.xxh3_128_hexdigest(encode_json(obj))

@@ -139,16 +139,14 @@ def save_single_file(pipe, path: str | Path, metadata: dict[str, str] | None = N
     """A StableDiffusionXLPipeline's weights as one `.safetensors` in the original SDXL layout, atomically."""
     from safetensors.torch import save as safetensors_bytes
 
-    from sdxlpipe.lora.formats import default_mode
     from sdxlpipe.models.sgm import sgm_checkpoint
-    from sdxlpipe.pipeline.atomic import write_bytes_atomic
+    from sdxlpipe.cache_format.shards import default_mode, write_atomic
 
     state = sgm_checkpoint(pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(),
                            pipe.text_encoder_2.state_dict(), dict(pipe.unet.config), dict(pipe.vae.config))
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
-    write_bytes_atomic(safetensors_bytes(state, metadata={"format": "pt", **(metadata or {})}), path,
-                       mode=default_mode())
+    write_atomic(path, safetensors_bytes(state, metadata={"format": "pt", **(metadata or {})}), mode=default_mode())
     return path
 
 

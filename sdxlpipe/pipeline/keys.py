@@ -7,15 +7,11 @@ kept beside the key where a stage wants `status` to explain a change.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import xxhash
 
-
-def canonical_json(doc: Any) -> str:
-    """Sorted keys, no whitespace, UTF-8 kept: one text per document."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+from sdxlpipe.cache_format.codec import canonical_json
 
 
 def xxh3_hex(data: bytes | str) -> str:

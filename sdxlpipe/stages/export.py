@@ -34,8 +34,8 @@ from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.cache_format.shards import write_atomic
 from sdxlpipe.errors import UserError
-from sdxlpipe.pipeline.atomic import write_bytes_atomic
 from sdxlpipe.pipeline.keys import item_key
 
 VERSION = 3  # 3: SGM kohya names, kohya's metadata and hashes, per-network formats, full-model files
@@ -141,10 +141,10 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         metadata = {**metadata, "sdxlpipe_note": note}
     else:
         _save_full(paths, state, text, params, metadata, ctx)
-    write_bytes_atomic((json.dumps({"key": key, "train": trained.get("key"), "network": network,
-                                    "files": {f: str(p) for f, p in paths.items()}, "metadata": metadata},
-                                   indent=2, sort_keys=True) + "\n").encode(),
-                       record_path, mode=lora_formats.default_mode())
+    write_atomic(record_path, (json.dumps({"key": key, "train": trained.get("key"), "network": network,
+                                           "files": {f: str(p) for f, p in paths.items()}, "metadata": metadata},
+                                          indent=2, sort_keys=True) + "\n").encode(),
+                 mode=lora_formats.default_mode())
     return table
 
 

@@ -19,7 +19,6 @@ from typing import Literal
 
 import pyarrow as pa
 
-from sdxlpipe.cache_format import items_per_shard
 from sdxlpipe.models import sdxl
 from sdxlpipe.pipeline.keys import item_key, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
@@ -84,9 +83,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     return table.append_column("empty_text_key", pa.array([key_of[""]] * len(captions) if captions else [], pa.string()))
 
 
-def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params) -> list[list[dict]]:
+def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params, store) -> list[list[dict]]:
     """Shard-sized groups of texts that depend on the dataset's text count, never on timing."""
-    per_shard = items_per_shard(BYTES_PER_TOKEN * (params.max_token_length + 2))  # the store's shard size
+    per_shard = store.chunk_size(BYTES_PER_TOKEN * (params.max_token_length + 2))  # one shard a chunk
     n = max(1, math.ceil(total / per_shard))
     chunks: dict[int, list[dict]] = {}
     for t in texts:
@@ -96,7 +95,7 @@ def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params
 
 def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> None:
     engine = ctx.engine(0)
-    chunks = _chunks(texts, key_of, len(key_of), params)
+    chunks = _chunks(texts, key_of, len(key_of), params, ctx.store)
     make_worker = functools.partial(TextWorker, ctx.models.loader("text", portable=engine.name != "local"),
                                     params.max_token_length, params.clip_skip)
     fp = ctx.models.fingerprints()  # `store du` counts bytes per pair of text encoders

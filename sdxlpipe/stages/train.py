@@ -18,6 +18,7 @@ from typing import Literal
 
 import pyarrow as pa
 
+from sdxlpipe.cache_format.shards import hash_file
 from sdxlpipe.errors import UserError
 from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 
@@ -331,7 +332,7 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         del settings["max_steps"], settings["max_epochs"]
     if params.network_weights:
         # The starting LoRA by its bytes, not its path.
-        settings["network_weights"] = _file_hash(params.network_weights)
+        settings["network_weights"] = hash_file(params.network_weights)
     return {
         "stage": "train", "version": VERSION, "params": settings,
         "unet": fp["unet"], "scheduler": fp["scheduler"],
@@ -362,16 +363,6 @@ def run_steps(table: pa.Table, p: Params, processes: int) -> int:
     plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], p.batch_size, p.seed,
                      [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
     return math.ceil(p.max_epochs * plan.per_epoch / (p.gradient_accumulation_steps * processes))
-
-
-def _file_hash(path: str) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:

@@ -24,7 +24,6 @@ from typing import Literal
 
 import pyarrow as pa
 
-from sdxlpipe.cache_format import items_per_shard
 from sdxlpipe.datasets import open_image
 from sdxlpipe.engines import images
 from sdxlpipe.pipeline.keys import item_key, partition_of
@@ -119,7 +118,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     todo = set(plan_items(ctx, wanted))
     if todo and not ctx.dry_run:
         jobs = _jobs(rows, keys, flip_keys, mask_files, todo, params)
-        failed = _encode(_chunks(jobs, rows, keys, params), params, ctx)
+        failed = _encode(_chunks(jobs, rows, keys, params, ctx.store), params, ctx)
         stats = ctx.stats[ctx.stage]
         stats.failed = len(failed)
         stats.computed -= len(failed)
@@ -150,7 +149,7 @@ def _jobs(rows, keys, flip_keys, mask_files, todo: set[str], params: Params) -> 
     return jobs
 
 
-def _chunks(jobs: list[dict], rows, keys, params: Params) -> list[list[dict]]:
+def _chunks(jobs: list[dict], rows, keys, params: Params, store) -> list[list[dict]]:
     """Jobs grouped into shard-sized chunks that depend on the table only, never on timing."""
     per_bucket: dict[tuple[int, int], int] = {}
     for row, key in zip(rows, dict.fromkeys(keys)):
@@ -162,10 +161,10 @@ def _chunks(jobs: list[dict], rows, keys, params: Params) -> list[list[dict]]:
         if params.images_per_shard:
             per_shard = params.images_per_shard
         else:
-            # mean and std in fp16 (x2 with the flip), plus the mask
+            # An item: mean and std in fp16, the mask, ~0.5 KB of safetensors header (names,
+            # shapes, metadata); a job is two items with the flip. The store's shard size decides.
             latent = 4 * (b[0] // LATENT_FACTOR) * (b[1] // LATENT_FACTOR) * 2
-            item = (2 * latent + latent // 4) * (2 if params.flip_aug else 1) + 2048
-            per_shard = items_per_shard(item)  # the store's shard size decides the chunk
+            per_shard = max(1, store.chunk_size(2 * latent + latent // 4 + 512) // (2 if params.flip_aug else 1))
         n = max(1, math.ceil(per_bucket[b] / per_shard))
         chunks.setdefault((*b, partition_of(job["chunk_key"], n)), []).append(job)
     return [sorted(chunks[c], key=lambda j: j["chunk_key"]) for c in sorted(chunks)]

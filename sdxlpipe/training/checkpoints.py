@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sdxlpipe.cache_format.shards import rename_durably
 from sdxlpipe.pipeline.atomic import write_json_atomic
 
 
@@ -48,7 +49,7 @@ def commit_checkpoint(tmp: Path, run_dir: Path, step: int, keep: int) -> Path:
     final = checkpoint_dir(run_dir, step)
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    rename_durably(tmp, final)  # the renamed directory, not just its files, survives a power cut
     steps = sorted(int(p.name[5:]) for p in final.parent.iterdir() if p.name.startswith("step-"))
     for old in steps[:-keep]:
         shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)

@@ -74,3 +74,28 @@ def test_two_writers_on_s3_commit_and_a_refresh_sees_the_others_commit(s3_url, p
     root = s3_url[len("s3://"):]
     assert not fs.exists(f"{root}/tmp") or fs.ls(f"{root}/tmp") == []  # S3's PUT is atomic: no temp objects
     assert reader.verify("vae") == []
+
+
+def test_a_commit_on_s3_puts_each_object_at_its_final_name_and_never_touches_tmp(s3_url, payloads):
+    store = open_store(s3_url)
+    calls: list[tuple[str, str]] = []  # (S3 operation, key or prefix) of every request the store makes
+
+    def record(params, event_name, **_):
+        calls.append((event_name.rsplit(".", 1)[-1], params.get("Key") or params.get("Prefix") or ""))
+
+    store.fs.connect()
+    store.fs.s3.meta.events.register("provide-client-params.s3", record)
+    with store.writer("vae") as w:
+        for key in sorted(payloads)[:3]:
+            w.add(key, FIELD, payloads[key])
+    (shard_id,) = w.shard_ids
+
+    assert calls, "the event hook saw no request: the test would prove nothing"
+    root = s3_url[len("s3://"):].split("/", 1)[1]
+    assert not [c for c in calls if "tmp" in c[1].split("/")]  # nothing written, listed or read under tmp/
+    assert not [op for op, _ in calls if op in ("CopyObject", "UploadPartCopy", "DeleteObject", "DeleteObjects")]
+    puts = {key for op, key in calls if op in ("PutObject", "CreateMultipartUpload")}
+    assert {f"{root}/shards/vae/{shard_id}.tar", f"{root}/shards/vae/{shard_id}.json",
+            f"{root}/index/vae/{shard_id}.parquet"} <= puts
+    assert dict(open_store(s3_url).read_many("vae", sorted(payloads)[:3], FIELD)) == {
+        k: payloads[k] for k in sorted(payloads)[:3]}

@@ -217,3 +217,29 @@ def test_another_format_or_a_foreign_directory_is_refused(tmp_path):
     assert "sdxlpipe-store 0" in wrong.value.what and str(tmp_path / "old") in wrong.value.what
     assert wrong.value.hint
     assert not (Path(tmp_path / "home") / "FORMAT").exists()
+
+
+def test_a_chunk_of_chunk_size_items_fills_one_shard(tmp_path):
+    # The encode stages size each chunk of work with chunk_size, so that it becomes one shard.
+    store = open_store(str(tmp_path))
+    store.shard_bytes = 64 * 1024
+    for size in (100, 3000, 20_000, 100_000):
+        n = store.chunk_size(size)
+        items = {f"{size:016x}{i:016x}": bytes([i % 256]) * size for i in range(n)}
+        (shard_id,) = write(store, items)
+        tar_bytes = (tmp_path / "shards" / "vae" / f"{shard_id}.tar").stat().st_size
+        assert tar_bytes > store.shard_bytes // 2 or n == 1  # and not a wastefully small one
+
+
+def test_a_local_store_builds_a_shard_in_tmp_and_renames_it_into_place(tmp_path, payloads):
+    store = open_store(str(tmp_path))
+    key = sorted(payloads)[0]
+    with store.writer("vae") as w:
+        w.add(key, FIELD, payloads[key])
+        w.end_item()
+        (part,) = (tmp_path / "tmp").iterdir()  # the unfinished shard: in tmp/, never under shards/
+        assert part.name.endswith(".tar.part") and not (tmp_path / "shards" / "vae").exists()
+        inode = part.stat().st_ino
+    (shard_id,) = w.shard_ids
+    assert (tmp_path / "shards" / "vae" / f"{shard_id}.tar").stat().st_ino == inode  # renamed, not copied
+    assert list((tmp_path / "tmp").iterdir()) == []

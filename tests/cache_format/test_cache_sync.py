@@ -32,7 +32,7 @@ def test_a_damaged_shard_is_not_copied_as_is_and_its_bad_items_are_named(tmp_pat
     src, dst = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
     (shard_id,) = write(src, payloads)
     victim = sorted(payloads)[2]
-    loc = next(l for l in src._index("vae").rows if l.item_key == victim)
+    loc = next(l for l in src.locations("vae") if l.item_key == victim)
     path = tmp_path / "a" / "shards" / "vae" / f"{shard_id}.tar"
     data = bytearray(path.read_bytes())
     data[loc.offset] ^= 0xFF
@@ -41,3 +41,13 @@ def test_a_damaged_shard_is_not_copied_as_is_and_its_bad_items_are_named(tmp_pat
     assert report["vae"]["damaged"] == [victim]
     assert dst.present("vae") == set(payloads) - {victim}
     assert dst.verify() == []
+
+
+def test_a_manifest_that_is_not_a_json_object_is_reported_and_rebuilt_on_pull(tmp_path, payloads):
+    src, dst = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
+    (shard_id,) = write(src, payloads)
+    (tmp_path / "a" / "shards" / "vae" / f"{shard_id}.json").write_text("[1, 2]")  # from a hostile store
+    assert [p["problem"] for p in src.verify()] == ["manifest unreadable: manifest of shard "
+                                                    f"{shard_id} is a JSON list, not an object"]
+    assert src.copy_missing_to(dst)["vae"]["shards"] == 1
+    assert dst.verify() == [] and dict(dst.read_many("vae", list(payloads), FIELD)) == payloads

@@ -129,3 +129,19 @@ def test_an_uncached_hub_id_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ModelError) as err:
         model_fingerprints("acme/missing", None, CountingHasher(), tmp_path)
     assert "acme/missing" in err.value.what and "hf download acme/missing" in err.value.hint
+
+
+def test_folder_fingerprints_written_by_earlier_versions_are_unchanged(tmp_path):
+    # Fingerprints enter every item key: pinned as computed before the canonical JSON
+    # helpers were folded into one (codec.canonical_json).
+    for c in COMPONENTS:
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "config.json").write_text('{"c": "%s"}' % c)
+        (tmp_path / c / "w.bin").write_bytes(c.encode() * 3)
+    prints = model_fingerprints(str(tmp_path), None, CountingHasher(), tmp_path)
+    assert prints == {
+        "unet": "d31a98b94fd81ed4c076ad85441e5aac", "vae": "2838a5ff1aa5218d277b2df949b78b3b",
+        "text_encoder": "7f5984bb7638715925619a2b10e938db", "text_encoder_2": "26874d6553cf74b95b82cdbb408e6595",
+        "tokenizer": "972224b5b35ffa07b52c25084712522d", "tokenizer_2": "221e8f46de7458c947af3f5a5517ed18",
+        "scheduler": "74c067e72b4c2c20ffd24e3b505c0d98",
+    }
