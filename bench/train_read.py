@@ -8,10 +8,11 @@ latent; 77x2048 prompt embeddings + 1280 pooled, fp16), all in the 1024x1024
 bucket, in 256 MiB shards as the encode stages write them, at each size; then,
 each in a fresh process so peak RSS is its own:
 
-- loader: the train stage's `training.stream` feed (batch 4, 2 workers; and 0) over
-  the first `--batches` batches of the plan: samples/s, time to the first
-  batch (from opening the store), peak RSS of the main process and of the
-  largest worker;
+- loader: the train stage's `training.stream` feed (batch 4, 2 reader threads; and
+  0, reading in the training thread; and 2 plus the fp32 conversion the loop
+  makes of each batch) over the first `--batches` batches of the plan:
+  samples/s, CPU ms per sample, time to the first batch (from opening the
+  store, the table already read), peak RSS;
 - raw: a sequential read of the same number of bytes of the shard files
   (8 MiB reads): the disk/page-cache ceiling;
 - npz: kohya's layout (per image: fp32 latents `.npz` and fp32 text-encoder
@@ -95,7 +96,10 @@ def build_npz(root: Path, n: int) -> None:
         np.savez(out / f"{i:06d}_te_outputs.npz", hidden_state1=h1, hidden_state2=h2, pool2=pool)
 
 
-def child_loader(root: Path, batches: int, url: str | None, cache: str | None, workers: int = 2) -> dict:
+def child_loader(root: Path, batches: int, url: str | None, cache: str | None, workers: int = 2,
+                 fp32: bool = False) -> dict:
+    """The train stage's feed; fp32: also make each batch fp32 as the training loop does (on a CPU host
+    that conversion is part of the step; on a GPU it happens on the device)."""
     began = time.monotonic()
     import pyarrow.parquet as pq
     import torch
@@ -103,11 +107,13 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
     from sdxlpipe.cache_format import open_store
     from sdxlpipe.stages.train import Params
     from sdxlpipe.training import stream
+    from sdxlpipe.training.batches import as_float
     from sdxlpipe.training.data import BatchPlan
 
+    table = pq.read_table(root / "table.parquet")  # the train stage has its table already
     imported = time.monotonic()
+    cpu = time.process_time()
     store = open_store(url or str(root / "store"), create=False)
-    table = pq.read_table(root / "table.parquet")
     p = dataclasses.replace(Params(), batch_size=4, loader_workers=workers, shard_cache_dir=cache or "")
     plan = BatchPlan([(1024, 1024)] * table.num_rows, [1] * table.num_rows, 4, 0)
     source = stream.open_source(table, store, p, plan)
@@ -115,26 +121,30 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
         first = None
         for index in feed.indices:
             batch = feed.take(index)
+            if fp32:
+                batch = as_float(batch)
             first = first or time.monotonic()
         done = time.monotonic()
     assert batch["mean"].shape == (4, 4, 128, 128) and batch["embeds"].shape == (4, 77, 2048)
     n = len(feed.indices) * 4
     return {"samples_s": (n - 4) / (done - first), "first_batch_s": first - imported,
             "rss_main_mib": peak_mib(), "rss_worker_mib": peak_mib(resource.RUSAGE_CHILDREN),
+            "cpu_ms_per_sample": (time.process_time() - cpu) / n * 1000,
             "store_open_to_done_s": done - imported, "import_s": imported - began}
 
 
 def child_raw(root: Path, batches: int) -> dict:
     per_sample = sum(f.stat().st_size for f in (root / "store" / "shards").rglob("*.tar")) / int(root.name.split("-")[1])
     budget = int(per_sample * batches * 4)
-    began, read = time.monotonic(), 0
+    began, read, cpu = time.monotonic(), 0, time.process_time()
     for tar in sorted((root / "store" / "shards").rglob("*.tar")):
         with open(tar, "rb", buffering=0) as f:
             while read < budget and (chunk := f.read(8 << 20)):
                 read += len(chunk)
         if read >= budget:
             break
-    return {"samples_s": read / per_sample / (time.monotonic() - began), "rss_main_mib": peak_mib()}
+    return {"samples_s": read / per_sample / (time.monotonic() - began), "rss_main_mib": peak_mib(),
+            "cpu_ms_per_sample": (time.process_time() - cpu) / (read / per_sample) * 1000}
 
 
 def child_npz(root: Path, batches: int) -> dict:
@@ -205,6 +215,7 @@ def main() -> None:
         kind, root, *rest = args.child
         fn = {"loader": lambda: child_loader(Path(root), int(rest[0]), *(rest[1:] or [None, None])),
               "loader0": lambda: child_loader(Path(root), int(rest[0]), None, None, workers=0),
+              "loader32": lambda: child_loader(Path(root), int(rest[0]), None, None, fp32=True),
               "raw": lambda: child_raw(Path(root), int(rest[0])), "npz": lambda: child_npz(Path(root), int(rest[0])),
               "build": lambda: build_store(Path(root), int(rest[0])) or {},
               "npzbuild": lambda: build_npz(Path(root), int(rest[0])) or {},
@@ -223,6 +234,7 @@ def main() -> None:
         print(f"[{n} samples] store written in {time.monotonic() - t:.0f} s", file=sys.stderr)
         r = results[n] = {"loader": run_child("loader", str(root), str(args.batches)),
                           "loader0": run_child("loader0", str(root), str(args.batches)),
+                          "loader32": run_child("loader32", str(root), str(args.batches)),
                           "raw": run_child("raw", str(root), str(args.batches))}
         if n == args.sizes[0]:
             run_child("npzbuild", str(root), str(args.batches * 4))
@@ -238,16 +250,22 @@ def main() -> None:
         results[f"old-{n}"] = run_child("train", str(base), str(n), "old")
 
     a, b = args.sizes
-    print(f"## train_read: batch 4, 2 workers, {args.batches} batches per figure; sizes {a} and {b} samples")
+    print(f"## train_read: batch 4, 2 reader threads, {args.batches} batches per figure; sizes {a} and {b} samples")
     print("| figure | %d | %d |" % (a, b))
     print("|---|---|---|")
     row = lambda name, f: print(f"| {name} | " + " | ".join(f(results[n]) for n in (a, b)) + " |")
-    row("loader samples/s", lambda r: f"{r['loader']['samples_s']:.0f}")
-    row("loader, 0 workers (in the training process) samples/s", lambda r: f"{r['loader0']['samples_s']:.0f}")
+    row("loader samples/s (fp16 batches, as stored)", lambda r: f"{r['loader']['samples_s']:.0f}")
+    row("loader, 0 workers (read in the training thread) samples/s", lambda r: f"{r['loader0']['samples_s']:.0f}")
+    row("loader + fp32 conversion (what a CPU step adds) samples/s", lambda r: f"{r['loader32']['samples_s']:.0f}")
     row("raw read samples/s", lambda r: f"{r['raw']['samples_s']:.0f}")
     row("loader / raw", lambda r: f"{r['loader']['samples_s'] / r['raw']['samples_s']:.2f}x")
+    row("loader, 0 workers / raw", lambda r: f"{r['loader0']['samples_s'] / r['raw']['samples_s']:.2f}x")
+    row("loader + fp32 / raw", lambda r: f"{r['loader32']['samples_s'] / r['raw']['samples_s']:.2f}x")
+    row("CPU ms per sample: loader / 0 workers / raw", lambda r: f"{r['loader']['cpu_ms_per_sample']:.2f} / "
+        f"{r['loader0']['cpu_ms_per_sample']:.2f} / {r['raw']['cpu_ms_per_sample']:.2f}")
     row("kohya npz samples/s", lambda r: f"{r['npz']['samples_s']:.0f}" if "npz" in r else "-")
     row("loader / npz", lambda r: f"{r['loader']['samples_s'] / r['npz']['samples_s']:.2f}x" if "npz" in r else "-")
+    row("loader + fp32 / npz", lambda r: f"{r['loader32']['samples_s'] / r['npz']['samples_s']:.2f}x" if "npz" in r else "-")
     row("loader peak RSS main / worker MiB", lambda r: f"{r['loader']['rss_main_mib']:.0f} / {r['loader']['rss_worker_mib']:.0f}")
     row("time to first batch s", lambda r: f"{r['loader']['first_batch_s']:.2f}")
     for temp in ("cold", "warm"):

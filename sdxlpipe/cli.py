@@ -102,10 +102,18 @@ def run(
     (e.g. train with no samples) or, with --strict, when an input was rejected;
     2 for a config or input mistake (an Error: line and a Hint:).
     """
+    if target == "all" and shards is None and engine in ("local", "ray") and _single_process():
+        # The no-op fast path: nothing the last complete run read or wrote has changed (pipeline/noop.py).
+        from sdxlpipe.pipeline.noop import answer
+
+        recorded = answer(config, set_)
+        if recorded is not None:
+            _print_run_report(recorded, as_json, strict, config)
+            return
     from sdxlpipe.config import load_config
+    from sdxlpipe.pipeline import noop
     from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
     from sdxlpipe.pipeline.progress import Reporter
-    from sdxlpipe.pipeline.progress import ITEM_NAMES
     from sdxlpipe.pipeline.runner import run_pipeline
 
     console = _stderr()
@@ -130,10 +138,25 @@ def run(
     _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
     # Under accelerate launch / torchrun every process runs; only rank 0 shows progress.
     main_process = int(os.environ.get("RANK", "0")) == 0
+    # What a complete run reads, walked before it starts: the record of a no-op (pipeline/noop.py).
+    began = noop.begin(cfg, set_) if target == "all" and partition is None and _single_process() else None
     report = run_pipeline(cfg, target, partition=partition, reporter=Reporter(console, enabled=not quiet and main_process),
                           engine=engine)
     if not main_process:
         return  # under accelerate launch / torchrun every process runs; one reports
+    noop.finish(cfg, began, report)
+    _print_run_report(report, as_json, strict, config)
+
+
+def _single_process() -> bool:
+    """Not one of several processes of `accelerate launch` / torchrun (they must run together)."""
+    return os.environ.get("WORLD_SIZE", "1") == "1" and os.environ.get("RANK", "0") == "0"
+
+
+def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -> None:
+    """The run's results on stdout; exit 1 for a failed stage or, with --strict, a rejected file."""
+    from sdxlpipe.pipeline.graph import ITEM_NAMES
+
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])
     failed = report["failed_stages"]
@@ -174,8 +197,16 @@ def status(
     anything must be computed or a run would fail, e.g. train asked for fewer
     steps than its finished run has); 2 for a config mistake.
     """
+    from sdxlpipe.pipeline.noop import answer, as_status
+    from sdxlpipe.pipeline.status import format_status
+
+    recorded = answer(config, set_)  # nothing changed since the last complete run (pipeline/noop.py)
+    if recorded is not None:
+        result = as_status(recorded)
+        print(json.dumps(result, indent=2) if as_json else format_status(result))
+        return
     from sdxlpipe.config import load_config
-    from sdxlpipe.pipeline.status import format_status, status as compute_status
+    from sdxlpipe.pipeline.status import status as compute_status
 
     _setup(_stderr())
     cfg = load_config(config, set_)
@@ -399,7 +430,60 @@ def store_du(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json
     print(f"{'total':12} {usage['bytes'] / 1e6:>32.1f} MB")
 
 
+def _noop_before_typer(argv: list[str]) -> int | None:
+    """`run [all]` and `status` in their plain spellings answered from the no-op record before typer
+    parses anything (its parameter coercion imports pydantic: ~0.2 s, half of `--help`).
+
+    Returns the exit code, or None when typer must run: any other command, flag or spelling
+    (`--config=x`, `--shards`, `--engine`, `--help`), or no record that answers.
+    """
+    if not argv or argv[0] not in ("run", "status") or not _single_process():
+        return None
+    command, rest = argv[0], argv[1:]
+    flags = {"run": {"--json", "--strict", "-q", "--quiet", "-v", "--verbose"}, "status": {"--json", "--check"}}[command]
+    config, overrides, seen, target = DEFAULT_CONFIG, [], set(), None
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-c", "--config", "--set") and i + 1 < len(rest):
+            if arg == "--set":
+                overrides.append(rest[i + 1])
+            else:
+                config = Path(rest[i + 1])
+            i += 2
+        elif arg in flags:
+            seen.add(arg)
+            i += 1
+        elif command == "run" and target is None and not arg.startswith("-"):
+            target = arg
+            i += 1
+        else:
+            return None
+    if command == "run" and target not in (None, "all"):
+        return None
+    from sdxlpipe.pipeline.noop import answer, as_status
+
+    recorded = answer(config, overrides or None)
+    if recorded is None:
+        return None
+    as_json = "--json" in seen
+    if command == "status":
+        from sdxlpipe.pipeline.status import format_status
+
+        result = as_status(recorded)
+        print(json.dumps(result, indent=2) if as_json else format_status(result))
+        return 0
+    try:
+        _print_run_report(recorded, as_json, "--strict" in seen, config)
+    except typer.Exit as e:
+        return e.exit_code
+    return 0
+
+
 def main() -> None:
+    code = _noop_before_typer(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
     try:
         app()
     except Exception as e:  # noqa: BLE001 - user errors become two lines; the rest keep their traceback

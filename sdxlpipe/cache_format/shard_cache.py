@@ -9,8 +9,10 @@ name ("verified once on arrival"); readers still check each item's xxh3.
 The directory is kept under a byte limit by evicting the least recently used
 shards. "Used" is the file's mtime, touched on every use, so separate
 processes (loader workers, ranks, other runs) share one LRU order without a
-shared index; a per-shard lock file makes processes that want the same shard
-download it once. An evicted shard that a reader still has open stays
+shared index; a per-shard lock file (removed after the download) makes
+processes that want the same shard download it once. A shard not cached yet
+can also be read by ranges (`read_range`), so a batch never waits for whole
+shards it needs a few items of. An evicted shard that a reader still has open stays
 readable (POSIX unlink); one evicted before it was opened is fetched again.
 Modelled on MosaicML streaming's `cache_limit` / `predownload`, which keeps
 one local directory per dataset instead. Imports no torch.
@@ -66,6 +68,32 @@ class ShardCache:
 
     def local_path(self, shard_id: str) -> Path:
         return self.directory / f"{shard_id}.tar"
+
+    def peek(self, shard_id: str) -> Path | None:
+        """The local copy of a shard if it is cached (and now the most recently used), else None; never fetches."""
+        path = self.local_path(shard_id)
+        return path if _touch(path) else None
+
+    def read_range(self, stage: str, shard_id: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the remote shard, for reads of a shard that is not cached yet.
+
+        Raises FileNotFoundError when the shard is gone, StoreError when it cannot be read after retries.
+        """
+        fs = self._remote()
+        remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                return fs.cat_file(remote, start=start, end=end)
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                    raise StoreError(
+                        f"could not read {remote} from {self.url} after {DOWNLOAD_ATTEMPTS} tries: {e}",
+                        "check the network and credentials, then run the same command again: "
+                        "training resumes from its last checkpoint") from e
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
 
     def get(self, stage: str, shard_id: str, keep: frozenset[str] = frozenset()) -> Path | None:
         """The local path of a verified copy of the shard, downloading it if needed.
@@ -149,16 +177,31 @@ def _touch(path: Path) -> bool:
 
 
 class _locked:
-    """An exclusive flock on a small lock file, held for one download."""
+    """An exclusive flock on a small lock file, held for one download; the file is removed on release.
+
+    A waiter may wake holding the lock of a file its holder has just removed; it checks that the
+    path still names the file it locked, and otherwise locks the new one.
+    """
 
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def __exit__(self, *exc) -> None:
+        try:
+            os.unlink(self.path)  # before unlocking, so nobody can lock it after we are done
+        except FileNotFoundError:
+            pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sdxlpipe.datasets.base import IMAGE_EXTENSIONS, Candidate, fallback_caption
 from sdxlpipe.datasets.sidecars import find_sidecar
@@ -34,7 +34,8 @@ def list_images(root: Path) -> list[Path]:
 
 
 def read_folder(root: Path, *, subset: str, repeats: int, kohya_folders: bool, prompt: str,
-                stem_captions: bool) -> Iterator[Candidate]:
+                stem_captions: bool, read_sidecar: Callable | None = None) -> Iterator[Candidate]:
+    """read_sidecar(path, st): a caption file's text (ingest's stat-keyed memo); default: read it."""
     multipliers: dict[Path, float] = {}
     for path in list_images(root):
         rel = path.relative_to(root)
@@ -50,7 +51,7 @@ def read_folder(root: Path, *, subset: str, repeats: int, kohya_folders: bool, p
         factor = _multiplier(path.parent, root, multipliers)
         if factor != 1.0:
             item_repeats = max(1, round(item_repeats * factor))
-        sidecar = find_sidecar(path)
+        sidecar = find_sidecar(path, read_sidecar)
         default, origin = fallback_caption(path.stem, item_prompt, use_stem)
         yield Candidate(
             rel=rel.as_posix(), display=str(path), source=str(path.absolute()), subset=item_subset,

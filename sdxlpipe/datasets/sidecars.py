@@ -8,18 +8,26 @@ prompt followed by the tags, joined with ", ". A json sidecar may hold
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Checked in this order; the first that exists wins.
 SIDECAR_EXTENSIONS = (".txt", ".caption", ".yaml", ".yml", ".json")
 
 
-def find_sidecar(image: Path) -> str | None:
+def find_sidecar(image: Path, read: Callable[..., str | None] | None = None) -> str | None:
+    """The caption of the first sidecar that exists. `read(path, st)`: how to get its text
+    (ingest passes its stat-keyed memo, so a rerun opens no caption file); default: read it."""
     for ext in SIDECAR_EXTENSIONS:
         side = image.with_suffix(ext)
-        if side.is_file():
-            return read_sidecar(side)
+        try:
+            st = os.stat(side)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return read(side, st) if read is not None else read_sidecar(side)
     return None
 
 

@@ -106,6 +106,8 @@ class Context:
     reporter: Reporter
     models: Models
     dry_run: bool = False
+    # Caption sidecar texts by file stat (ingest), so a rerun opens no caption file; None: read them.
+    sidecars: ContentMemo | None = None
     # (k, n): compute only items whose key falls in partition k of n.
     partition: tuple[int, int] | None = None
     stage: str = ""

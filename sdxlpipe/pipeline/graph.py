@@ -12,6 +12,11 @@ from types import ModuleType
 
 STAGE_NAMES = ("ingest", "caption", "bucket", "vae_encode", "text_encode", "train", "export")
 
+# What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
+# variants and the empty caption), vae_encode latents (flipped ones too), not images. Here, not in
+# progress.py, so the no-op fast path prints a report without importing rich.progress.
+ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", "export": "exports"}
+
 # Targets that name more than one stage.
 ALIASES = {"all": "export", "encode": "text_encode"}
 

@@ -32,9 +32,6 @@ log = logging.getLogger("sdxlpipe")
 LINE_SECONDS = 10.0
 # ... and at every 5% of the work, so short stages still show their counts.
 LINE_FRACTION = 0.05
-# What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
-# variants and the empty caption), vae_encode latents (flipped ones too), not images.
-ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", "export": "exports"}
 
 # What one unit of work is called in a log line, per tracked task (default: item).
 UNITS = {"train": "step"}

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdxlpipe.config import Config
-from sdxlpipe.pipeline.progress import ITEM_NAMES
-from sdxlpipe.pipeline.runner import run_pipeline
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdxlpipe.config import Config
 
 
 def status(config: Config, target: str = "all") -> dict[str, Any]:
+    from sdxlpipe.pipeline.runner import run_pipeline  # pyarrow: not needed to format a recorded answer
+
     report = run_pipeline(config, target, dry_run=True)
     stages = {
         # cannot_run: items a run would refuse or fail as asked (the reasons say why and what to change).
@@ -27,6 +30,8 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
 
 
 def format_status(result: dict[str, Any]) -> str:
+    from sdxlpipe.pipeline.graph import ITEM_NAMES
+
     lines = []
     for name, s in result["stages"].items():
         line = (f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['up_to_date']:>7} up to date"

@@ -1,7 +1,7 @@
 """The workspace: `.sdxlpipe/` beside the config, local to one checkout.
 
-It holds the stage tables (parquet), the content-hash memo, training runs
-and run records. The store may be shared; the workspace never needs to be.
+It holds the stage tables (parquet), the content-hash and caption memos,
+training runs, run records and the no-op record (`.noop.json`, pipeline/noop.py). The store may be shared; the workspace never needs to be.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class Workspace:
     @property
     def memo_path(self) -> Path:
         return self.root / "memo" / "content_hash.parquet"
+
+    @property
+    def sidecar_memo_path(self) -> Path:
+        return self.root / "memo" / "sidecar_text.parquet"
 
     def train_dir(self, train_key: str) -> Path:
         return self.root / "train" / train_key

@@ -125,8 +125,8 @@ REJECTED_SCHEMA = pa.schema([
 ])
 
 
-def candidates(source: Source, tar_hash) -> Iterator[tuple[object, str | None]]:
-    """(candidate, container hash) for every image a source lists."""
+def candidates(source: Source, tar_hash, read_sidecar=None) -> Iterator[tuple[object, str | None]]:
+    """(candidate, container hash) for every image a source lists; read_sidecar(path, st): a caption file's text."""
     from sdxlpipe.datasets.folder import read_folder
     from sdxlpipe.datasets.manifest import read_manifest
     from sdxlpipe.datasets.webdataset import list_tars, read_tar
@@ -145,7 +145,7 @@ def candidates(source: Source, tar_hash) -> Iterator[tuple[object, str | None]]:
             for c in read_tar(tar, rel_prefix=prefix, **common):
                 yield c, digest
     else:
-        for c in read_folder(path, kohya_folders=source.kohya_folders, **common):
+        for c in read_folder(path, kohya_folders=source.kohya_folders, read_sidecar=read_sidecar, **common):
             yield c, None
 
 
@@ -170,7 +170,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     with ctx.reporter.track("ingest", None) as advance:
         for source in params.sources:
             listed = 0
-            for c, container_hash in candidates(source, ctx.memo.hash_file):
+            for c, container_hash in candidates(source, ctx.memo.hash_file, ctx.sidecars and ctx.sidecars.get):
                 listed += 1
                 if listed % PROGRESS_EVERY == 0:
                     advance(PROGRESS_EVERY)
@@ -225,9 +225,13 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                              "to take repeats and class tokens from their names", source.path)
     if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
         ctx.memo.save()
+        if ctx.sidecars is not None:
+            ctx.sidecars.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
-    if not ctx.dry_run:
-        ctx.workspace.write_table(REJECTED_TABLE, pa.table(rejected, schema=REJECTED_SCHEMA))
+    rejected_table = pa.table(rejected, schema=REJECTED_SCHEMA)
+    # An equal table is not rewritten: a no-op run writes nothing (decision 35).
+    if not ctx.dry_run and (old_rejected is None or not old_rejected.equals(rejected_table)):
+        ctx.workspace.write_table(REJECTED_TABLE, rejected_table)
     return pa.table(rows, schema=SCHEMA)
 
 

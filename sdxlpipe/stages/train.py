@@ -127,11 +127,12 @@ class Params:
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
-    # Loader worker processes that read and decode batches from the store while the model trains;
-    # 2 keeps a GPU fed from a local disk; 0 reads in the training process (no copy between
-    # processes, but each step waits for its read: fine on a CPU, where the step dominates).
+    # Reader threads in the training process that read batches from the store while the model trains
+    # (threads, not processes: reads and copies release the GIL, and a batch never crosses a process
+    # boundary); 2 overlap one batch's file reads with another's header parsing and keep a GPU fed
+    # from a local disk; 0 reads each batch in the training thread when it is due.
     loader_workers: int = 2
-    # Batches each loader worker reads ahead; memory is about (workers x this) batches.
+    # Batches each reader thread reads ahead; memory is about (workers x this) batches.
     loader_prefetch: int = 2
     # A store behind a URL (s3://, file://, ...) is read through whole shards copied to this local
     # directory, shared by every run on the machine; "": $XDG_CACHE_HOME/sdxlpipe/shards (~/.cache/...).

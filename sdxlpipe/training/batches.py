@@ -40,47 +40,53 @@ FLOAT_FIELDS = ("mean", "std", "embeds", "pooled", "mask")
 
 
 def assemble(rows: list[dict], members: list[int], latents: dict, texts: dict, p, epoch: int, index: int,
-             fixed: bool, stored_dtype: bool = False) -> dict:
-    """The batch's tensors (CPU) and choices: flip, caption variant, caption dropout, micro-conditioning.
+             fixed: bool) -> dict:
+    """The batch's tensors (CPU, payloads in fp32) and choices: flip, caption variant, caption dropout,
+    micro-conditioning.
 
     `latents` and `texts` map item keys to decoded payloads; they need hold only the keys `pick` names.
-    stored_dtype: leave the payload tensors in the dtype they are stored in (fp16), for `as_float`
-    later: loader workers hand half the bytes to the training process.
+    `training/stream.py` builds the same batch from the same `pick` and `conditioning`, reading each
+    payload straight into its batch slot.
     """
-    lat, txt, captions, time_ids, masks, is_reg = [], [], [], [], [], []
-    for row, chosen in zip(rows, pick(rows, members, p, epoch, index, fixed)):
-        entry = latents[chosen["latent_key"]]
-        if chosen["caption"] is not None:
-            captions.append(chosen["caption"])
-        else:
-            txt.append(texts[chosen["text_key"]])
-        crop_left = row["crop_left"]
-        if chosen["flip"] and row.get("resize_w"):
-            # The crop seen from the other side of the flipped image.
-            crop_left = row["resize_w"] - row["bucket_w"] - crop_left
-        lat.append(entry)
-        time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
-                                     (row["bucket_h"], row["bucket_w"])))
-        masks.append(entry.get("mask"))
-        is_reg.append(bool(row.get("is_reg")))
+    picks = pick(rows, members, p, epoch, index, fixed)
+    lat = [latents[c["latent_key"]] for c in picks]
+    txt = [texts[c["text_key"]] for c in picks if c["caption"] is None]
     mask = None
     if p.masked_loss:
         ones = torch.ones_like(lat[0]["mean"][:1])
-        mask = torch.stack([m.reshape(ones.shape) if m is not None else ones for m in masks])
+        mask = torch.stack([e["mask"].reshape(ones.shape) if e.get("mask") is not None else ones for e in lat])
     batch = {
         "mean": torch.stack([e["mean"] for e in lat]), "std": torch.stack([e["std"] for e in lat]),
         "scale": lat[0]["scaling_factor"], "shift": lat[0]["shift_factor"],
         "embeds": torch.stack([t["prompt_embeds"] for t in txt]) if txt else None,
         "pooled": torch.stack([t["pooled_prompt_embeds"] for t in txt]) if txt else None,
-        "captions": captions,
-        "time_ids": torch.tensor(time_ids, dtype=torch.float32), "mask": mask,
-        "is_reg": torch.tensor(is_reg, dtype=torch.bool),
+        "mask": mask, **conditioning(rows, picks),
     }
-    return batch if stored_dtype else as_float(batch)
+    return as_float(batch)
+
+
+def conditioning(rows: list[dict], picks: list[dict]) -> dict:
+    """The batch's captions (when the loop encodes text), SDXL micro-conditioning and regularisation flags."""
+    captions, time_ids = [], []
+    for row, chosen in zip(rows, picks):
+        if chosen["caption"] is not None:
+            captions.append(chosen["caption"])
+        crop_left = row["crop_left"]
+        if chosen["flip"] and row.get("resize_w"):
+            # The crop seen from the other side of the flipped image.
+            crop_left = row["resize_w"] - row["bucket_w"] - crop_left
+        time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
+                                     (row["bucket_h"], row["bucket_w"])))
+    return {"captions": captions, "time_ids": torch.tensor(time_ids, dtype=torch.float32),
+            "is_reg": torch.tensor([bool(row.get("is_reg")) for row in rows], dtype=torch.bool)}
 
 
 def as_float(batch: dict) -> dict:
-    """The batch with its payload tensors in fp32, what the loss is computed in (exact from fp16)."""
+    """The batch with its payload tensors in fp32, what the loss is computed in (exact from fp16).
+
+    Streamed batches arrive in the stored dtype (half the bytes to copy, and to a GPU); the
+    training loop calls this on each.
+    """
     return {k: v.float() if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
 
 

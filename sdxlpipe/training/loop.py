@@ -7,7 +7,7 @@ each batch is read when it is due (`training.stream`; memory holds the table,
 the plan and a few batches, not the ~566 KiB per SDXL sample) -> the UNet
 with its network -> optimizer, LR schedule, EMA -> resume from the newest
 checkpoint -> for each step and each micro-batch: a batch from one bucket
-(read ahead by loader workers), a fresh latent
+(read ahead by reader threads), a fresh latent
 sample from the stored distribution, noise, timesteps, the loss of
 `training.losses` -> clip, step -> log, validate, checkpoint -> `done.json`.
 
@@ -35,6 +35,7 @@ from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
+from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -65,7 +66,9 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     if p.fused_backward and world > 1:
         raise UserError("train.fused_backward steps each weight before the processes average its gradient",
                         "train on one process, or set fused_backward = false")
-    rows = table.to_pylist()
+    # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
+    buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
+    is_reg = table.column("is_reg").to_pylist() if "is_reg" in table.column_names else [False] * len(buckets)
     if p.train_text_encoder:
         if "caption" not in table.column_names:
             raise UserError("train.train_text_encoder needs the caption text, and this table has none",
@@ -74,9 +77,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    plan = BatchPlan([(r["bucket_w"], r["bucket_h"]) for r in rows], [r["repeats"] for r in rows],
-                     p.batch_size, p.seed, [bool(r.get("is_reg")) for r in rows])
-    source = stream.open_source(table, ctx.store, p, plan)  # reads batch i from the store when it is due
+    plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
+    source = stream.open_source(table, ctx.store, p, plan, device)  # reads batch i from the store when it is due
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
@@ -151,13 +153,19 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         ctx.log.info("train_text_encoder on %d processes: text-encoder gradients are averaged by all-reduce", world)
 
     def batch_loss(index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
+        batch, damage = None, None
         try:
-            batch = source.batch(index, fixed=True) if fixed else feed.take(index)
-        except CacheDamaged:
+            # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
+            batch = as_float(source.batch(index, fixed=True) if fixed else feed.take(index))
+        except CacheDamaged as e:
+            damage = e
+        if not fixed:  # every process reads the same fixed batches, so meets the same damage there
+            damage = stream.agree_on_damage(damage, device)  # one process's damage stops them all
+        if damage is not None:
             # Keep the steps done so far: once the item is recomputed the run resumes right here.
             if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
                 save(index // per_step)
-            raise
+            raise damage
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
                 batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
@@ -207,7 +215,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
             images = validation.render(
                 bare, stack, ctx.models.vae(), noise_scheduler, p.validation_prompts,
-                p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, rows),
+                p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, buckets),
                 steps=p.validation_steps, guidance=p.validation_guidance, prediction_type=prediction_type,
                 zero_terminal_snr=p.zero_terminal_snr)
         if ema is not None:
@@ -350,11 +358,11 @@ def _loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Gen
     return (per_sample * weight.to(per_sample.device)).mean()
 
 
-def _validation_size(p, rows: list[dict]) -> tuple[int, int]:
+def _validation_size(p, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     if p.validation_size:
         return (p.validation_size, p.validation_size)
     # The most common bucket: a size the run actually trains at.
     counts: dict[tuple[int, int], int] = {}
-    for r in rows:
-        counts[(r["bucket_w"], r["bucket_h"])] = counts.get((r["bucket_w"], r["bucket_h"]), 0) + 1
+    for bucket in buckets:
+        counts[bucket] = counts.get(bucket, 0) + 1
     return max(counts, key=counts.get)

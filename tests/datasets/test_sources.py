@@ -109,10 +109,13 @@ class _ReadCounter:
 
     def __init__(self, monkeypatch):
         self.read: dict[str, int] = {}
+        self.opened: list[str] = []  # every path opened, text or binary
         real_open = builtins.open
 
         def counting_open(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
+            if isinstance(file, (str, Path)):
+                self.opened.append(str(file))
             if "b" in mode and isinstance(file, (str, Path)):
                 name, real_read = str(file), f.read
 
@@ -162,9 +165,11 @@ def test_webdataset_tars_are_read_in_place_and_a_rerun_reads_no_image(tmp_path, 
     assert again["rejected"] == report["rejected"]
 
 
-def test_noop_rerun_of_a_folder_reads_no_image_bytes(tmp_path, monkeypatch):
-    good_and_quirky(tmp_path / "images")
+def test_noop_rerun_of_a_folder_reads_no_image_bytes_and_no_caption_file(tmp_path, monkeypatch):
+    sizes = good_and_quirky(tmp_path / "images")
     bad_files(tmp_path / "images")
+    for name in sizes:
+        (tmp_path / "images" / name).with_suffix(".txt").write_text(f"caption of {name}\n")
     _age(tmp_path)
     cfg = _config(tmp_path, '[[sources]]\npath = "images"\n[ingest]\nmax_pixels = 100000\n')
     first = run_pipeline(cfg, "ingest")
@@ -174,7 +179,18 @@ def test_noop_rerun_of_a_folder_reads_no_image_bytes(tmp_path, monkeypatch):
 
     image_reads = {p: n for p, n in counter.read.items() if Path(p).suffix in (".jpg", ".png", ".webp", ".gif")}
     assert image_reads == {}
+    assert [p for p in counter.opened if p.endswith(".txt")] == []  # captions answered by their stat
     assert again["rejected"] == first["rejected"] and again["stages"]["ingest"]["computed"] == 0
+
+    # One caption edited: that file alone is read, and its new text is in the table.
+    edited = (tmp_path / "images" / sorted(sizes)[0]).with_suffix(".txt")
+    edited.write_text("an edited caption\n")
+    counter.opened.clear()
+    third = run_pipeline(cfg, "ingest")
+    assert [Path(p).name for p in counter.opened if p.endswith(".txt")] == [edited.name]
+    assert third["stages"]["ingest"]["computed"] == 1
+    assert [r["sidecar_caption"] for r in _rows(cfg, "ingest") if r["source"] == str(edited.with_suffix(
+        Path(sorted(sizes)[0]).suffix).absolute())] == ["an edited caption"]
 
 
 def test_every_quirky_image_is_kept_upright_and_every_bad_file_rejected_with_a_reason(tmp_path):

@@ -116,10 +116,41 @@ def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):
     assert sum(tags.values()) == 32
 
 
-def test_rerun_computes_nothing_and_loads_no_model(trained):
+FAST_PROBE = """
+import sys
+from sdxlpipe.cli import main
+sys.argv = ['sdxlpipe', *{command!r}, '-c', {config!r}, '--json']
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+# pydantic: typer's parameter coercion (0.2 s), skipped when the record answers before typer parses
+heavy = [m for m in ('pyarrow', 'numpy', 'fsspec', 'torch', 'pydantic') if m in sys.modules]
+print('HEAVY', heavy, file=sys.stderr)
+"""
+
+
+def test_rerun_computes_nothing_loads_no_model_and_the_next_answers_from_its_record(trained):
     report = cli_json("run", "all", "-c", str(trained))
     assert {n: s["computed"] for n, s in report["stages"].items()} == dict.fromkeys(STAGES, 0)
     assert report["models_loaded"] == []
+    # Nothing changed since that complete run: run all and status answer from its record,
+    # the same answer (but the timings) without importing pyarrow, numpy, fsspec, torch or pydantic.
+    for command in (["run", "all"], ["status"]):
+        proc = subprocess.run([sys.executable, "-c", FAST_PROBE.format(command=command, config=str(trained))],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "HEAVY []", proc.stderr[-3000:]
+        answer = json.loads(proc.stdout)
+        if command == ["status"]:
+            assert answer["up_to_date"] and {n: s["up_to_date"] for n, s in answer["stages"].items()} == {
+                n: s["items"] for n, s in report["stages"].items()}
+        else:
+            assert answer == {**report, "stages": {n: {**s, "seconds": 0.0} for n, s in report["stages"].items()}}
+            assert list(answer["stages"]) == list(STAGES)
+    # One edited caption: the record no longer answers, and status sees the one text to encode.
+    (trained.parent / "images" / "004_orange_square.txt").write_text("an orange square, edited\n")
+    status = cli_json("status", "-c", str(trained))
+    assert status["stages"]["text_encode"]["to_compute"] == 1 and not status["up_to_date"]
 
 
 @pytest.mark.parametrize("command", [["status"], ["run", "all"]])

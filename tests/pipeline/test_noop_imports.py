@@ -38,18 +38,17 @@ def test_status_over_a_store_with_fragments_imports_no_torch_pandas_or_pyarrow_d
     assert "vae_encode" in proc.stdout
 
 
-def test_a_noop_rerun_rewrites_no_stage_table_or_settings_file(example):
+def test_a_noop_rerun_rewrites_no_stage_table_rejected_table_or_settings_file(example):
     config = load_config(example)
     run_pipeline(config, "bucket")
     tables = config.workspace / "tables"
 
     def files() -> dict[str, tuple[int, int]]:
-        # ingest_rejected is ingest's own table, written by the stage each run.
-        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tables.iterdir()
-                if not p.name.startswith("ingest_rejected")}
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tables.iterdir()}
 
     before = files()
-    assert {"ingest.parquet", "caption.parquet", "bucket.parquet", "bucket.settings.json"} <= set(before)
+    assert {"ingest.parquet", "ingest_rejected.parquet", "caption.parquet", "bucket.parquet",
+            "bucket.settings.json"} <= set(before)
     report = run_pipeline(config, "bucket")
     assert {n: s["computed"] for n, s in report["stages"].items()} == {"ingest": 0, "caption": 0, "bucket": 0}
     assert files() == before  # an atomic rewrite is a new inode; each was a parquet encode and an fsync

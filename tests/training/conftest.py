@@ -23,8 +23,8 @@ from sdxlpipe.pipeline.progress import Reporter
 from sdxlpipe.pipeline.workspace import Workspace
 from sdxlpipe.stages import train as train_stage
 
-# loader_workers 0: forking workers costs ~0.7 s a run on this machine; the tests of the
-# streaming loader (test_stream.py, test_train_resume.py) use workers.
+# loader_workers 0: batches are read in the training thread; the tests of the streaming
+# loader (test_stream.py, test_train_resume.py) use reader threads.
 SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, save_every_steps=4, max_checkpoints=2,
              loader_workers=0)
 

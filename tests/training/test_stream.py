@@ -27,7 +27,7 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import assemble, load_cached, pick
+from sdxlpipe.training.batches import as_float, assemble, load_cached, pick
 from sdxlpipe.training.data import BatchPlan
 from tests.training.conftest import build_samples, make_context, params, run_train
 
@@ -44,7 +44,10 @@ def plan_of(table, p) -> BatchPlan:
 
 
 def assert_same_batch(got: dict, want: dict) -> None:
+    """`got`, a streamed batch, arrives in the stored dtype; the loop computes in fp32 (`as_float`)."""
     assert set(got) - {"index"} == set(want)
+    assert got["mean"].dtype == torch.float16  # the stored dtype: half the bytes to copy
+    got = as_float(got)
     for name, value in want.items():
         if isinstance(value, torch.Tensor):
             assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
@@ -99,7 +102,7 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     ctx.store.refresh()
     victim = ctx.store.locate("text_encode", [key])[0]  # the copy read first
     plan = plan_of(table, p)
-    source = stream.open_source(table, ctx.store, p, plan)  # the workers' index still points at the first copy
+    source = stream.open_source(table, ctx.store, p, plan)  # batches are located ahead: at the first copy
     flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
     rows = table.to_pylist()
     with stream.open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
@@ -138,6 +141,40 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     assert "sdxlpipe run encode" in message
     # Marked in the store: the next run's encode recomputes it.
     assert open_store(ctx.store.root).damaged("text_encode", [key]) == [key]
+
+
+def _agree_in_process(rank: int, init: str, out: str) -> None:
+    """One of two processes (gloo, as `accelerate launch` on CPU): agree_on_damage once per batch; rank 1
+    meets damage at batch 2."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    lines = []
+    for index in range(3):
+        mine = None
+        if (rank, index) == (1, 2):
+            mine = CacheDamaged({"vae_encode": ["ab" * 16]}, "vae_encode item abab... (checksum mismatch)")
+            mine.hint = "sdxlpipe run encode"
+        got = stream.agree_on_damage(mine, "cpu")
+        lines.append(f"{index} " + ("None" if got is None else repr([got.what, got.items, got.hint])))
+    dist.destroy_process_group()
+    Path(out).write_text("\n".join(lines))
+
+
+def test_damage_met_by_one_process_stops_every_process_with_the_same_error(tmp_path):
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")  # torch is imported already: forking costs no import
+    init, outs = f"file://{tmp_path / 'rendezvous'}", [tmp_path / f"rank{rank}.txt" for rank in (0, 1)]
+    procs = [fork.Process(target=_agree_in_process, args=(rank, init, str(outs[rank]))) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    damaged = repr(["vae_encode item abab... (checksum mismatch)", {"vae_encode": ["ab" * 16]}, "sdxlpipe run encode"])
+    for out in outs:  # rank 0 met nothing itself, and stops with rank 1's error
+        assert out.read_text().splitlines() == ["0 None", "1 None", f"2 {damaged}"]
 
 
 # --- whole runs: damage met mid-run, remote stores through the local shard cache ---------
@@ -204,6 +241,25 @@ def test_a_memory_store_trains_through_a_cache_smaller_than_the_dataset(tmp_path
         assert store_bytes(run["store"]) > 2 * limit
         assert all(torch.equal(run["weights"][k], local_weights[k]) for k in local_weights)
         assert 0 < cache_bytes(cache) <= limit
+    finally:
+        fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
+
+
+def test_a_batch_of_a_remote_store_is_read_by_ranges_before_its_shards_are_cached(tmp_path):
+    """The first batch does not wait for whole shards: items of uncached shards are read by range."""
+    url = f"memory://sdxlpipe-ranges-{tmp_path.name}/store"
+    try:
+        ctx = make_context(tmp_path / "ws", store=url)
+        table = build_samples(ctx, **SAMPLES)
+        p = params(**RUN, shard_cache_dir=str(tmp_path / "cache"))
+        rows, plan = table.to_pylist(), plan_of(table, p)
+        latents, texts = load_cached(rows, ctx)
+        source = stream.open_source(table, ctx.store, p, plan)
+        for index in range(3):  # no feed, so nothing fetches whole shards
+            epoch, members = plan.batch_at(index)
+            want = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, False)
+            assert_same_batch(source.recover(source.read(index)), want)
+        assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.tar"))
     finally:
         fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
 
@@ -275,5 +331,6 @@ def test_the_shard_cache_is_shared_by_content_verified_on_arrival_and_kept_under
         cache_a.get("vae_encode", ids[1])  # used again: now ids[2] is the oldest
         cache_a.get("vae_encode", ids[3])
         assert sorted(p.stem for p in directory.glob("*.tar")) == sorted([ids[1], ids[3]])
+        assert [p.name for p in directory.iterdir() if p.suffix != ".tar"] == []  # no lock or temp files left
     finally:
         fs.rm(f"/sdxlpipe-cache-{tmp_path.name}", recursive=True)

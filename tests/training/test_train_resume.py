@@ -28,7 +28,7 @@ SETTINGS = {
     "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, "caption_dropout": 0.3,
     "noise_offset": 0.05, "noise_offset_random_strength": True, "input_perturbation": 0.1,
     "multires_noise_iterations": 2, "masked_loss": True, "min_snr_gamma": 5.0, "prior_loss_weight": 0.5,
-    "loader_workers": 2,  # batches streamed by two worker processes, killed with the run
+    "loader_workers": 2,  # batches streamed by two reader threads, killed with the run
 }
 
 # Runs the train stage on a workspace made by make_context/build_samples, in its own process.
