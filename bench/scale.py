@@ -8,13 +8,18 @@ index: makes stores of real index fragments (1,000 of them; keys, shard ids
 and checksums are real xxh3 hex, the shards they point at are not written)
 and measures, each store loaded in a fresh process:
   load       time and peak RSS (growth over the process after imports) of the
-             first lookup, which lists and reads every fragment
+             first lookup: without the local index cache (every fragment
+             parsed), with an empty cache (parsed, then the cache written), a
+             rerun (the cache covers every fragment), and a rerun after
+             another writer added 10 fragments (only those parsed)
   missing    store.missing() for 10k keys (half present) against the store
   plan       a vae_encode over every row planned the way the stage does it:
              one missing() over all keys, then per chunk of 906 keys (SDXL
              1024^2 latents fill a 256 MiB shard with 906) one refresh and one
              missing(); with 0% missing, and with 1% missing where each chunk
              with work commits one real shard (that write time reported apart)
+keys: vae_encode's item keys of --key-rows rows computed from the table's
+  columns (as the stage does), against the per-row reference in the same process
 noop: a real folder of small images, `sdxlpipe run all` once to fill the store
   (tiny model, 64 px, 1 training step), then the no-op `run all`, `status` and
   `sdxlpipe --help` in fresh processes (bytecode cached, one warm-up), best of 3 each
@@ -55,8 +60,9 @@ FIELD = "latent.safetensors"
 CHUNK = 906  # SDXL 1024^2: mean+std fp16 (+mask) per item, 256 MiB shards -> 906 items
 
 
-def make_index_store(root: Path, rows: int, fragments: int) -> None:
-    """A store whose index holds `rows` rows in `fragments` fragments, written to the spec."""
+def make_index_store(root: Path, rows: int, fragments: int, seed: int = 0) -> None:
+    """A store whose index holds `rows` rows in `fragments` fragments, written to the spec
+    (into an existing store: more fragments, from another seed)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -65,8 +71,8 @@ def make_index_store(root: Path, rows: int, fragments: int) -> None:
 
     open_store(str(root))
     directory = root / "index" / STAGE
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     per = -(-rows // fragments)
     for f in range(fragments):
         n = min(per, rows - f * per)
@@ -110,13 +116,16 @@ def child_index(root: str, plan_missing: float | None) -> dict:
     store.missing(STAGE, [])  # the first lookup lists and reads every fragment
     load, load_cpu = time.perf_counter() - t, _cpu() - cpu
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times = []
+    index = store._index(STAGE)
+    times, cpus = [], []
     for _ in range(5):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         absent = store.missing(STAGE, probe)
         times.append(time.perf_counter() - t)
+        cpus.append(_cpu() - c)
     out = {"rows": len(keys), "load_s": load, "load_cpu_s": load_cpu, "load_peak_mb": peak, "missing10k_s": min(times),
-           "missing10k_found": len(absent)}
+           "missing10k_cpu_s": min(cpus), "missing10k_found": len(absent), "parsed": index.reads,
+           "from_cache": index.from_cache}
     if plan_missing is not None:
         out.update(plan(store, keys, plan_missing, rng))
     return out
@@ -157,8 +166,9 @@ def plan(store, keys: list[str], share: float, rng) -> dict:
             "write_s": writing, "todo": len(todo)}
 
 
-def run_child(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_child(args: list[str], cache: Path | None = None) -> dict:
+    """cache: the index cache directory the child uses (SDXLPIPE_INDEX_CACHE)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDXLPIPE_INDEX_CACHE": str(cache) if cache else "off"}
     out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -166,23 +176,68 @@ def run_child(args: list[str]) -> dict:
 def bench_index(rows_list: list[int], fragments: int) -> None:
     print(f"# index: {fragments} fragments; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
+
+    def show(what: str, r: dict) -> None:
+        print(f"  {what}: load {r['load_s']:.2f} s wall, {r['load_cpu_s']:.2f} s CPU (target <= 2 s), "
+              f"peak +{r['load_peak_mb']:.0f} MB (target <= 300); {r['parsed']} fragments parsed, "
+              f"{r['from_cache']} from the index cache; missing(10k) {r['missing10k_s'] * 1000:.1f} ms wall, "
+              f"{r['missing10k_cpu_s'] * 1000:.1f} ms CPU (target <= 50), found {r['missing10k_found']} absent")
+
     for rows in rows_list:
         with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "store"
+            root, cache = Path(tmp) / "store", Path(tmp) / "index-cache"
             t = time.perf_counter()
             make_index_store(root, rows, fragments)
             print(f"rows {rows:>9,}: store made in {time.perf_counter() - t:.1f} s")
-            r = run_child(["--child-index", str(root)])
-            print(f"  load {r['load_s']:.2f} s wall, {r['load_cpu_s']:.2f} s CPU (target <= 2 s), peak +{r['load_peak_mb']:.0f} MB (target <= 300); "
-                  f"missing(10k) {r['missing10k_s'] * 1000:.1f} ms (target <= 50), found {r['missing10k_found']} absent")
+            show("no index cache (every fragment parsed)", run_child(["--child-index", str(root)]))
+            show("first run, cache empty (parses, then writes the cache)", run_child(["--child-index", str(root)], cache))
+            show("rerun (cache covers every fragment)", run_child(["--child-index", str(root)], cache))
+            make_index_store(root, rows // fragments * 10, 10, seed=1)
+            show("rerun after another writer added 10 fragments", run_child(["--child-index", str(root)], cache))
             if rows >= 1_000_000:
                 for share in (0.0, 0.01):
-                    p = run_child(["--child-index", str(root), "--plan", str(share)])
+                    p = run_child(["--child-index", str(root), "--plan", str(share)], cache)
                     print(f"  plan {share:.0%} missing: {p['plan_total_s']:.1f} s wall, {p['plan_cpu_s']:.1f} s CPU "
                           f"(target <= 60) = first missing() "
-                          f"{p['plan_first_s']:.2f} s + {p['chunks']} chunks' refresh+missing "
+                          f"{p['plan_first_s']:.2f} s + {p['chunks']} chunks' refresh+missing+housekeeping "
                           f"{p['plan_between_s']:.1f} s; {p['commits']} shards committed in {p['write_s']:.1f} s "
                           f"(not planning); {p['todo']} to compute")
+
+
+# -- item keys ---------------------------------------------------------------------------
+
+
+def bench_keys(rows: int, reference: bool) -> None:
+    """vae_encode's keys of `rows` rows from the table's columns (the stage's way), and with
+    `reference` the per-row way it replaced (a dict and a json.dumps per row), in one process."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sdxlpipe.pipeline.keys import item_key
+    from sdxlpipe.stages import vae_encode
+
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 2**63, (rows, 2))
+    table = pa.table({
+        "content_hash": [f"{a:016x}{b:016x}" for a, b in halves.tolist()],
+        **{c: rng.integers(0, 2048, rows) for c in ("resize_w", "resize_h", "crop_top", "crop_left",
+                                                     "bucket_w", "bucket_h")},
+    })
+    del halves
+    params = vae_encode.Params()
+    print(f"# keys: {rows:,} rows; load average {os.getloadavg()[0]:.1f}")
+    t, c = time.perf_counter(), _cpu()
+    fast = vae_encode.keys_of(table, params, "vae:bench")
+    fast_cpu = _cpu() - c
+    print(f"  from columns (item_keys): {time.perf_counter() - t:.1f} s wall, {fast_cpu:.1f} s CPU "
+          f"= {fast_cpu / rows * 1e6:.2f} us a row")
+    if reference:
+        t, c = time.perf_counter(), _cpu()
+        slow = [item_key(vae_encode.key_doc(r, params, "vae:bench")) for r in table.to_pylist()]
+        slow_cpu = _cpu() - c
+        print(f"  per row (to_pylist + key_doc + item_key): {time.perf_counter() - t:.1f} s wall, "
+              f"{slow_cpu:.1f} s CPU = {slow_cpu / rows * 1e6:.2f} us a row; "
+              f"ratio {slow_cpu / fast_cpu:.1f}x; identical: {slow == fast}")
 
 
 # -- no-op run all -----------------------------------------------------------------------
@@ -462,11 +517,14 @@ def main() -> None:
         print(json.dumps(child_index(sys.argv[2], share)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["index", "noop", "e2e", "all"])
+    ap.add_argument("part", choices=["index", "keys", "noop", "e2e", "all"])
     ap.add_argument("--files", type=int, default=100_000, help="e2e: images on disk (each with a caption file)")
     ap.add_argument("--px", type=int, default=32, help="e2e: image side (32: the smallest bucket, cheapest to encode)")
     ap.add_argument("--no-incremental", action="store_true", help="e2e: skip the 1%% change")
     ap.add_argument("--incremental-only", action="store_true", help="e2e: only the 1%% change (on a filled --workdir)")
+    ap.add_argument("--key-rows", type=int, default=1_000_000, help="keys: rows of the table")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="keys: skip the per-row reference (needs ~1 GB per million rows)")
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--fragments", type=int, default=1000)
     ap.add_argument("--images", type=int, default=2000)
@@ -474,6 +532,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.part in ("index", "all"):
         bench_index(a.rows, a.fragments)
+    if a.part in ("keys", "all"):
+        bench_keys(a.key_rows, not a.no_reference)
     if a.part in ("noop", "all"):
         bench_noop(a.images, a.workdir)
     if a.part in ("e2e", "all"):

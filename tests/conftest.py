@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,11 @@ EXAMPLE = REPO / "examples" / "tiny"
 
 # No test may reach the network or a Hub cache it did not make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The local index cache (cache_format/index_cache.py) of every store a test makes goes to a
+# directory of this test process (and its CLI subprocesses), not ~/.cache; removed at exit.
+if "SDXLPIPE_INDEX_CACHE" not in os.environ:
+    os.environ["SDXLPIPE_INDEX_CACHE"] = tempfile.mkdtemp(prefix="sdxlpipe-index-cache-")
+    atexit.register(shutil.rmtree, os.environ["SDXLPIPE_INDEX_CACHE"], True)
 # Under pytest-xdist (`-n 2`), one torch thread per worker and per CLI subprocess: two workers
 # with two threads each oversubscribe a 2-core machine, and spinning OpenMP threads then made
 # single tests 10-40x slower. Set before torch is imported anywhere in the worker.

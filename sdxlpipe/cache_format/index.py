@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, NamedTuple
 
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import index_cache
 from .shards import StoreError, is_local
 
 BAD_PREFIX = "bad-"
@@ -58,6 +60,12 @@ HEX_LEN = 32
 # searchsorted calls and merging costs O(n log n) only every so often.
 MERGE_SHARE = 8
 MAX_SEGMENTS = 32
+
+# The index cache file is rewritten once the index holds a quarter more rows than the file
+# (so a growing stage rewrites it ~5x its final size in all), or this many fragments it lacks
+# (each costs ~1 ms to parse on a load; the same count that triggers compaction).
+CACHE_GROWTH = 4
+CACHE_FRAGMENTS = 256
 
 # Fragments parsed and checked per batch: bounds the Arrow memory held at once while loading.
 LOAD_BATCH = 128
@@ -97,11 +105,14 @@ def read_parquet_bytes(data: bytes, dictionary: tuple[str, ...] = ()) -> pa.Tabl
     return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
 
 
-def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> dict[str, tuple]:
+def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "",
+                 known: dict[str, tuple] | None = None) -> dict[str, tuple]:
     """{base name: (size, modified)} of the files in `directory` ending with `suffix`.
 
     On a local disk only names starting with `detail_prefix` are stat'ed (the rest get
     (None, "")): a stage of a thousand immutable fragments lists in a millisecond.
+    known: immutable files' signatures from an earlier listing; on a local disk every
+    other name is stat'ed too (the index cache compares signatures; ~3 ms per 1,000).
     """
     if is_local(fs):
         try:
@@ -110,7 +121,9 @@ def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "") -> di
             return {}
         out = {}
         for n in names:
-            if detail_prefix and n.startswith(detail_prefix):
+            if known is not None and n in known and not (detail_prefix and n.startswith(detail_prefix)):
+                out[n] = known[n]
+            elif known is not None or (detail_prefix and n.startswith(detail_prefix)):
                 try:
                     st = os.stat(os.path.join(directory, n))
                 except FileNotFoundError:
@@ -192,10 +205,15 @@ def keys_array(keys) -> np.ndarray:
     if isinstance(keys, np.ndarray) and keys.dtype == np.dtype("S32"):
         return keys
     keys = list(keys)
-    arr = pa.array(keys, pa.string())
-    good = hex_column(arr)
-    if good is not None:
-        return good
+    # One join instead of pa.array(list), whose first call imports pandas (1.4 s) on the no-op path.
+    try:
+        joined = "".join(keys).encode()
+    except (TypeError, UnicodeEncodeError):
+        joined = b""
+    if len(joined) == HEX_LEN * len(keys) and (np.fromiter(map(len, keys), np.int64, len(keys)) == HEX_LEN).all():
+        raw = np.frombuffer(joined, np.uint8)  # equal byte and char counts: all ASCII
+        if _all_hex(raw):
+            return raw.view(f"S{HEX_LEN}") if len(keys) else np.zeros(0, "S32")
     return np.array([k.encode() if is_key(k) else b"" for k in keys], "S32")
 
 
@@ -332,12 +350,21 @@ def _check_markers(table: pa.Table) -> tuple[list | None, str | None]:
 class _Segment:
     """Rows of some fragments: numpy columns, plus an order sorted by the key's top 64 bits."""
 
-    def __init__(self, cols: dict[str, np.ndarray]):
+    def __init__(self, cols: dict[str, np.ndarray], order: np.ndarray | None = None):
+        """order: the rows' stable order by key, when known (a filtered segment's)."""
         self.cols = cols  # key, shard, field, offset, length, xxh3, group, frag (codes), bad (bool)
         self.n = len(cols["key"])
         self.hi = top64(cols["key"])
-        self.order = np.argsort(self.hi, kind="stable")  # stable: a key's rows stay in fragment order
-        self.hi_sorted = self.hi[self.order]
+        self._good: dict = {}
+        if order is not None:
+            self.presorted, self.order, self.hi_sorted = False, order, self.hi[order]
+            return
+        self.presorted = bool(self.n) and bool((self.hi[1:] >= self.hi[:-1]).all())
+        if self.presorted:  # already in key order (the index cache writes rows so): no sort
+            self.order, self.hi_sorted = np.arange(self.n), self.hi
+        else:
+            self.order = np.argsort(self.hi, kind="stable")  # stable: a key's rows stay in fragment order
+            self.hi_sorted = self.hi[self.order]
         self._good: dict = {}
 
     def invalidate(self) -> None:
@@ -415,9 +442,18 @@ class StageIndex:
     fragments (and changed bad-marker files) it has not seen.
     """
 
-    def __init__(self, log: logging.Logger, directory: str = ""):
+    def __init__(self, log: logging.Logger, directory: str = "", cache: tuple[str, str, str] | None = None):
+        """cache: (cache file, store url, stage) of the local index cache (index_cache.py), or None."""
         self.log = log
         self.directory = directory
+        self.cache = cache
+        self.cache_seed = True  # may the first update start from the cache file?
+        self.retry_delays: tuple[float, ...] = ()  # waits between attempts at a fragment that fails to read
+        self.from_cache = 0  # fragments whose rows came from the index cache (tests and benchmarks watch it)
+        self._signature: dict[str, tuple] = {}  # live fragment -> its listing signature
+        self._saved: set[str] | None = None  # fragments the cache file covers (None: no usable file)
+        self._saved_rows = 0
+        self._saved_counts: dict[str, int] = {}  # rows per fragment in the cache file
         self.fragments: list[str] = []  # loaded fragment names; a row's `frag` code indexes it
         self._frag_code: dict[str, int] = {}
         self._live: set[int] = set()  # codes of fragments still listed
@@ -444,9 +480,12 @@ class StageIndex:
         A fragment deleted between the listing and its read (a `compact` replaced it)
         makes us list again, for the merged fragment that holds its rows.
         """
-        listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX)
+        listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX,
+                              known=self._signature if self.cache is not None else None)
         frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
         markers = {n: s for n, s in listed.items() if n.startswith(BAD_PREFIX)}
+        if self.cache is not None and self.cache_seed and not self.fragments:
+            self._seed(frags)
         # A name seen before but compacted away may be written again (the same shard recomputed).
         new = [n for n in frags if not self._is_live(n)
                and not (n in self.refused and self.refused[n] == frags[n])]
@@ -454,7 +493,7 @@ class StageIndex:
         vanished = {self._frag_code[n] for n in self.fragments if n not in frags and self._frag_code[n] in self._live}
         gone_markers = [n for n in self.bad_fragments if n not in markers]
         added, segment_cols, lost = [], [], []
-        read = functools.partial(_load, fs, self.directory)
+        read = functools.partial(_load, fs, self.directory, self.retry_delays, self.log)
         with ThreadPoolExecutor(min(READ_THREADS, max(1, len(new) + len(new_markers)))) as pool:
             results = dict(zip(new_markers, pool.map(read, new_markers)))
             for start in range(0, len(new), LOAD_BATCH):
@@ -511,7 +550,95 @@ class StageIndex:
                     "another process is compacting this stage; retry when it is done",
                 )
             return added + self.update(fs, attempts - 1)  # compacted meanwhile: list again
+        self._signature = {n: frags[n] for n in frags if self._is_live(n)}
+        if self.cache is not None:
+            self._save_if_behind()
         return added
+
+    # -- the local index cache (index_cache.py) -------------------------------------------------
+
+    def _seed(self, frags: dict[str, tuple]) -> None:
+        """Start from the cache file's rows instead of parsing fragments, if it checks out.
+
+        Its fragments that are no longer listed stay dead (their rows are dropped by the
+        update that follows); one listed with another size or time voids the whole file.
+        """
+        path, url, stage = self.cache
+        got = index_cache.load(path, url, stage)
+        if got is None:
+            return
+        header, cols = got
+        try:
+            names = [str(f[0]) for f in header["fragments"]]
+            sigs = [tuple(f[1]) if f[1] is not None else None for f in header["fragments"]]
+            shards, fields, groups = (list(map(str, header[k])) for k in ("shards", "fields", "groups"))
+        except (KeyError, TypeError, IndexError):
+            return
+        n = len(cols["key"])
+        ranges = {"shard": len(shards), "field": len(fields), "group": len(groups), "frag": len(names)}
+        # "" stands for a null in the name lists (no row that passed the grammar uses it).
+        if (len(set(names)) != len(names) or not all(is_key(x) or x == "" for x in shards)
+                or not all(_plain_name(x) or x == "" for x in fields) or not all(map(_plain_name, names))
+                or any(n and (cols[c].min() < 0 or cols[c].max() >= size) for c, size in ranges.items())):
+            return
+        if any(sig is not None and name in frags and frags[name] != sig for name, sig in zip(names, sigs)):
+            return  # a listed fragment is not the one the file read: trust the store
+        self.fragments, self._frag_code = names, {x: i for i, x in enumerate(names)}
+        self._live = {i for i, sig in enumerate(sigs) if sig is not None}
+        self.shards, self._shard_code = shards, {x: i for i, x in enumerate(shards)}
+        self.field_names, self._field_code = fields, {x: i for i, x in enumerate(fields)}
+        self.group_names, self._group_code = groups, {x: i for i, x in enumerate(groups)}
+        if n:
+            segment = _Segment({**cols, "bad": np.zeros(n, bool)})
+            if not segment.presorted:
+                return self._forget()  # not in key order: not a file this code wrote
+            self.segments = [segment]
+        self.from_cache = len(self._live)
+        self._saved = {x for x, sig in zip(names, sigs) if sig is not None}
+        self._saved_rows = n
+        counts = np.bincount(cols["frag"], minlength=len(names))
+        self._saved_counts = {x: int(counts[i]) for i, x in enumerate(names)}
+
+    def _forget(self) -> None:
+        fresh = StageIndex(self.log, self.directory, self.cache)
+        fresh.retry_delays = self.retry_delays
+        self.__dict__.update(fresh.__dict__)
+
+    def _save_if_behind(self) -> None:
+        """Write the cache file when it lacks enough of what is now known: always when there
+        is no file; else once the rows it lacks or holds in vanished fragments reach a quarter
+        of its rows, or it lacks CACHE_FRAGMENTS fragments."""
+        live = set(self._signature)
+        saved = self._saved
+        if live == (saved or set()):
+            return
+        rows = self.fragment_rows()
+        if saved is not None:
+            changed = sum(rows.get(n, 0) for n in live - saved) + sum(self._saved_counts.get(n, 0)
+                                                                      for n in saved - live)
+            if changed * CACHE_GROWTH < self._saved_rows and len(live - saved) < CACHE_FRAGMENTS:
+                return
+        segments = self.segments
+        # Each segment's rows in key order, then one stable argsort: timsort merges the sorted
+        # runs in linear time, and a key's rows stay in fragment order.
+        hi = np.concatenate([s.hi_sorted for s in segments] or [np.zeros(0, np.uint64)])
+        order = np.argsort(hi, kind="stable") if len(segments) > 1 else np.arange(len(hi))
+
+        def column(name: str) -> np.ndarray:
+            if not segments:  # fragments without rows
+                return np.zeros(0, dict(index_cache.COLUMNS)[name])
+            if len(segments) == 1:
+                return segments[0].cols[name][segments[0].order]
+            return np.concatenate([s.cols[name][s.order] for s in segments])[order]
+
+        codes = self._live
+        fragments = [[n, list(self._signature[n]) if self._frag_code[n] in codes and n in self._signature
+                      else None] for n in self.fragments]
+        path, url, stage = self.cache
+        header = {"store": url, "stage": stage, "fragments": fragments, "shards": self.shards,
+                  "fields": self.field_names, "groups": self.group_names}
+        index_cache.save(path, header, column, len(hi))
+        self._saved, self._saved_rows, self._saved_counts = live, len(hi), rows
 
     def _refuse(self, name: str, why: str, signature) -> None:
         if self.unreadable.get(name) != why:
@@ -601,19 +728,45 @@ class StageIndex:
         self._present_count = None
         big = max(s.n for s in self.segments)
         small = sum(s.n for s in self.segments) - big
-        if len(self.segments) > MAX_SEGMENTS or small * MERGE_SHARE > big:
+        if small * MERGE_SHARE > big:
             self._rebuild([])
+        elif len(self.segments) > MAX_SEGMENTS:
+            # Merge the small segments among themselves, not into the big one: an encode adds a
+            # segment per chunk, and re-sorting a million rows every 32 chunks cost seconds each.
+            # Segments stay in fragment order (a key's first good row is its first location).
+            first = max(range(len(self.segments)), key=lambda i: self.segments[i].n)
+            if len(self.segments) - first - 1 < 2:
+                self._rebuild([])
+            else:
+                self.segments = self.segments[:first + 1] + [_Segment(_concat(self.segments[first + 1:]))]
 
     def _rebuild(self, extra: list[dict]) -> None:
-        """One segment of every live row (dropping vanished fragments' rows) plus `extra`."""
-        cols = _concat(self.segments)
-        keep = np.isin(cols["frag"], np.fromiter(self._live, np.int32, len(self._live)))
-        parts = [{c: v[keep] for c, v in cols.items()}] + extra
-        self.segments = []
-        parts = [p for p in parts if len(p["key"])]
-        if parts:
-            self.segments = [_Segment({c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS})]
+        """Drop vanished fragments' rows, then add `extra` as a segment.
+
+        Segment by segment, without sorting again: a segment without vanished rows stays as
+        it is, and filtering keeps the rest in key order (a compaction of the small fragments
+        beside a big one must not re-sort the big one's million rows).
+        """
+        live = np.fromiter(self._live, np.int32, len(self._live))
+        segments = []
+        for seg in self.segments:
+            keep = np.isin(seg.cols["frag"], live)
+            if keep.all():
+                segments.append(seg)
+            elif keep.any():
+                new_row = np.cumsum(keep) - 1
+                order = new_row[seg.order[keep[seg.order]]]
+                segments.append(_Segment({c: v[keep] for c, v in seg.cols.items()}, order))
+        self.segments = segments
         self._present_count = None
+        if extra:
+            self._add_segment(extra)
+
+    def fragment_rows(self) -> dict[str, int]:
+        """Rows per live fragment."""
+        codes = np.concatenate([s.cols["frag"] for s in self.segments] or [np.zeros(0, np.int32)])
+        counts = np.bincount(codes, minlength=len(self.fragments))
+        return {n: int(counts[self._frag_code[n]]) for n in self.live_fragments}
 
     def _apply_markers(self, markers: list[tuple[str, str, str]]) -> None:
         """Set `bad` on the rows these markers name: one batched searchsorted per segment."""
@@ -758,6 +911,44 @@ class StageIndex:
         """Every row as a Location: for maintenance commands and tests, not for lookups."""
         return [self.location(n, r) for n, s in enumerate(self.segments) for r in range(s.n)]
 
+    def compacted_table(self, leave: str | None = None) -> pa.Table:
+        """The good rows, each distinct row once, in (shard_id, offset, item_key, field) order:
+        what `compact` writes (leave: a fragment whose rows stay out). Sorted and deduplicated
+        in numpy (pyarrow's group_by took ~5 s CPU for a million rows)."""
+        cols = _concat(self.segments)
+        take = ~cols["bad"]
+        if leave is not None:
+            take &= cols["frag"] != self._frag_code[leave]
+        cols = {c: v[take] for c, v in cols.items()}
+        rank = {}
+        for name, names in (("shard", self.shards), ("field", self.field_names), ("group", self.group_names)):
+            order = np.argsort(np.array(names or [""], dtype=object), kind="stable")
+            rank[name] = np.empty(len(order), np.int64)
+            rank[name][order] = np.arange(len(order))
+            rank[name] = rank[name][cols[name]]
+        # Rows are nearly always unique by (shard, offset): sort by those two; only when some
+        # share them (the same shard indexed twice) does every column take part, so that equal
+        # rows end up next to each other. lexsort's last key leads.
+        rows = np.lexsort([cols["offset"], rank["shard"]])
+        tied = (rank["shard"][rows][1:] == rank["shard"][rows][:-1]) & (cols["offset"][rows][1:] == cols["offset"][rows][:-1])
+        if tied.any():
+            sort_keys = [rank["group"], top64(cols["xxh3"], low=True), top64(cols["xxh3"]), cols["length"],
+                         rank["field"], top64(cols["key"], low=True), top64(cols["key"]), cols["offset"],
+                         rank["shard"]]
+            order = np.lexsort(sort_keys)
+            keep = np.ones(len(order), bool)
+            keep[1:] = np.any([k[order][1:] != k[order][:-1] for k in sort_keys], axis=0)
+            rows = order[keep]
+        return pa.table({
+            "item_key": _strings(cols["key"][rows]),
+            "field": _decode(self.field_names, cols["field"][rows]),
+            "shard_id": _decode(self.shards, cols["shard"][rows]),
+            "offset": pa.array(cols["offset"][rows], pa.int64()),
+            "length": pa.array(cols["length"][rows], pa.int64()),
+            "xxh3": _strings(cols["xxh3"][rows]),
+            "group": _decode(self.group_names, cols["group"][rows]),
+        }, schema=GROUPED_SCHEMA)
+
     def table(self, good_only: bool = False) -> pa.Table:
         """All rows (or the good ones) as a GROUPED_SCHEMA table, built column-wise."""
         cols = _concat(self.segments)
@@ -808,14 +999,29 @@ def _decode(names: list[str], codes: np.ndarray) -> pa.Array:
 _VANISHED = "vanished"
 
 
-def _load(fs, directory: str, name: str) -> tuple[pa.Table | None, str | None]:
-    """(table, None), (None, why it is unusable), or (None, _VANISHED) if it was deleted."""
-    try:
-        data = fs.cat_file(posixpath.join(directory, name))
-    except FileNotFoundError:
-        return None, _VANISHED
-    except OSError as e:
-        return None, f"{type(e).__name__}: {e}"
+def _load(fs, directory: str, delays: tuple[float, ...], log: logging.Logger,
+          name: str) -> tuple[pa.Table | None, str | None]:
+    """(table, None), (None, why the bytes are unusable), or (None, _VANISHED) if it was deleted.
+
+    An I/O error is not damage: it is retried after each of `delays`, then raised as a
+    StoreError naming the fragment (its items must not silently count as missing).
+    """
+    path = posixpath.join(directory, name)
+    for delay in (*delays, None):
+        try:
+            data = fs.cat_file(path)
+            break
+        except FileNotFoundError:
+            return None, _VANISHED
+        except OSError as e:
+            if delay is None:
+                raise StoreError(
+                    f"could not read index fragment {path}: {type(e).__name__}: {e} ({len(delays) + 1} attempts)",
+                    "the store's disk or network is failing; nothing was refused or marked bad, so "
+                    "run the command again once the store is reachable",
+                ) from e
+            log.warning("reading index fragment %s failed (%s); retrying in %.1f s", path, e, delay)
+            time.sleep(delay)
     return _parse(data, () if name.startswith(BAD_PREFIX) else CODED)
 
 

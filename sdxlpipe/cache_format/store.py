@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterable, Iterator
 import fsspec
 import xxhash
 
+from . import index_cache
 from .codec import decode_json, encode_json
 import numpy as np
 import pyarrow as pa
@@ -179,23 +180,36 @@ class Store:
         fragments not read before (fragments are immutable, so each is read once)."""
         self._stale |= set(self._indexes) if stage is None else {stage}
 
-    def _index(self, stage: str) -> StageIndex:
+    def _index(self, stage: str, cached: bool = True) -> StageIndex:
+        """cached: may start from the local index cache (index_cache.py); verify, gc and
+        compact read every fragment from the store instead."""
         check_stage(stage)
         index = self._indexes.get(stage)
         if index is None:
-            index = StageIndex(log, self._path("index", stage))
+            index = self._new_index(stage, cached)
+            index.retry_delays = self.read_retry_delays
             index.update(self.fs)
             self._indexes[stage] = index
             self._stale.discard(stage)
         elif stage in self._stale:
             self._stale.discard(stage)
+            index.retry_delays = self.read_retry_delays
             index.update(self.fs)
+        return index
+
+    def _new_index(self, stage: str, cached: bool = True) -> StageIndex:
+        cache_file = index_cache.path_for(self.fs, self.url, stage)
+        index = StageIndex(log, self._path("index", stage),
+                           (cache_file, self.url, stage) if cache_file else None)
+        if not cached:
+            index._saved = set()  # read everything from the store, and then refresh the file
+            index.cache_seed = False
         return index
 
     def _fresh_index(self, stage: str) -> StageIndex:
         """Every fragment read again from the store: for verify, gc and compact."""
         self._indexes.pop(stage, None)
-        return self._index(stage)
+        return self._index(stage, cached=False)
 
     def present(self, stage: str) -> set[str]:
         """Item keys of a stage with at least one location not known to be bad."""
@@ -209,8 +223,8 @@ class Store:
         """The keys that are not present, in their order, each once."""
         keys = keys if isinstance(keys, list) else list(keys)
         present = self._index(stage).present_mask(keys_array(keys))
-        # Deduplicate only what is missing: usually few, where a dict of a million keys is not.
-        return list(dict.fromkeys(k for k, here in zip(keys, present.tolist()) if not here))
+        # A Python object only per missing key, and deduplicate only those: usually few.
+        return list(dict.fromkeys([keys[i] for i in np.flatnonzero(~present).tolist()]))
 
     def damaged(self, stage: str, keys: Iterable[str]) -> list[str]:
         """The keys that were written but whose every copy is known bad (checksum, truncation, lost shard)."""
@@ -654,20 +668,28 @@ class Store:
             return None
         log.info("store %s: stage %s holds %d index fragments and %d bad-marker files; compacting",
                  self.url, stage, len(index.live_fragments), len(index.bad_fragments))
-        return self._compact(stage, index)
+        # Without bad markers, a fragment holding most rows (the last compaction's) is left as
+        # it is and the small ones beside it are merged: an encode then rewrites its million
+        # rows once, not every 256 chunks. Markers name fragments, so with any, merge all.
+        leave = None
+        if not index.bad_fragments:
+            rows = index.fragment_rows()
+            biggest = max(rows, key=rows.get) if rows else None
+            if biggest is not None and rows[biggest] * 2 > index.row_count:
+                leave = biggest
+        return self._compact(stage, index, leave)
 
-    def _compact(self, st: str, index: StageIndex) -> dict:
-        old = index.live_fragments + list(index.bad_fragments)
+    def _compact(self, st: str, index: StageIndex, leave: str | None = None) -> dict:
+        """leave: a fragment that stays as it is (housekeeping's; there are no bad markers)."""
+        old = [n for n in index.live_fragments if n != leave] + list(index.bad_fragments)
         rows_before = index.row_count
-        result = {"fragments_before": len(old), "fragments_after": len(old),
+        result = {"fragments_before": len(index.live_fragments) + len(index.bad_fragments),
+                  "fragments_after": len(index.live_fragments) + len(index.bad_fragments),
                   "rows_before": rows_before, "rows_after": rows_before}
-        if len(index.live_fragments) <= 1 and not index.bad_fragments:
+        if len(old) <= 1 and not index.bad_fragments:
             return result
-        table = index.table(good_only=True)
         # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
-        table = table.group_by(table.column_names, use_threads=False).aggregate([])
-        table = table.sort_by([("shard_id", "ascending"), ("offset", "ascending"),
-                               ("item_key", "ascending"), ("field", "ascending")])
+        table = index.compacted_table(leave)
         merged = None
         if table.num_rows:
             merged = f"compact-{secrets.token_hex(8)}.parquet"
@@ -677,14 +699,21 @@ class Store:
                 self.fs.rm(self._path("index", st, name))
             except FileNotFoundError:
                 pass  # a concurrent compact removed it
-        # The new view: the merged fragment as written; the next lookup lists once for the rest.
-        fresh = StageIndex(log, self._path("index", st))
-        if merged is not None:
-            fresh.add_written(merged, table)
-        self._indexes[st] = fresh
+        kept = index.fragment_rows().get(leave, 0) if leave else 0
+        if leave is not None:
+            # The view keeps its rows; the next lookup lists once, dropping the merged names' rows.
+            if merged is not None:
+                index.add_written(merged, table)
+        else:
+            # The new view: the merged fragment as written; the next lookup lists once for the rest.
+            fresh = self._new_index(st, cached=False)
+            if merged is not None:
+                fresh.add_written(merged, table)
+            self._indexes[st] = fresh
         self._stale.add(st)
         self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped)
-        result.update(fragments_after=1 if table.num_rows else 0, rows_after=table.num_rows)
+        result.update(fragments_after=(1 if table.num_rows else 0) + (1 if leave else 0),
+                      rows_after=table.num_rows + kept)
         return result
 
     def _group_bytes(self, stage: str) -> dict[str, int]:

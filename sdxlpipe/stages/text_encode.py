@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sdxlpipe.models import sdxl
-from sdxlpipe.pipeline.keys import item_key, partition_of
+from sdxlpipe.pipeline.keys import item_keys, partition_of
 from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
 
 VERSION = 1
@@ -64,6 +64,13 @@ def key_doc(text: str, params: Params, fp: dict[str, str]) -> dict:
     }
 
 
+def keys_of(texts: list[str], params: Params, fp: dict[str, str]) -> list[str]:
+    """`item_key(key_doc(text, ...))` of every text, bit for bit (pipeline/keys.item_keys: ~5x faster)."""
+    fixed = key_doc("", params, fp)
+    del fixed["text"]
+    return item_keys(fixed, {"text": texts})
+
+
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     fp = ctx.models.fingerprints()
     captions = table.column("caption").to_pylist()
@@ -73,7 +80,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         variants = [[c] for c in captions]
     # No rows, no texts: an empty dataset must not load the text encoders for the empty caption alone.
     texts = list(dict.fromkeys(captions + [t for vs in variants for t in vs] + ([""] if captions else [])))
-    key_of = {t: item_key(key_doc(t, params, fp)) for t in texts}
+    key_of = dict(zip(texts, keys_of(texts, params, fp)))
     todo = set(plan_items(ctx, key_of.values()))
     if todo and not ctx.dry_run:
         _encode([t for t in texts if key_of[t] in todo], key_of, params, ctx)

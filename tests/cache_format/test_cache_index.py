@@ -165,3 +165,28 @@ def test_auto_compaction_beside_a_concurrent_writer_loses_nothing(tmp_path):
     assert fresh.missing("vae", keys) == []
     assert all(fresh.read("vae", k, FIELD) == bytes([i]) * 500 for i, k in enumerate(keys))
     assert compactions >= 1
+
+
+def test_housekeeping_leaves_the_big_fragment_and_merges_the_small_ones(tmp_path, payloads):
+    keys = sorted(payloads)
+    store = open_store(str(tmp_path))
+    write(store, {k: payloads[k] for k in keys[:6]})  # one fragment of six rows
+    big = {p.name for p in (tmp_path / "index" / "vae").glob("*.parquet")}
+    for key in keys[6:9]:
+        write(store, {key: payloads[key]})
+    store.refresh()
+    result = store.housekeep("vae", max_fragments=2)
+    assert result["fragments_before"] == 4 and result["fragments_after"] == 2 and result["rows_after"] == 9
+    names = {p.name for p in (tmp_path / "index" / "vae").glob("*.parquet")}
+    assert big < names and len(names) == 2  # the big one untouched, the three small ones merged
+    for reader in (store, open_store(str(tmp_path))):
+        assert reader.missing("vae", keys) == keys[9:]
+        assert all(reader.read("vae", k, FIELD) == payloads[k] for k in keys[:9])
+
+    write(store, {keys[9]: payloads[keys[9]]})  # with a bad marker, everything is merged
+    store.refresh()
+    (tmp_path / "shards" / "vae" / f"{store.locate('vae', [keys[9]], FIELD)[0].shard_id}.tar").unlink()
+    assert store.read("vae", keys[9], FIELD) is None  # writes a bad marker
+    assert store.housekeep("vae", max_fragments=2)["fragments_after"] == 1
+    assert [p.name.startswith("compact-") for p in (tmp_path / "index" / "vae").glob("*.parquet")] == [True]
+    assert open_store(str(tmp_path)).missing("vae", keys) == keys[9:]

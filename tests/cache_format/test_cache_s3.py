@@ -99,3 +99,23 @@ def test_a_commit_on_s3_puts_each_object_at_its_final_name_and_never_touches_tmp
             f"{root}/index/vae/{shard_id}.parquet"} <= puts
     assert dict(open_store(s3_url).read_many("vae", sorted(payloads)[:3], FIELD)) == {
         k: payloads[k] for k in sorted(payloads)[:3]}
+
+
+def test_a_rerun_on_s3_fetches_only_the_fragments_its_index_cache_lacks(s3_url, payloads, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXLPIPE_INDEX_CACHE", str(tmp_path / "index-cache"))
+    keys = sorted(payloads)[:4]
+    for key in keys[:3]:  # three fragments
+        with open_store(s3_url).writer("vae") as w:
+            w.add(key, FIELD, payloads[key])
+    first = open_store(s3_url)
+    assert first.missing("vae", keys) == keys[3:] and first._index("vae").reads == 3
+
+    rerun = open_store(s3_url)
+    assert rerun.missing("vae", keys) == keys[3:]
+    assert (rerun._index("vae").reads, rerun._index("vae").from_cache) == (0, 3)  # nothing fetched
+
+    with open_store(s3_url).writer("vae") as w:  # another machine commits
+        w.add(keys[3], FIELD, payloads[keys[3]])
+    later = open_store(s3_url)
+    assert later.missing("vae", keys) == [] and later._index("vae").reads == 1
+    assert later.read("vae", keys[3], FIELD) == payloads[keys[3]]

@@ -30,3 +30,39 @@ def test_partitions_cover_every_key_exactly_once():
     parts = [partition_of(k, 4) for k in keys]
     assert set(parts) == {0, 1, 2, 3}
     assert all(parts.count(p) > 50 for p in range(4))
+
+
+def test_keys_from_columns_are_the_per_row_keys_bit_for_bit():
+    """vae_encode / text_encode compute keys from columns (keys.item_keys); each must equal
+    item_key(key_doc(row)) for every row, also for values the template cannot take as they are."""
+    import pyarrow as pa
+
+    from sdxlpipe.pipeline.keys import item_keys
+    from sdxlpipe.stages import text_encode, vae_encode
+
+    n = 300
+    table = pa.table({
+        "content_hash": [xxhash.xxh3_128_hexdigest(str(i).encode()) for i in range(n)],
+        "resize_w": [512 + 8 * i for i in range(n)], "resize_h": [1024 - i for i in range(n)],
+        "crop_top": [i % 7 for i in range(n)], "crop_left": [0] * n,
+        "bucket_w": [512 + 64 * (i % 9) for i in range(n)], "bucket_h": [2048 - 64 * (i % 5) for i in range(n)],
+    })
+    rows = table.to_pylist()
+    params = vae_encode.Params()
+    for flip in (False, True):
+        for masks in ([None] * n, ["alpha"] * n, [f"file:{r['content_hash']}" if i % 3 else "full"
+                                                 for i, r in enumerate(rows)]):
+            expected = [item_key(vae_encode.key_doc(r, params, "vae:x%y", flip, m)) for r, m in zip(rows, masks)]
+            assert vae_encode.keys_of(table, params, "vae:x%y", flip, masks) == expected
+
+    texts = ["", "a photo", 'say "hi"', "back\\slash", "line\nbreak", "tab\t", "100% é 日本", "{a|b}", "%s %d"]
+    fp = {k: f"{k}:fp" for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    tparams = text_encode.Params()
+    expected = [item_key(text_encode.key_doc(t, tparams, fp)) for t in texts]
+    assert text_encode.keys_of(texts, tparams, fp) == expected
+    assert text_encode.keys_of(texts[:2] + texts[6:7], tparams, fp) == expected[:2] + expected[6:7]  # no escapes
+
+    odd = [True, 1, 1.5, None, [1, "x"], {"b": 1, "a": 2}, "plain"]  # bool is not 1, floats, nesting
+    flags = [i % 2 == 0 for i in range(7)]  # all bools: JSON true/false, not %d's 1/0
+    assert item_keys({"k": "%"}, {"v": odd, "w": (list(range(7)), odd), "b": flags}) == \
+        [item_key({"k": "%", "v": v, "w": [i, v], "b": b}) for i, (v, b) in enumerate(zip(odd, flags))]
