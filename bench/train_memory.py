@@ -3,6 +3,7 @@
     nice -n 10 python bench/train_memory.py           # every case, each in its own process, 512 px, 1 step
     python bench/train_memory.py --case lora16-bf16   # one case in this process
     nice -n 10 python bench/train_memory.py --size 1024 --steps 1 --cases lora8-fp8
+    python bench/train_memory.py --unet-scale 16 --size 256,512,1024 --cases lora8-bf16   # activation growth, fast
 
 The UNet is SDXL base's (sdxlpipe/models/sdxl_config.py) with made-up weights (a constant per tensor): no
 download, and memory does not depend on the values. Each case builds it, gives it the network and precision the train stage would
@@ -13,8 +14,19 @@ latents and text embeddings under bf16 autocast, batch 1. The CPU's resident mem
 - frozen: bytes of the frozen weights as stored;
 - trained: trained weights + their gradients (peak: all at once, or one tensor with the fused backward pass)
   + optimizer state + EMA copy, counted from the tensors after the steps;
-- activations: the rest of the peak, = peak RSS during the last step - RSS before it - gradient bytes
-  - optimizer state made during that step (the first step makes it).
+- activations: peak RSS during the last step - RSS before it - gradient bytes - optimizer state made during
+  that step (the first step makes it); freed heap is given back to the system (malloc_trim) before each step,
+  so "before" is what is live;
+- other: the rest of the peak (the batch, peft's and the optimizer's bookkeeping, heap the allocator kept), so
+  frozen + trained + activations + other = the measured peak over the RSS after the imports. A large "other"
+  would mean the split is wrong.
+
+Rows measured below 1024 px get a 1024 px estimate: activations x `--act-ratio` per doubling of the side (4: the
+latent has 4x the pixels, and with memory-efficient attention, as torch's CPU and GPU attention kernels are,
+every activation grows with the pixels). `--unet-scale K` divides SDXL's channels by K (same blocks, depths and
+attention layout): steps K^2 times cheaper, to measure that growth at several sizes in minutes
+(`--size 256,512,1024`); the table then prints each case's measured ratio. On a CPU without AVX512-BF16 a bf16
+step is ~30x slower than fp32 (emulated): the real UNet at 1024 px takes hours per step there.
 
 Cases that cannot run on a CPU (8-bit AdamW needs CUDA's bitsandbytes) or need more RAM than a shared
 24 GB machine should give are counted on the meta device (weights and optimizer state; no activations).
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -33,6 +46,8 @@ import time
 from pathlib import Path
 
 GB = 1024**3
+# Activations grow ~4x per doubling of the image side (see the docstring); --act-ratio sets a measured figure.
+ACT_RATIO = 4.0
 # name: (train settings, how it is measured)
 CASES = {
     "lora8-fp8": dict(rank=8, alpha=8.0, base_dtype="fp8"),
@@ -57,6 +72,16 @@ META_CASES = {
     "full-adafactor-fused-ema (meta)": dict(network="full", optimizer="adafactor", full_bf16=True,
                                             fused_backward=True, ema_decay=0.999),
 }
+
+
+def trim() -> None:
+    """Give freed heap back to the system, so RSS is live memory (glibc keeps freed small blocks)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS may then include freed memory
+        pass
 
 
 def rss() -> int:
@@ -91,17 +116,29 @@ def settings(name: str, cases: dict):
     return dataclasses.replace(Params(), **{**base, **cases[name]})
 
 
-def build_unet(p, device: str):
+def unet_config(scale: int) -> dict:
+    """SDXL base's UNet config, its channels divided by `scale` (1, 2, 4, 8 or 16; 1: the real one). Blocks,
+    transformer depths and head counts stay, so activations keep their layout and grow with the pixels alike."""
+    from sdxlpipe.models.sdxl_config import SDXL_UNET
+
+    if scale == 1:
+        return dict(SDXL_UNET)
+    if scale not in (2, 4, 8, 16):
+        raise SystemExit("--unet-scale: 1, 2, 4, 8 or 16 (the channels must split into SDXL's heads and groups)")
+    return {**SDXL_UNET, "block_out_channels": [c // scale for c in SDXL_UNET["block_out_channels"]],
+            "norm_num_groups": 32 // scale}
+
+
+def build_unet(p, device: str, scale: int = 1):
     """SDXL's UNet with random weights, given the network and precision as the train stage does; built in bf16
     (fp32 for trained full weights without full_bf16) so the process never holds an fp32 copy of a frozen UNet."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdxlpipe.models.sdxl_config import SDXL_UNET
     from sdxlpipe.training import networks
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(SDXL_UNET)
+        unet = UNet2DConditionModel.from_config(unet_config(scale))
     dtype = torch.float32 if p.network == "full" and not p.full_bf16 else torch.bfloat16
     unet = unet.to(dtype=dtype).to_empty(device=device)
     if device != "meta":
@@ -127,29 +164,32 @@ def optimizer_state_bytes(p, trained: list) -> int:
     return sum((q.shape[0] + q[0].numel() if q.ndim >= 2 else q.numel()) * 4 for q in trained)
 
 
-def measure(name: str, size: int, steps: int) -> dict:
+def measure(name: str, size: int, steps: int, scale: int = 1, fp32: bool = False) -> dict:
     import torch
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401 (imported before `base`)
     from diffusers.training_utils import EMAModel
 
-    from sdxlpipe.training import loop, optimizers
+    from sdxlpipe.training import loop, networks, optimizers  # noqa: F401
 
     meta = name in META_CASES
     p = settings(name, META_CASES if meta else CASES)
-    base = rss()
-    unet = build_unet(p, "meta" if meta else "cpu")
+    if fp32:  # growth measurements only: ~30x faster steps on a CPU without bf16 instructions
+        p = dataclasses.replace(p, mixed_precision="no", base_dtype="fp32", full_bf16=False)
+    trim()
+    base = rss()  # after the imports: the split below covers what training holds
+    unet = build_unet(p, "meta" if meta else "cpu", scale)
     frozen = sum(q.numel() * q.element_size() for q in unet.parameters() if not q.requires_grad)
     trained = [q for q in unet.parameters() if q.requires_grad]
     weights = sum(q.numel() * q.element_size() for q in trained)
     grads = weights if not p.fused_backward else max(q.numel() * q.element_size() for q in trained)
     ema_bytes = weights if p.ema_decay else 0
-    row = {"case": name, "size": size, "trained_params": sum(q.numel() for q in trained),
+    row = {"case": name + (" fp32" if fp32 else ""), "size": size, "unet_scale": scale, "trained_params": sum(q.numel() for q in trained),
            "frozen_gb": frozen / GB, "weights_gb": weights / GB, "grads_gb": grads / GB, "ema_gb": ema_bytes / GB}
     if meta:
-        row.update(state_gb=optimizer_state_bytes(p, trained) / GB, activations_gb=None, peak_gb=None)
+        row.update(state_gb=optimizer_state_bytes(p, trained) / GB, activations_gb=None, peak_gb=None, other_gb=None)
         return row
 
-    unet.enable_gradient_checkpointing()
+    networks.gradient_checkpointing(unet, dataclasses.replace(p, gradient_checkpointing=True))  # as for SDXL
     unet.train()
     optimizer = optimizers.build_optimizer(optimizers.param_groups(unet, p), p)
     fused = optimizers.fuse_into_backward(optimizer, p.max_grad_norm) if p.fused_backward else None
@@ -167,10 +207,11 @@ def measure(name: str, size: int, steps: int) -> dict:
 
     seconds, peak, before, new_state = [], 0, 0, 0
     for step in range(steps):
+        trim()
         before, state_before = rss(), state_bytes()
         watch = PeakRSS()
         began = time.monotonic()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
             loss = loop._loss(unet, batch, p, sched.alphas_cumprod, "epsilon", torch.Generator().manual_seed(step),
                               torch.device("cpu"), False)
         loss.backward()
@@ -184,38 +225,64 @@ def measure(name: str, size: int, steps: int) -> dict:
         seconds.append(time.monotonic() - began)
         new_state = state_bytes() - state_before  # made during this step (the first one), so not in `before`
     state = state_bytes()
-    row.update(state_gb=state / GB, peak_gb=(peak - base) / GB,
-               activations_gb=max(0, peak - before - grads - new_state) / GB,
-               step_seconds=[round(s, 1) for s in seconds], loss=float(loss))
+    activations = max(0, peak - before - grads - new_state)
+    held = frozen + weights + grads + state + ema_bytes + activations
+    row.update(state_gb=state / GB, peak_gb=(peak - base) / GB, activations_gb=activations / GB,
+               other_gb=(peak - base - held) / GB, step_seconds=[round(s, 1) for s in seconds], loss=float(loss))
     return row
 
 
-def total(row: dict) -> float | None:
-    if row["activations_gb"] is None:
-        return None
-    return row["frozen_gb"] + row["weights_gb"] + row["grads_gb"] + row["state_gb"] + row["ema_gb"] + row["activations_gb"]
+def trained_gb(r: dict) -> float:
+    return r["weights_gb"] + r["grads_gb"] + r["state_gb"] + r["ema_gb"]
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| case | px | trained params | frozen | trained w + grads + state + EMA | activations | sum | measured peak |",
-           "|---|---|---|---|---|---|---|---|"]
+def at_1024(r: dict, ratio: float) -> str:
+    """The 1024 px figure: measured there, else the activations grown by `ratio` per doubling of the side."""
+    if r["activations_gb"] is None:
+        return f"{r['frozen_gb'] + trained_gb(r):.2f} + act."
+    doublings = math.log2(1024 / r["size"])
+    est = r["frozen_gb"] + trained_gb(r) + r["other_gb"] + r["activations_gb"] * ratio**doublings
+    return f"{est:.2f} measured" if r["size"] == 1024 else f"{est:.2f} est. (act. x {ratio:g}^{doublings:g})"
+
+
+def table(rows: list[dict], ratio: float = ACT_RATIO) -> str:
+    out = ["| case | measured at px | UNet | trained params | frozen | trained w + grads + state + EMA | activations | "
+           "other | measured peak | at 1024 px |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t = r["weights_gb"] + r["grads_gb"] + r["state_gb"] + r["ema_gb"]
-        act = "-" if r["activations_gb"] is None else f"{r['activations_gb']:.2f}"
-        s = total(r)
-        s = f"{s:.2f}" if s is not None else f"{r['frozen_gb'] + t:.2f} + act."
+        act = "-" if r["activations_gb"] is None else f"{r['activations_gb']:.3f}"
+        other = "-" if r.get("other_gb") is None else f"{r['other_gb']:.3f}"
         peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-        out.append(f"| {r['case']} | {r['size']} | {r['trained_params'] / 1e6:.1f}M | {r['frozen_gb']:.2f} | "
-                   f"{r['weights_gb']:.2f} + {r['grads_gb']:.2f} + {r['state_gb']:.2f} + {r['ema_gb']:.2f} = {t:.2f} | "
-                   f"{act} | {s} | {peak} |")
-    return "\n".join(out) + "\n(GiB)"
+        unet = "meta count" if r["peak_gb"] is None else ("SDXL" if r.get("unet_scale", 1) == 1 else f"SDXL/{r['unet_scale']}")
+        out.append(f"| {r['case']} | {r['size'] if r['peak_gb'] is not None else '-'} | {unet} | "
+                   f"{r['trained_params'] / 1e6:.1f}M | {r['frozen_gb']:.2f} | "
+                   f"{r['weights_gb']:.2f} + {r['grads_gb']:.2f} + {r['state_gb']:.2f} + {r['ema_gb']:.2f} = {trained_gb(r):.2f} | "
+                   f"{act} | {other} | {peak} | {at_1024(r, ratio)} |")
+    out.append("(GiB; frozen + trained + activations + other = measured peak)")
+    # Measured growth: a case at several sizes of one UNet.
+    by_case: dict = {}
+    for r in rows:
+        if r["activations_gb"]:
+            by_case.setdefault((r["case"], r.get("unet_scale", 1)), []).append(r)
+    for (case, scale), rs in by_case.items():
+        rs.sort(key=lambda r: r["size"])
+        steps = [f"{a['size']}->{b['size']} px: x{b['activations_gb'] / a['activations_gb']:.2f}" for a, b in zip(rs, rs[1:])]
+        if steps:
+            out.append(f"activations of {case} (UNet scale 1/{scale}) per doubling of the side: " + ", ".join(steps))
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", help="run one case in this process and print its row as JSON")
     ap.add_argument("--cases", default=",".join([*CASES, *META_CASES]), help="comma-separated cases (default: all)")
-    ap.add_argument("--size", type=int, default=512, help="image side in px (SDXL trains at 1024)")
+    ap.add_argument("--size", default="512", help="image side(s) in px, comma-separated (SDXL trains at 1024)")
+    ap.add_argument("--unet-scale", type=int, default=1, help="divide SDXL's channels by this (2/4/8/16): cheap steps "
+                    "for measuring how activations grow with the size")
+    ap.add_argument("--fp32", action="store_true", help="compute and frozen weights in fp32 (not what training "
+                    "does): for how activations grow with the size, ~30x faster on a CPU without bf16 instructions")
+    ap.add_argument("--act-ratio", type=float, default=ACT_RATIO, help="activation growth per doubling of the side, "
+                    "for the 1024 px estimate of rows measured smaller")
     ap.add_argument("--steps", type=int, default=1, help="steps per case; the last one is measured")
     ap.add_argument("--out", default="", help="also append each row as JSON to this file")
     args = ap.parse_args()
@@ -223,13 +290,16 @@ def main() -> None:
         import torch
 
         torch.manual_seed(0)
-        print(json.dumps(measure(args.case, args.size, args.steps)))
+        print(json.dumps(measure(args.case, int(args.size), args.steps, args.unet_scale, args.fp32)))
         return
     rows = []
-    for name in args.cases.split(","):
+    jobs = [(name, size) for name in args.cases.split(",") for size in args.size.split(",")
+            if name not in META_CASES or size == args.size.split(",")[0]]
+    for name, size in jobs:
         # One process per case: peaks do not carry over, and torch's allocator starts empty.
-        proc = subprocess.run([sys.executable, __file__, "--case", name, "--size", str(args.size),
-                               "--steps", str(args.steps)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--case", name, "--size", size, "--steps", str(args.steps),
+                               "--unet-scale", str(args.unet_scale), *(["--fp32"] if args.fp32 else [])],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
@@ -238,7 +308,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    print(table(rows))
+    print(table(rows, args.act_ratio))
 
 
 if __name__ == "__main__":

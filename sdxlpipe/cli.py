@@ -194,7 +194,8 @@ def status(
     """What is up to date, what must be computed, and why. Loads no model.
 
     Exit code: 0 (with --check: 0 only when everything is up to date, 1 when
-    anything must be computed); 2 for a config mistake.
+    anything must be computed or a run would fail, e.g. train asked for fewer
+    steps than its finished run has); 2 for a config mistake.
     """
     from sdxlpipe.pipeline.noop import answer, as_status
     from sdxlpipe.pipeline.status import format_status

@@ -20,11 +20,13 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
 
     report = run_pipeline(config, target, dry_run=True)
     stages = {
-        name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": s["computed"], "reasons": s["reasons"]}
+        # cannot_run: items a run would refuse or fail as asked (the reasons say why and what to change).
+        name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": s["computed"], "cannot_run": s["failed"],
+               "reasons": s["reasons"]}
         for name, s in report["stages"].items()
     }
     return {"stages": stages, "rejected": report["rejected"],
-            "up_to_date": all(s["to_compute"] == 0 for s in stages.values())}
+            "up_to_date": all(s["to_compute"] == 0 and s["cannot_run"] == 0 for s in stages.values())}
 
 
 def format_status(result: dict[str, Any]) -> str:
@@ -34,10 +36,16 @@ def format_status(result: dict[str, Any]) -> str:
     for name, s in result["stages"].items():
         line = (f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['up_to_date']:>7} up to date"
                 f"  {s['to_compute']:>7} to compute")
+        if s["cannot_run"]:
+            line += f"  {s['cannot_run']} cannot run"
         if s["reasons"]:
             line += "  (" + "; ".join(s["reasons"]) + ")"
         lines.append(line)
     if result["rejected"]:
         lines.append(f"{len(result['rejected'])} file(s) rejected; `sdxlpipe run ingest --json` lists them")
-    lines.append("Data and pipelines are up to date." if result["up_to_date"] else "Run `sdxlpipe run all` to bring them up to date.")
+    blocked = [name for name, s in result["stages"].items() if s["cannot_run"]]
+    if blocked:
+        lines.append(f"`sdxlpipe run all` would fail at {', '.join(blocked)}: see the reason above.")
+    else:
+        lines.append("Data and pipelines are up to date." if result["up_to_date"] else "Run `sdxlpipe run all` to bring them up to date.")
     return "\n".join(lines)

@@ -89,7 +89,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if network == "full" and params.extract_rank:
         paths["extracted"] = out_dir / f"{params.name}-extracted.safetensors"
     record_path = out_dir / f"{params.name}.export.json"
-    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"), "formats": sorted(formats),
+    key = item_key({"stage": "export", "version": VERSION, "train": trained.get("key"),
+                    # The run's length: an extended run keeps its train key (docs/decisions.md 29) but not its weights.
+                    "steps": trained.get("steps"), "formats": sorted(formats),
                     "dtype": params.dtype, "name": params.name, "extract_rank": params.extract_rank})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
     if _up_to_date(record_path, key, paths.values()):
@@ -318,13 +320,14 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "ss_num_epochs": str(train.max_epochs) if train.max_epochs else "",
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
-        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        # What the run did (unset: on for SDXL-sized UNets); done.json records it.
+        "ss_gradient_checkpointing": str(bool(done.get("gradient_checkpointing", train.gradient_checkpointing))),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(train.lr_warmup if train.lr_warmup >= 1 else round(train.lr_warmup * steps)),
         "ss_optimizer": train.optimizer,
         "ss_max_grad_norm": str(train.max_grad_norm),
         "ss_mixed_precision": train.mixed_precision,
-        "ss_full_fp16": "False",
+        "ss_full_fp16": str(train.full_fp16),
         "ss_seed": str(train.seed),
         "ss_network_dropout": str(train.dropout),
         "ss_noise_offset": str(train.noise_offset),

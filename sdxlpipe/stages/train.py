@@ -47,9 +47,11 @@ class Params:
     network: Literal["lora", "loha", "lokr", "ia3", "oft", "full"] = "lora"
     # Network rank (OFT: block size): 4-32 covers most SDXL character/style LoRAs; higher learns more and overfits sooner.
     rank: int = 16
-    # The update is scaled by alpha/rank; alpha = rank means scale 1.
+    # The update is scaled by alpha/rank; alpha = rank means scale 1. kohya's network_alpha defaults to 1 (scale
+    # 1/rank), and its recipes' learning rates assume their alpha: copy alpha with the rate.
     alpha: float = 16.0
-    # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets.
+    # LoRA dropout (LoHa/LoKr: rank dropout); 0.1 can help small datasets. It is peft's lora_dropout, on the layer's
+    # input; kohya's network_dropout drops the down projection's output instead, so the same value acts differently.
     dropout: float = 0.0
     # Linear layers to adapt: a preset, or name suffixes such as ["to_q", "to_k"]. "kohya" (as kohya's SDXL
     # LoRA): every Linear inside the UNet's transformer blocks (proj_in/out, attn1, attn2, ff) and, when the
@@ -120,7 +122,8 @@ class Params:
     # --- data ---
     # Probability of training a sample on the empty caption; 0.05-0.1 helps classifier-free guidance.
     caption_dropout: float = 0.0
-    # Samples per batch and process, all from one bucket.
+    # Samples per batch and process, all from one bucket (kohya's train_batch_size, 1 there by default); 4 is a
+    # common SDXL LoRA batch; lower it first when memory runs out.
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
@@ -165,7 +168,9 @@ class Params:
     # SDXL-sized (over 1e9 parameters; without it a 1024 px SDXL step needs far more than a 24 GB card), off for
     # small models such as the tiny one.
     gradient_checkpointing: bool | None = None
-    # bf16 on recent GPUs and CPUs; fp16 (with a loss scaler) on older GPUs; no = fp32.
+    # bf16 on recent GPUs and CPUs; fp16 (with a dynamic loss scaler) on GPUs without bf16 (before Ampere);
+    # no = fp32. "no" is the default because it is exact on any device; on a GPU set bf16 (kohya users: their
+    # mixed_precision = "bf16" / "fp16" is this setting).
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # How the frozen weights (the UNet under a network, text encoders that do not train) are stored. auto: the
     # mixed_precision dtype (bf16/fp16; fp32 with "no"), half the memory of fp32 as kohya and diffusers do;
@@ -174,6 +179,10 @@ class Params:
     # Keep the trained weights, gradients and optimizer state in bf16 too (kohya's full_bf16; needs
     # mixed_precision = "bf16"): the way a full fine-tune fits 24 GB; fp32 otherwise, which is more exact.
     full_bf16: bool = False
+    # Keep the trained weights and gradients in fp16 (kohya's full_fp16; needs mixed_precision = "fp16"; the loss
+    # scaler skips steps whose gradients overflow). For GPUs without bf16; optimizer adafactor or adamw8bit, whose
+    # state stays fp32 (torch's AdamW state in fp16 underflows: its 1e-8 epsilon is 0 in fp16, so steps go NaN).
+    full_fp16: bool = False
     # Adafactor only: step each weight as soon as its gradient is ready and free the gradient (kohya's
     # fused_backward_pass), so a full fine-tune never holds all gradients at once. Clipping is then per tensor.
     fused_backward: bool = False
@@ -279,6 +288,14 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.use_dora", "DoRA reads the frozen weights directly, which fp8 storage does not support: use base_dtype = \"auto\""))
     if p.full_bf16 and p.mixed_precision != "bf16":
         problems.append(("train.full_bf16", "needs mixed_precision = \"bf16\""))
+    if p.full_fp16 and p.mixed_precision != "fp16":
+        problems.append(("train.full_fp16", "needs mixed_precision = \"fp16\""))
+    if p.full_fp16 and p.optimizer not in ("adafactor", "adamw8bit"):
+        problems.append(("train.full_fp16", f"optimizer = \"{p.optimizer}\" keeps its state in fp16, where it underflows "
+                         "to NaN: use optimizer = \"adafactor\" or \"adamw8bit\" (or full_bf16 on a GPU with bf16)"))
+    if p.fused_backward and p.mixed_precision == "fp16":
+        problems.append(("train.fused_backward", "steps each weight before fp16's loss scaler has seen every gradient: "
+                         "use mixed_precision = \"bf16\", or fused_backward = false"))
     if p.fused_backward and p.optimizer != "adafactor":
         problems.append(("train.fused_backward", "is implemented for optimizer = \"adafactor\" only"))
     if p.fused_backward and p.gradient_accumulation_steps > 1:
@@ -308,6 +325,8 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # An absent column reads as None: a table from an older run still gets a key.
         lines.append(json.dumps([cols[c][i] if c in cols else None for c in SAMPLE_COLUMNS], separators=(",", ":")))
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_KEY}
+    if not settings["full_fp16"]:
+        del settings["full_fp16"]  # added after VERSION 3: keys of runs without it stay as they were
     if not length_shapes_schedule(params):
         # Where the run stops is not in the key: a longer run passes through the same weights, so raising
         # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").
@@ -366,12 +385,19 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     done = checkpoints.read_done(run_dir)
     if done is not None and done["steps"] == steps:
         ctx.report(items=1, computed=0, reused=1)
-        ctx.outputs["train"].update(done["outputs"])
+        ctx.outputs["train"].update(done["outputs"], steps=done["steps"])
         return table
     if done is not None and done["steps"] > steps:
-        raise UserError(f"train: this run ({run_dir}) already trained to step {done['steps']}, past the {steps} asked for",
-                        f"set train.max_steps = {done['steps']} to use it (its weights are in {done['outputs']['weights']})"
-                        ", or train the shorter run in another workspace")
+        # The run's checkpoints are past the asked length (max_steps is not in the key): `run` refuses, and
+        # `status` says so in the train line (a run that cannot do what was asked), not as an error.
+        what = f"this run ({run_dir}) already trained to step {done['steps']}, past the {steps} asked for"
+        fix = (f"set train.max_steps = {done['steps']} to use it (its weights are in {done['outputs']['weights']})"
+               ", or train the shorter run in another workspace")
+        if ctx.dry_run:
+            ctx.report(items=1, computed=0, reused=0, failed=1,
+                       reasons=[f"trained to step {done['steps']}, past the {steps} asked for: `run` stops here; {fix}"])
+            return table
+        raise UserError(f"train: {what}", fix)
     latest = checkpoints.latest_step(run_dir)
     if done is not None:
         reason = f"extending from step {latest} to {steps}"
@@ -386,7 +412,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
     result = train(table, params, ctx, run_dir, steps)
-    ctx.outputs["train"].update(result["outputs"])
+    ctx.outputs["train"].update(result["outputs"], steps=result["steps"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table
 

@@ -45,9 +45,6 @@ EVAL_BATCHES = 4
 
 # Compute dtype of each mixed_precision setting.
 COMPUTE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Above this many parameters the UNet counts as SDXL-sized (2.6e9; SD 1.5: 0.86e9): gradient checkpointing
-# defaults to on, since a 1024 px SDXL step's activations alone outgrow a 24 GB card without it.
-SDXL_SIZED = 1e9
 
 
 def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
@@ -56,12 +53,13 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     from diffusers.training_utils import EMAModel
 
     # --- fail early -------------------------------------------------------
-    if p.mixed_precision == "fp16" and not str(ctx.config.device).startswith("cuda"):
-        raise UserError(f"train.mixed_precision = \"fp16\" needs a CUDA GPU (device is {ctx.config.device!r})",
-                        'use mixed_precision = "bf16" or "no" on this device')
-    accelerator = Accelerator(mixed_precision=p.mixed_precision, cpu=ctx.config.device == "cpu",
+    # fp16's autocast and loss scaler are the loop's own (accelerate does fp16 on GPUs only, and its scaler
+    # refuses fp16 gradients, which full_fp16 has): the same code on a GPU and on a CPU, where tests run it.
+    fp16 = p.mixed_precision == "fp16"
+    accelerator = Accelerator(mixed_precision="no" if fp16 else p.mixed_precision, cpu=ctx.config.device == "cpu",
                               gradient_accumulation_steps=p.gradient_accumulation_steps)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    scaler = _fp16_scaler(device) if fp16 else None
     main = accelerator.is_main_process
 
     # --- data ----------------------------------------------------------------
@@ -105,9 +103,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     networks.set_precision(unet, p, compute)
     unet.to(device)
     unet.train()
-    size = sum(q.numel() for q in unet.parameters())
-    if p.gradient_checkpointing if p.gradient_checkpointing is not None else size > SDXL_SIZED:
-        unet.enable_gradient_checkpointing()
+    checkpointing = networks.gradient_checkpointing(unet, p)  # on for SDXL-sized UNets unless set
     encoders: dict = {}  # the trained text stack, when train_text_encoder
     groups = optimizers.param_groups(unet, p)
     if p.train_text_encoder:
@@ -131,7 +127,6 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     trainable += encoder_params
     ema = EMAModel(trainable, decay=p.ema_decay) if p.ema_decay else None
     fused = optimizers.fuse_into_backward(optimizer, p.max_grad_norm) if p.fused_backward else None
-    dtypes = networks.dtype_counts(unet)
 
     # --- resume ------------------------------------------------------------------
     start = checkpoints.latest_step(run_dir)
@@ -146,8 +141,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         lr_schedule.load_state_dict(state["lr_schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = json.loads((ckpt / "state.json").read_text())
         ctx.log.info("resuming %s from step %d", run_dir.name[:12], start)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -171,9 +166,10 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
             if main and not fixed and checkpoints.latest_step(run_dir) < index // per_step:
                 save(index // per_step)
             raise damage
-        if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
-            batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
-        return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+            if encoders:  # in-loop encoding, with gradients into the text encoders' LoRA
+                batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], encoders, **text_settings)
+            return _loss(unet, batch, p, alphas_cumprod, prediction_type, gen, device, fixed)
 
     def eval_loss() -> float:
         """The loss on the first batches with fixed noise: comparable across steps and runs."""
@@ -202,8 +198,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
             for name in TEXT_ENCODERS if encoders else ():
                 save_file(networks.text_encoder_state(encoders[name]), tmp / f"{name}.ema.safetensors")
             ema.restore(trainable)
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         torch.save(state, tmp / "training_state.pt")
         checkpoints.write_json(tmp / "network.json", networks.config_dict(bare, p))
         checkpoints.write_json(tmp / "state.json", {"step": step, **history})
@@ -244,7 +240,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
                 torch.manual_seed(seed)  # the global RNG: peft's dropout
                 with accelerator.accumulate(unet):
                     loss = batch_loss(index, torch.Generator().manual_seed(seed))
-                    accelerator.backward(loss)
+                    accelerator.backward(scaler.scale(loss) if scaler is not None else loss)
                     if fused is not None:  # every weight was stepped as its gradient arrived
                         grad_norm = fused.take_norm()
                     else:
@@ -253,9 +249,17 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
                                 # CLIP-L's last layer gets no gradient (SDXL reads the penultimate one), on every process.
                                 for q in (q for q in encoder_params if q.grad is not None):
                                     q.grad = accelerator.reduce(q.grad, reduction="mean")
+                            if scaler is not None:
+                                scaler.unscale_(optimizer)  # true gradients for clipping (and the inf check)
                             # max_grad_norm 0 clips nothing but still measures the norm for the logs.
                             grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
-                        optimizer.step()
+                        if scaler is None:
+                            optimizer.step()
+                        elif accelerator.sync_gradients:
+                            # Skips the step when a gradient overflowed, then adapts the scale (both seeded by
+                            # the gradients alone, so a resumed run skips the same steps).
+                            scaler.step(optimizer)
+                            scaler.update()
                         optimizer.zero_grad(set_to_none=True)
                 step_loss += float(accelerator.gather(loss.detach()).mean()) / p.gradient_accumulation_steps
             lr_schedule.step()
@@ -299,14 +303,24 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         "steps": max_steps, "final_loss": history["losses"][-1] if history["losses"] else math.nan,
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
-        "processes": world, "seconds": seconds, "outputs": outputs,
-        # Bytes of the UNet's weights by role and storage dtype: what the precision settings really did.
-        "weights_bytes": dtypes,
+        "processes": world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": checkpointing,
+        # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
+        "weights_bytes": networks.dtype_counts(bare),
     }
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _fp16_scaler(device):
+    """torch's dynamic loss scaler for `device`, allowed to unscale fp16 gradients (full_fp16 has them; torch
+    refuses by default because fp16 weights lose small updates, which is what full_fp16 accepts, as kohya's
+    --full_fp16 does with the same patch)."""
+    scaler = torch.amp.GradScaler(device.type)
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
+    return scaler
 
 
 def _every(n: int, every: int) -> bool:
@@ -327,7 +341,7 @@ def _loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Gen
     x0, noise, input_noise, t = x0.to(device), noise.to(device), input_noise.to(device), t.to(device)
     noisy = losses.add_noise(x0, input_noise, t, alphas_cumprod)
     pred = unet(noisy, t, b["embeds"].to(device), added_cond_kwargs={
-        "text_embeds": b["pooled"].to(device), "time_ids": b["time_ids"].to(device)}).sample
+        "text_embeds": b["pooled"].to(device), "time_ids": b["time_ids"].to(device)}).sample.float()
     tgt = losses.target(x0, noise, t, alphas_cumprod, prediction_type)
     c = losses.huber_c(t.cpu(), p.huber_schedule, p.huber_c, alphas_cumprod.cpu()) if p.loss_type in ("huber", "smooth_l1") else None
     per_sample = losses.per_sample_mean(losses.elementwise_loss(pred, tgt, p.loss_type, c), b["mask"])

@@ -13,6 +13,9 @@ import torch
 
 ADAPTER = "default"
 NUM_BLOCKS = 23
+# Above this many parameters the UNet counts as SDXL-sized (2.6e9; SD 1.5: 0.86e9): gradient checkpointing
+# defaults to on, since a 1024 px SDXL step's activations alone outgrow a 24 GB card without it.
+SDXL_SIZED = 1e9
 # LoCon: the convolutions kohya's LoCon (conv_dim) trains, inside these modules.
 CONV_PARENTS = ("resnets", "downsamplers", "upsamplers")
 # target_modules presets. "kohya": what kohya's SDXL LoRA (networks/lora.py) adapts, every Linear inside a
@@ -188,6 +191,17 @@ def attach_text_encoder(encoder, p) -> None:
                                    use_dora=p.use_dora, target_modules=targets), adapter_name=ADAPTER)
 
 
+def gradient_checkpointing(unet, p) -> bool:
+    """Turn on gradient checkpointing when asked, or, with train.gradient_checkpointing unset, when the UNet is
+    SDXL-sized; return whether it is on."""
+    on = p.gradient_checkpointing
+    if on is None:
+        on = sum(q.numel() for q in unet.parameters()) > SDXL_SIZED
+    if on:
+        unet.enable_gradient_checkpointing()
+    return on
+
+
 def frozen_dtype(p, compute: torch.dtype) -> torch.dtype:
     """Storage dtype of frozen weights: the compute dtype (bf16/fp16 under mixed precision), fp32, or float8."""
     if p.base_dtype == "fp8":
@@ -197,10 +211,10 @@ def frozen_dtype(p, compute: torch.dtype) -> torch.dtype:
 
 def set_precision(model, p, compute: torch.dtype) -> None:
     """Frozen weights to `frozen_dtype` (fp8: upcast layer by layer to `compute` in each forward), trained
-    weights to fp32 (bf16 with full_bf16). Called after the network is attached, so its init is fp32 whatever
+    weights to fp32 (bf16 with full_bf16, fp16 with full_fp16). Called after the network is attached, so its init is fp32 whatever
     the storage."""
     storage = frozen_dtype(p, compute)
-    trained = torch.bfloat16 if p.full_bf16 else torch.float32
+    trained = torch.bfloat16 if p.full_bf16 else torch.float16 if getattr(p, "full_fp16", False) else torch.float32
     for q in model.parameters():
         want = trained if q.requires_grad else (compute if storage == torch.float8_e4m3fn else storage)
         if q.dtype != want:

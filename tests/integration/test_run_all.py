@@ -88,6 +88,19 @@ def test_rerun_prints_up_to_date_not_wrote_and_status_check_follows_set(trained)
     assert stale.returncode == 1 and "train.max_steps 20 -> 21" in stale.stdout
 
 
+def test_status_of_a_shorter_run_than_the_finished_one_says_what_is_there_and_that_run_would_fail(finished_run):
+    config, _ = finished_run  # trained to step 20; status writes nothing
+    shorter = ["--set", "train.max_steps=10"]
+    proc = cli("status", "-c", str(config), *shorter)
+    assert "Error:" not in proc.stderr and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("train ")]
+    assert "1 cannot run" in line and "trained to step 20, past the 10 asked for" in line
+    assert "train.max_steps = 20" in line
+    assert "would fail at train" in proc.stdout and "up to date." not in proc.stdout
+    # For scripts: not up to date (`status --check || sdxlpipe run all` then shows the run's error).
+    assert cli("status", "-c", str(config), "--check", *shorter, check=False).returncode == 1
+
+
 def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):
     import json
 
@@ -98,6 +111,7 @@ def test_kohya_file_carries_the_metadata_kohya_tools_show(finished_run):
     with safe_open(kohya, "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 8.0
+    assert meta["ss_gradient_checkpointing"] == "False"  # unset: off for the tiny UNet (what the run did)
     assert json.loads(meta["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 32}}
     tags = json.loads(meta["ss_tag_frequency"])["images"]
     # "a red circle on a blue background" is one comma-free tag; 30 such captions, 2 from file names.

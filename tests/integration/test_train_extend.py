@@ -44,9 +44,10 @@ def test_raising_max_steps_continues_the_finished_run_to_the_unbroken_runs_weigh
     wa, wb = load_file(a["outputs"]["weights"]), load_file(b["outputs"]["weights"])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["eval_loss_before"] == b["eval_loss_before"] and a["eval_loss_after"] == b["eval_loss_after"]
-    # Asked again, the 4-step run is done: nothing to compute.
-    again = cli_json("run", "train", "-c", str(extended), *LONG)
-    assert again["stages"]["train"]["computed"] == 0 and again["stages"]["train"]["reused"] == 1
+    # Asked again, the 4-step run is done; the LoRA exported after 2 steps is not (same train key, other weights).
+    again = cli_json("status", "-c", str(extended), *LONG)["stages"]
+    assert again["train"]["to_compute"] == 0 and again["train"]["up_to_date"] == 1
+    assert again["export"]["to_compute"] == 1, again["export"]
 
     # A new run (another seed) that starts from the exported 2-step LoRA starts where that run ended:
     # its fixed-noise loss before training is the 2-step run's loss after.

@@ -158,6 +158,17 @@ def test_lora_on_the_real_sdxl_unet_counts_as_kohyas(sdxl_unet_on_meta, preset, 
     assert (len(targets), count) == (modules, size)
 
 
+@pytest.mark.parametrize("asked, sdxl, tiny", [(None, True, False), (True, True, True), (False, False, False)])
+def test_gradient_checkpointing_turns_on_for_an_sdxl_sized_unet_and_stays_off_for_tiny_unless_asked(
+        sdxl_unet_on_meta, asked, sdxl, tiny):
+    sdxl_unet_on_meta.disable_gradient_checkpointing()  # the fixture is shared
+    tiny_unet = build_tiny_component("unet")
+    p = params(gradient_checkpointing=asked)
+    assert networks.gradient_checkpointing(sdxl_unet_on_meta, p) is sdxl
+    assert networks.gradient_checkpointing(tiny_unet, p) is tiny
+    assert (sdxl_unet_on_meta.is_gradient_checkpointing, tiny_unet.is_gradient_checkpointing) == (sdxl, tiny)
+
+
 # --- EMA with text-encoder training -------------------------------------------------------------------------------
 
 def test_ema_pairs_the_ema_unet_with_the_ema_text_encoders(tmp_path):

@@ -1,11 +1,12 @@
-"""Frozen weights are stored in the asked dtype, trained ones in fp32 (bf16 with full_bf16), and the fused
-Adafactor backward pass steps exactly like the ordinary one."""
+"""Frozen weights are stored in the asked dtype, trained ones in fp32 (bf16 with full_bf16, fp16 with full_fp16),
+and the fused Adafactor backward pass steps exactly like the ordinary one."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,29 @@ def test_fused_adafactor_backward_steps_like_the_ordinary_step(tmp_path):
     base = build_tiny_component("unet").state_dict()
     assert any(not torch.equal(base[k], plain[k]) for k in plain)
     del start
+
+
+def test_full_fp16_trains_fp16_weights_through_the_loss_scaler_on_the_cpu(tmp_path):
+    """fp16 autocast and torch's GradScaler run on the CPU too, so full_fp16 is tested here, not only on a GPU
+    (in this process: fp16's autocast and scaler are the loop's own, not accelerate's per-process state)."""
+    # Two steps of one sample: fp16 matmuls are emulated on this CPU (~30x slower than fp32).
+    settings = dict(network="full", mixed_precision="fp16", full_fp16=True, optimizer="adafactor", learning_rate=1e-3,
+                    batch_size=1, max_steps=2, save_every_steps=2)
+    ctx = make_context(tmp_path / "fp16", **settings)
+    done = run_train(ctx, build_samples(ctx, 1), params(**settings))
+    assert set(done["weights_bytes"]["trained"]) == {"float16"} and not done["weights_bytes"]["frozen"]
+    assert done["eval_loss_after"] < done["eval_loss_before"], done
+    weights = load_file(done["outputs"]["weights"])
+    assert {t.dtype for t in weights.values()} == {torch.float16} and all(t.isfinite().all() for t in weights.values())
+    # The scaler's state is checkpointed with the optimizer's, so a resumed run scales (and skips) as before.
+    state = torch.load(Path(done["outputs"]["checkpoint"]) / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 1
+
+
+def test_full_fp16_refuses_optimizers_whose_fp16_state_goes_nan():
+    from sdxlpipe.stages.train import check
+
+    problems = dict(check(params(network="full", mixed_precision="fp16", full_fp16=True, optimizer="adamw")))
+    assert "NaN" in problems["train.full_fp16"] and "adafactor" in problems["train.full_fp16"]
+    assert "train.full_fp16" in dict(check(params(network="full", mixed_precision="bf16", full_fp16=True, optimizer="adafactor")))
+    assert not check(params(network="full", mixed_precision="fp16", full_fp16=True, optimizer="adafactor"))
