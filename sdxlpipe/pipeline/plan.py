@@ -7,7 +7,8 @@ then the engine's results -> one shard per chunk.
 
 from __future__ import annotations
 
-from typing import Iterable
+import random
+from typing import Callable, Iterable, Iterator
 
 from sdxlpipe.pipeline.keys import partition_of
 
@@ -46,6 +47,33 @@ def still_missing(ctx, stage: str, keys: Iterable[str]) -> set[str]:
     missing = set(ctx.store.missing(stage, keys))
     ctx.store.housekeep(stage)  # our chunks add a fragment each: merge them past the threshold
     return missing
+
+
+def walk_chunks(ctx, stage: str, chunks: list[list[dict]], keys_of: Callable[[dict], list[str]],
+                advance) -> Iterator[tuple[list[dict], set[str]]]:
+    """This writer's chunks in its own order, each with its keys that are still missing.
+
+    Concurrent writers on one store split the work without locks (decision 7): each
+    walks the chunks in an order of its own (a shuffle seeded from the OS, so two
+    writers start apart and never fall into step, as two walks in one direction did
+    when the faster caught up with the slower) and re-reads the index just before
+    each chunk. Items another writer committed since the plan count as reused, not
+    computed: a run's `computed` is what it stored.
+    """
+    order = list(range(len(chunks)))
+    random.Random().shuffle(order)  # a fresh generator: no global state, a different order per writer
+    stats, taken = ctx.stats[stage], 0
+    for i in order:
+        keys = set(k for job in chunks[i] for k in keys_of(job))
+        missing = still_missing(ctx, stage, keys)
+        if len(keys) > len(missing):
+            stats.computed -= len(keys) - len(missing)
+            stats.reused += len(keys) - len(missing)
+            taken += len(keys) - len(missing)
+            advance(len(keys) - len(missing))
+        yield chunks[i], missing
+    if taken:
+        stats.reasons.append(f"{taken} item(s) committed by another writer meanwhile, reused")
 
 
 def write_results(batches, stage: str, field: str, ctx, failed: set[str], advance, group: str = "") -> None:

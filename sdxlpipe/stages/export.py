@@ -145,6 +145,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                                            "files": {f: str(p) for f, p in paths.items()}, "metadata": metadata},
                                           indent=2, sort_keys=True) + "\n").encode(),
                  mode=lora_formats.default_mode())
+    _remove_leftovers([*paths.values(), record_path])
     return table
 
 
@@ -251,6 +252,25 @@ def _save_dir(target: Path, save) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_leftovers(paths: list[Path]) -> None:
+    """Temp files and folders an export killed mid-write left beside (or in) these outputs.
+
+    Every write is temp + rename, so a kill never leaves a half file under an output's name,
+    but it leaves the temp (`.NAME.*`, hidden, as large as the file: GBs for a full model).
+    Called once this export's record is written: another export of the same name into the
+    same folder at the same time would race on the files themselves anyway.
+    """
+    for path in paths:
+        stale = list(path.parent.glob(f".{path.name}.*"))
+        if path.is_dir():  # peft folders: their files are written in place, each atomically
+            stale += path.glob(".*.tmp")
+        for leftover in stale:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _umask() -> int:

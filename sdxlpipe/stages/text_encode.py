@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 
 from sdxlpipe.models import sdxl
 from sdxlpipe.pipeline.keys import item_keys, partition_of
-from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
+from sdxlpipe.pipeline.plan import plan_items, walk_chunks, write_results
 
 VERSION = 1
 # The table columns holding keys of this stage's store items: the runner checks them for damage.
@@ -111,11 +110,11 @@ def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> No
     write = functools.partial(write_results, stage="text_encode", field=FIELD, ctx=ctx, failed=set(), group=group)
     with ctx.reporter.track("text_encode", len(texts)) as advance:
         if engine.name == "local":
-            start = random.randrange(len(chunks)) if chunks else 0
-            for chunk in chunks[start:] + chunks[:start]:
-                missing = still_missing(ctx, "text_encode", [j["key"] for j in chunk])
+            # As vae_encode: the model first, then this writer's order, skipping others' commits.
+            worker = make_worker()
+            for chunk, missing in walk_chunks(ctx, "text_encode", chunks, lambda j: [j["key"]], advance):
                 chunk = [j for j in chunk if j["key"] in missing]
-                write(engine.run(chunk, None, make_worker, params.batch_size), advance=advance)
+                write(engine.run(chunk, None, lambda: worker, params.batch_size), advance=advance)
         else:
             jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
             write(engine.run(jobs, None, make_worker, params.batch_size), advance=advance)

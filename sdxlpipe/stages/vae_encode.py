@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +26,7 @@ import pyarrow as pa
 from sdxlpipe.datasets import open_image
 from sdxlpipe.engines import images
 from sdxlpipe.pipeline.keys import item_keys, partition_of
-from sdxlpipe.pipeline.plan import plan_items, still_missing, write_results
+from sdxlpipe.pipeline.plan import plan_items, walk_chunks, write_results
 
 VERSION = 1
 # The table columns holding keys of this stage's store items: the runner checks them for damage.
@@ -195,13 +194,13 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
                                     params.dtype)
     with ctx.reporter.track("vae_encode", total) as advance:
         if engine.name == "local":
-            # Start at a random chunk and skip what other writers committed meanwhile:
-            # concurrent runs on one store then mostly split the work instead of doubling it.
-            start = random.randrange(len(chunks)) if chunks else 0
-            for chunk in chunks[start:] + chunks[:start]:
-                chunk = _still_missing(chunk, ctx)
-                advance(0)
-                write_results(engine.run(chunk, load_job, make_worker, params.batch_size),
+            # The model is loaded before the first look at the index, so that look is fresh
+            # when the chunk is encoded. Then chunk by chunk, in this writer's own order,
+            # without what other writers committed meanwhile (decision 7).
+            worker = make_worker()
+            for chunk, missing in walk_chunks(ctx, "vae_encode", chunks, _job_keys, advance):
+                chunk = _without_committed(chunk, missing)
+                write_results(engine.run(chunk, load_job, lambda: worker, params.batch_size),
                               "vae_encode", FIELD, ctx, failed, advance, group)
         else:
             jobs = [{**j, "chunk": i} for i, c in enumerate(chunks) for j in c]
@@ -210,9 +209,12 @@ def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
     return failed
 
 
-def _still_missing(chunk: list[dict], ctx) -> list[dict]:
+def _job_keys(job: dict) -> list[str]:
+    return [k for k in (job["key"], job["flip_key"]) if k]
+
+
+def _without_committed(chunk: list[dict], missing: set[str]) -> list[dict]:
     """The chunk without the latents another writer committed since we planned."""
-    missing = still_missing(ctx, "vae_encode", [k for j in chunk for k in (j["key"], j["flip_key"]) if k])
     out = []
     for j in chunk:
         j = {**j, "key": j["key"] if j["key"] in missing else "",

@@ -50,6 +50,10 @@ def commit_checkpoint(tmp: Path, run_dir: Path, step: int, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     rename_durably(tmp, final)  # the renamed directory, not just its files, survives a power cut
+    # A run killed while writing a checkpoint left its temp folder (a checkpoint's size: GBs for a
+    # full fine-tune); only the main process writes checkpoints, so any other one is a leftover.
+    for leftover in final.parent.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     steps = sorted(int(p.name[5:]) for p in final.parent.iterdir() if p.name.startswith("step-"))
     for old in steps[:-keep]:
         shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)

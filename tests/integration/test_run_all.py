@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -220,31 +222,111 @@ def test_kohya_and_diffusers_files_give_the_same_unet_output(finished_run, tmp_p
     assert (kohya - base).abs().max() > 1e-4
 
 
+# Runs `sdxlpipe run ...` and SIGKILLs it at the Nth fsync of a file in a checkpoint being written
+# (checkpoints/.tmp-*): in the middle of a checkpoint, before it is renamed into place.
+KILL_IN_CHECKPOINT = r"""
+import os, signal, sys
+real, seen, kill_at = os.fsync, [0], int(sys.argv[1])
+def fsync(fd):
+    if "/checkpoints/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(fd)
+os.fsync = fsync
+sys.argv = ["sdxlpipe", *sys.argv[2:]]
+from sdxlpipe.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fsynced files")
 def test_killed_training_resumes_and_ends_with_the_same_weights(finished_run, trained):
-    """The finished run is the unbroken reference; its copy trains again from the cached
-    latents (save cadence is not in the train key), is SIGKILLed mid-run and resumed."""
+    """The finished run's step-10 checkpoint is the unbroken reference; its copy trains 10 steps again
+    from the cached latents (neither save cadence nor, with a constant LR, max_steps is in the train
+    key: decision 29), is SIGKILLed in the middle of writing a checkpoint (a seeded fsync within the
+    2nd-3rd of 5) and resumed."""
     from safetensors.torch import load_file
 
     train_root = trained.parent / ".sdxlpipe" / "train"
     shutil.rmtree(train_root)
-    settings = ["--set", "train.save_every_steps=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdxlpipe", "run", "all", "-c", str(trained), *settings],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(train_root.glob("*/checkpoints/step-00000010")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    settings = ["--set", "train.save_every_steps=2", "--set", "train.max_steps=10"]
+    # A checkpoint makes 8 fsyncs in its temp folder: network.json and state.json, each written
+    # atomically (the file, then the folder), then each of its 4 files before the rename.
+    kill_at = random.Random(20).randrange(9, 25)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(kill_at), "run", "all", "-c", str(trained),
+                           *settings], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not list(train_root.glob("*/done.json")), "the run finished before it was killed"
+    assert list(train_root.glob("*/checkpoints/.tmp-*")), "killed outside a checkpoint write"
 
     resumed = cli("run", "all", "-c", str(trained), *settings)
     assert "resuming" in resumed.stderr
+    assert not list(train_root.glob("*/checkpoints/.tmp-*")), "the killed checkpoint's temp folder is left"
 
     def final_adapter(config: Path):
-        (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000020/adapter.safetensors")
+        (adapter,) = (config.parent / ".sdxlpipe" / "train").glob("*/checkpoints/step-00000010/adapter.safetensors")
         return load_file(adapter)
 
     a, b = final_adapter(finished_run[0]), final_adapter(trained)
     assert a.keys() == b.keys()
     assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
+# Runs `sdxlpipe run ...` and SIGKILLs it at the Nth os.replace into the output folder, before the
+# rename: the file is written and fsynced under its temp name.
+KILL_AT_EXPORT_RENAME = r"""
+import os, signal, sys
+real, seen, kill_at = os.replace, [0], int(sys.argv[1])
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.path.dirname(os.fspath(dst))) == "output":
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = ["sdxlpipe", *sys.argv[2:]]
+from sdxlpipe.cli import main
+main()
+"""
+# The export writes the kohya file, the diffusers file, then its record: killed before one of the
+# three renames (seeded), so a new file is half-way (a temp) and the old record still names the old.
+EXPORT_KILL = random.Random(12).choice([1, 2, 3])
+
+
+def test_an_export_killed_at_a_rename_reruns_to_the_files_of_an_unbroken_export(trained):
+    """A changed export (fp16) over the finished run's fp32 files is killed at a seeded rename; the
+    rerun ends with the unbroken fp16 export's files, no temp file, and trains nothing."""
+    out = trained.parent / "output"
+    fp16 = ["--set", "export.dtype=fp16"]
+    fp32_files = {p.name: p.read_bytes() for p in out.iterdir()}
+    cli("run", "export", "-c", str(trained), *fp16)
+    unbroken = _contents(out)
+    assert unbroken.keys() == fp32_files.keys() and unbroken != _contents(out, fp32_files)
+    for p in out.iterdir():  # the finished fp32 export again: the files a changed export replaces
+        p.write_bytes(fp32_files[p.name]) if p.name in fp32_files else p.unlink()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_EXPORT_RENAME, str(EXPORT_KILL), "run", "export",
+                           "-c", str(trained), *fp16], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    report = cli_json("run", "export", "-c", str(trained), *fp16)
+    assert {n: s["computed"] for n, s in report["stages"].items()} == {**dict.fromkeys(STAGES, 0), "export": 1}
+    assert _contents(out) == unbroken, EXPORT_KILL  # the same files, no temp left beside them
+
+
+def _contents(folder: Path, files: dict[str, bytes] | None = None) -> dict:
+    """Every file's content by name: tensors and metadata of a safetensors file (its header's key
+    order differs between processes), the bytes of any other."""
+    from safetensors.torch import load as load_tensors
+
+    files = files if files is not None else {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+            out[name] = (header.get("__metadata__"), {k: v.tolist() for k, v in load_tensors(data).items()})
+        else:
+            out[name] = data
+    return out

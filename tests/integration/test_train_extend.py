@@ -14,8 +14,8 @@ from tests.conftest import cli, cli_json, copy_example
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--set", "train.max_steps=4", "--set", "train.save_every_steps=2"]
-LONG = ["--set", "train.max_steps=8", "--set", "train.save_every_steps=2"]
+SHORT = ["--set", "train.max_steps=2", "--set", "train.save_every_steps=2"]
+LONG = ["--set", "train.max_steps=4", "--set", "train.save_every_steps=2"]
 
 
 def _done(config) -> dict:
@@ -37,20 +37,20 @@ def test_raising_max_steps_continues_the_finished_run_to_the_unbroken_runs_weigh
 
     report = cli_json("run", "train", "-c", str(extended), *LONG)
     assert report["stages"]["train"]["computed"] == 1
-    assert "extending from step 4 to 8" in json.dumps(report["stages"]["train"])
+    assert "extending from step 2 to 4" in json.dumps(report["stages"]["train"])
     cli("run", "train", "-c", str(unbroken), *LONG)
     a, b = _done(extended), _done(unbroken)
-    assert a["steps"] == b["steps"] == 8
+    assert a["steps"] == b["steps"] == 4
     wa, wb = load_file(a["outputs"]["weights"]), load_file(b["outputs"]["weights"])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["eval_loss_before"] == b["eval_loss_before"] and a["eval_loss_after"] == b["eval_loss_after"]
-    # Asked again, the 8-step run is done; the LoRA exported after 4 steps is not (same train key, other weights).
+    # Asked again, the 4-step run is done; the LoRA exported after 2 steps is not (same train key, other weights).
     again = cli_json("status", "-c", str(extended), *LONG)["stages"]
     assert again["train"]["to_compute"] == 0 and again["train"]["up_to_date"] == 1
     assert again["export"]["to_compute"] == 1, again["export"]
 
-    # A new run (another seed) that starts from the exported 4-step LoRA starts where that run ended:
-    # its fixed-noise loss before training is the 4-step run's loss after.
+    # A new run (another seed) that starts from the exported 2-step LoRA starts where that run ended:
+    # its fixed-noise loss before training is the 2-step run's loss after.
     start = tmp_path / "start" / "sdxlpipe.toml"
     shutil.copytree(unbroken.parent, start.parent, symlinks=True)
     shutil.rmtree(start.parent / ".sdxlpipe" / "train")

@@ -23,7 +23,7 @@ from tests.conftest import REPO
 from tests.training.conftest import SMALL, build_samples, make_context
 
 SETTINGS = {
-    **SMALL, "max_steps": 16, "save_every_steps": 2, "conv_rank": 4, "dropout": 0.1,
+    **SMALL, "max_steps": 8, "save_every_steps": 2, "conv_rank": 4, "dropout": 0.1,
     "ema_decay": 0.9, "lr_scheduler": "cosine_with_restarts", "lr_cycles": 2, "lr_warmup": 0.25,
     "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, "caption_dropout": 0.3,
     "noise_offset": 0.05, "noise_offset_random_strength": True, "input_perturbation": 0.1,
@@ -68,7 +68,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_ema_and_loss_curve(tmp_path):
     proc = subprocess.Popen(broken, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     train_root = broken_root / ".sdxlpipe" / "train"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(train_root.glob("*/checkpoints/step-00000006")):
+    while time.time() < deadline and not list(train_root.glob("*/checkpoints/step-00000004")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -79,10 +79,10 @@ def test_sigkilled_run_resumes_to_the_same_weights_ema_and_loss_curve(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert list(train_root.glob("*/done.json"))
     # max_checkpoints = 2: only the newest two survive.
-    assert sorted(p.name for p in train_root.glob("*/checkpoints/step-*")) == ["step-00000014", "step-00000016"]
+    assert sorted(p.name for p in train_root.glob("*/checkpoints/step-*")) == ["step-00000006", "step-00000008"]
 
-    (wa, ea, la), (wb, eb, lb) = final(tmp_path / "whole", 16), final(broken_root, 16)
-    assert la == lb and len(la) == 16
+    (wa, ea, la), (wb, eb, lb) = final(tmp_path / "whole", 8), final(broken_root, 8)
+    assert la == lb and len(la) == 8
     assert wa.keys() == wb.keys() and ea.keys() == eb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
