@@ -65,7 +65,8 @@ def answer(config_path: Path, overrides: list[str] | None) -> dict[str, Any] | N
 
 def as_status(report: dict[str, Any]) -> dict[str, Any]:
     """The `status` answer a no-op report stands for (the shape `pipeline.status.status` returns)."""
-    stages = {name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": 0, "reasons": []}
+    # A record is written only after a complete run that failed nothing, so nothing "cannot run".
+    stages = {name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": 0, "cannot_run": 0, "reasons": []}
               for name, s in report["stages"].items()}
     return {"stages": stages, "rejected": report["rejected"], "up_to_date": True}
 
