@@ -25,17 +25,18 @@ import logging
 import os
 import posixpath
 import secrets
-import time
 from pathlib import Path
 
 import fsspec
 
-from .shards import StoreError, hash_stream
+from .shards import hash_stream, retry_io
 
 log = logging.getLogger("sdxlpipe.shard_cache")
 # A failed download (network, throttling) is tried this often, waiting 1, 2, 4 s between tries,
 # before the run stops; a missing shard is not retried (it is damage, not a transient error).
-DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_DELAYS = (1.0, 2.0, 4.0)
+DOWNLOAD_HINT = ("check the network and credentials, then run the same command again: "
+                 "training resumes from its last checkpoint")
 
 
 def default_directory() -> Path:
@@ -81,19 +82,8 @@ class ShardCache:
         """
         fs = self._remote()
         remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
-        for attempt in range(DOWNLOAD_ATTEMPTS):
-            try:
-                return fs.cat_file(remote, start=start, end=end)
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                if attempt + 1 == DOWNLOAD_ATTEMPTS:
-                    raise StoreError(
-                        f"could not read {remote} from {self.url} after {DOWNLOAD_ATTEMPTS} tries: {e}",
-                        "check the network and credentials, then run the same command again: "
-                        "training resumes from its last checkpoint") from e
-                time.sleep(2 ** attempt)
-        raise AssertionError("unreachable")
+        return retry_io(lambda: fs.cat_file(remote, start=start, end=end), DOWNLOAD_DELAYS,
+                        f"{remote} from {self.url}", DOWNLOAD_HINT)
 
     def get(self, stage: str, shard_id: str, keep: frozenset[str] = frozenset()) -> Path | None:
         """The local path of a verified copy of the shard, downloading it if needed.
@@ -119,7 +109,8 @@ class ShardCache:
         fs = self._remote()
         remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
         tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
-        for attempt in range(DOWNLOAD_ATTEMPTS):
+
+        def attempt() -> bool:
             try:
                 with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
                     digest, _ = hash_stream(src, copy_to=dst)
@@ -129,18 +120,10 @@ class ShardCache:
                     return False
                 os.replace(tmp, path)
                 return True
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                if attempt + 1 == DOWNLOAD_ATTEMPTS:
-                    raise StoreError(
-                        f"could not fetch shard {remote} from {self.url} after {DOWNLOAD_ATTEMPTS} tries: {e}",
-                        "check the network and credentials, then run the same command again: "
-                        "training resumes from its last checkpoint") from e
-                time.sleep(2 ** attempt)
             finally:
                 tmp.unlink(missing_ok=True)
-        return False
+
+        return retry_io(attempt, DOWNLOAD_DELAYS, f"shard {remote} from {self.url}", DOWNLOAD_HINT)
 
     def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> int:
         """Delete least recently used shards until the directory is under the limit; returns bytes left."""

@@ -12,11 +12,13 @@ Also home of StoreError, which every module of the package raises.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import secrets
 import tarfile
 import tempfile
+import time
 from typing import BinaryIO, Callable, Iterable
 
 import xxhash
@@ -40,6 +42,27 @@ class StoreError(Exception):
 
     def __str__(self) -> str:
         return f"{self.what}\nHint: {self.hint}" if self.hint else self.what
+
+
+def retry_io(attempt: Callable, delays: Iterable[float], what: str, hint: str):
+    """attempt() again after an I/O error, waiting each of `delays` seconds in turn; then a StoreError
+    naming `what` with `hint`. The one retry rule of the store package (reads, downloads).
+
+    FileNotFoundError is not retried: a file that is gone is damage or absence, not a blip.
+    """
+    delays = tuple(delays)
+    for delay in (*delays, None):
+        try:
+            return attempt()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if delay is None:
+                raise StoreError(f"could not read {what}: {type(e).__name__}: {e} ({len(delays) + 1} attempts)",
+                                 hint) from e
+            logging.getLogger(__name__).warning("reading %s failed (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class CacheDamaged(StoreError):

@@ -53,6 +53,7 @@ from .shards import (
     member_bytes,
     place_file,
     read_range,
+    retry_io,
     write_bytes,
 )
 
@@ -345,25 +346,10 @@ class Store:
         return doc
 
     def _retrying(self, what: str, attempt):
-        """attempt() again after an I/O error, waiting read_retry_delays; then a StoreError.
-
-        FileNotFoundError is not retried: a shard that is gone is damage, not a blip.
-        """
-        for delay in (*self.read_retry_delays, None):
-            try:
-                return attempt()
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                if delay is None:
-                    raise StoreError(
-                        f"could not read {what} in store {self.url}: {type(e).__name__}: {e} "
-                        f"({len(self.read_retry_delays) + 1} attempts)",
+        """attempt() again after an I/O error, waiting read_retry_delays; then a StoreError (shards.retry_io)."""
+        return retry_io(attempt, self.read_retry_delays, f"{what} in store {self.url}",
                         "the store's disk or network is failing; nothing was marked bad, so "
-                        "run the command again once the store is reachable",
-                    ) from e
-                log.warning("store %s: reading %s failed (%s); retrying in %.1f s", self.url, what, e, delay)
-                time.sleep(delay)
+                        "run the command again once the store is reachable")
 
     def _read_checked(self, stage: str, loc: Location,
                       f: BinaryIO | None) -> tuple[bytes | None, str | None, BinaryIO | None]:
