@@ -33,10 +33,6 @@ def _schema(column: str) -> pa.Schema:
     ])
 
 
-def hash_bytes_of_file(path: Path) -> str:
-    return hash_file(path)  # the one streaming hasher (cache_format/shards.py)
-
-
 class ContentMemo:
     """Stat-keyed memo of a string computed from a file's bytes, stored as one parquet file.
 
@@ -46,7 +42,7 @@ class ContentMemo:
     sidecar is read, and warned about, again).
     """
 
-    def __init__(self, memo_path: Path, compute: Callable[[Path], str | None] = hash_bytes_of_file,
+    def __init__(self, memo_path: Path, compute: Callable[[Path], str | None] = hash_file,
                  column: str = "xxh3") -> None:
         self.memo_path = memo_path
         self.compute = compute

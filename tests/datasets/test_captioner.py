@@ -37,6 +37,14 @@ def tiny_blip(tmp_path_factory) -> Path:
     return d
 
 
+def _captioner_config(tmp_path, tiny_blip):
+    """A config captioning tmp_path/images with the tiny BLIP (short captions: fast)."""
+    cfg_path = tmp_path / "sdxlpipe.toml"
+    cfg_path.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n'
+                        f'[caption.captioner]\nmodel = "{tiny_blip}"\nmax_new_tokens = 6\n')
+    return cfg_path
+
+
 def _items(config) -> int:
     return open_store(config.store_url).du()["stages"].get("caption", {}).get("items", 0)
 
@@ -46,9 +54,7 @@ def test_captioner_fills_only_missing_captions_and_caches_by_image_model_and_pro
     (tmp_path / "images" / "has_caption.txt").write_text("a written caption")
     write(tmp_path / "images" / "IMG_0001.jpg", image_bytes("JPEG", seed=2))
     write(tmp_path / "images" / "IMG_0002.png", image_bytes("PNG", seed=3))
-    cfg_path = tmp_path / "sdxlpipe.toml"
-    cfg_path.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n'
-                        f'[caption.captioner]\nmodel = "{tiny_blip}"\nmax_new_tokens = 6\n')
+    cfg_path = _captioner_config(tmp_path, tiny_blip)
     config = load_config(cfg_path)
 
     run_pipeline(config, "caption")
@@ -75,9 +81,7 @@ def test_a_rerun_and_status_open_no_caption_payload_and_a_fresh_checkout_reads_t
         tmp_path, tiny_blip):
     write(tmp_path / "images" / "IMG_0001.jpg", image_bytes("JPEG", seed=2))
     write(tmp_path / "images" / "IMG_0002.png", image_bytes("PNG", seed=3))
-    cfg_path = tmp_path / "sdxlpipe.toml"
-    cfg_path.write_text(f'model = "tiny"\n[[sources]]\npath = "images"\n'
-                        f'[caption.captioner]\nmodel = "{tiny_blip}"\nmax_new_tokens = 6\n')
+    cfg_path = _captioner_config(tmp_path, tiny_blip)
     config = load_config(cfg_path)
     run_pipeline(config, "caption")
     table = config.workspace / "tables" / "caption.parquet"

@@ -4,7 +4,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdxlpipe.pipeline.hashing import ContentMemo, hash_bytes_of_file
+from sdxlpipe.cache_format.shards import hash_file
+from sdxlpipe.pipeline.hashing import ContentMemo
 
 
 def _old(path, seconds_ago=10):
@@ -20,7 +21,7 @@ def test_memo_answers_from_stats_without_reading(tmp_path):
     first = memo.hash_file(f)
     memo.save()
     again = ContentMemo(tmp_path / "memo.parquet")
-    assert again.hash_file(f) == first == hash_bytes_of_file(f)
+    assert again.hash_file(f) == first == hash_file(f)
     assert again.hashed == 0
 
 
@@ -56,7 +57,7 @@ def test_a_change_in_the_hashing_second_that_the_stat_cannot_show_is_detected(tm
     f.write_bytes(b"other")  # same size, same second
     _as_if_the_stat_did_not_change(tmp_path / "memo.parquet", f)
 
-    assert ContentMemo(tmp_path / "memo.parquet").hash_file(f) == hash_bytes_of_file(f) != stale
+    assert ContentMemo(tmp_path / "memo.parquet").hash_file(f) == hash_file(f) != stale
 
 
 def test_a_file_older_than_its_hash_is_trusted_by_stat(tmp_path):
