@@ -32,6 +32,11 @@ from sdxlpipe.lora.cli import lora_app  # noqa: E402
 
 app.add_typer(lora_app, name="lora")
 
+# issue 17: published datasets (`run encode` publishes them) in their own module too.
+from sdxlpipe.dataset_cli import dataset_app  # noqa: E402
+
+app.add_typer(dataset_app, name="dataset")
+
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config file")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 DEFAULT_CONFIG = Path("sdxlpipe.toml")
@@ -72,8 +77,10 @@ def _check_store(url: str, must_exist: bool, flag: str) -> None:
     """
     import fsspec
 
+    from sdxlpipe.cache_format.shards import is_http
+
     fs, root = fsspec.core.url_to_fs(url)
-    if fs.isfile(root):
+    if not is_http(fs) and fs.isfile(root):  # over HTTP any answered URL is a "file": FORMAT decides
         raise UserError(f"the store {url} is a file, not a folder",
                         f"point {flag} at a folder (a new one starts an empty store)")
     if must_exist and not fs.isfile(root.rstrip("/") + "/FORMAT"):
@@ -172,6 +179,10 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
         written = set(report["outputs"].get("written", []))
         for path in report["outputs"].get("lora", []):
             print(f"wrote {path}" if path in written else f"up to date: {path}")
+        dataset = report["outputs"].get("dataset")
+        if dataset:
+            print(("published" if dataset["published"] else "up to date:")
+                  + f" dataset {dataset['name']}@{dataset['snapshot']} ({dataset['samples']} samples) in {dataset['store']}")
     if failed:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),

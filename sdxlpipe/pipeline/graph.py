@@ -20,6 +20,10 @@ ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", 
 # Targets that name more than one stage.
 ALIASES = {"all": "export", "encode": "text_encode"}
 
+# After this stage the table is training-ready: every sample's caption, bucket, crop and item keys.
+# A run that reaches it publishes the table (pipeline/publish.py); dataset sources join the table here.
+PUBLISH_AFTER = "text_encode"
+
 
 def stage_module(name: str) -> ModuleType:
     return importlib.import_module(f"sdxlpipe.stages.{name}")

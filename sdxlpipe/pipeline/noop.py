@@ -146,7 +146,9 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
         **report,
         "stages": {name: {**s, "computed": 0, "reused": s["items"], "seconds": 0.0, "reasons": []}
                    for name, s in report["stages"].items()},
-        "outputs": {**report["outputs"], **({"written": []} if "written" in report["outputs"] else {})},
+        "outputs": {**report["outputs"], **({"written": []} if "written" in report["outputs"] else {}),
+                    **({"dataset": {**report["outputs"]["dataset"], "published": False}}
+                       if "dataset" in report["outputs"] else {})},
         "models_loaded": [],
     }
     # Walked after the run, so what it wrote is part of the picture (the record itself is hidden,

@@ -16,7 +16,7 @@ import pyarrow as pa
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.config import Config
 from sdxlpipe.pipeline.context import Context, Models, StageStats
-from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module, stages_for
+from sdxlpipe.pipeline.graph import PUBLISH_AFTER, STAGE_NAMES, stage_module, stages_for
 from sdxlpipe.pipeline.hashing import ContentMemo
 from sdxlpipe.pipeline.noop import forget as forget_noop_record
 from sdxlpipe.pipeline.progress import Reporter
@@ -115,6 +115,12 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
             if settings != last:
                 ctx.workspace.write_settings(name, settings)
         ctx.log.debug("%s: %s", name, stats)
+        if name == PUBLISH_AFTER:
+            from sdxlpipe.pipeline.publish import publish
+
+            published = publish(ctx, table)  # training-ready: any machine can train from the store alone
+            if published is not None:
+                ctx.outputs["dataset"] = published
 
 
 def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, retried: bool) -> int | None:
@@ -239,6 +245,8 @@ def _report(ctx: Context) -> dict[str, Any]:
         outputs["written"] = outputs["lora"] if export["computed"] and not ctx.dry_run else []
     if "checkpoint" in ctx.outputs.get("train", {}):
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
+    if "dataset" in ctx.outputs:
+        outputs["dataset"] = ctx.outputs["dataset"]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
             "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
             "failed_stages": failed_stages(stages)}
