@@ -221,6 +221,8 @@ def _build(cls: type, table: dict, prefix: str, base: Path, problems: list) -> A
         if ok:
             if fields[key].metadata.get("path") and coerced is not None:
                 coerced = str((base / coerced).resolve()) if not Path(coerced).is_absolute() else coerced
+            if fields[key].metadata.get("url") and coerced:
+                coerced = _resolve_url(coerced, base)  # a path or an fsspec URL, as [store] url
             values[key] = coerced
     try:
         return cls(**values)

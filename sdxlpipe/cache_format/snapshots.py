@@ -382,7 +382,7 @@ def missing_shards(store: Store, snapshot: Snapshot) -> dict[str, tuple[int, int
             continue
         shard_col = table.column("shard_id").combine_chunks().dictionary_encode()
         ids = shard_col.dictionary.to_pylist()
-        gone = [not _exists(store, store._shard(stage, s)) for s in ids]
+        gone = [not _exists(store, store.shard_path(stage, s)) for s in ids]
         if any(gone):
             codes = dict_codes(shard_col)
             out[stage] = (int(np.asarray(gone)[codes].sum()), sum(gone))

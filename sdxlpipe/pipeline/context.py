@@ -118,7 +118,16 @@ class Context:
     outputs: dict[str, Any] = field(default_factory=dict)
     # Store items found damaged during this run, per stage (recomputed; reported in --json).
     damaged: dict[str, set[str]] = field(default_factory=dict)
+    # The config's dataset sources (pipeline/sources.py), opened: their rows join the table at the publish point.
+    datasets: list = field(default_factory=list)
     _engines: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_store(self):
+        """What training reads items through: the datasets' snapshots, then the config's store."""
+        from sdxlpipe.pipeline.sources import layered
+
+        return layered(self.datasets, self.store)
 
     def engine(self, workers: int):
         """The run's encode engine (one per run: models and worker pools are kept between stages)."""

@@ -68,6 +68,10 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
     names = stages_for(target)
     inputs: dict[str, pa.Table] = {}
     try:
+        if PUBLISH_AFTER in names[:-1]:  # a stage after the publish point reads the datasets' rows
+            from sdxlpipe.pipeline.sources import open_datasets
+
+            ctx.datasets = open_datasets(config, ctx.log, ctx.models.fingerprints)
         start, retried = 0, False
         while True:
             try:
@@ -117,10 +121,12 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
         ctx.log.debug("%s: %s", name, stats)
         if name == PUBLISH_AFTER:
             from sdxlpipe.pipeline.publish import publish
+            from sdxlpipe.pipeline.sources import join
 
             published = publish(ctx, table)  # training-ready: any machine can train from the store alone
             if published is not None:
                 ctx.outputs["dataset"] = published
+            table = join(table, ctx.datasets)  # dataset sources' rows, which no stage before computed
 
 
 def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, retried: bool) -> int | None:
@@ -132,6 +138,12 @@ def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, 
     """
     if retried or ctx.dry_run:
         return None
+    if isinstance(error, CacheDamaged) and ctx.datasets:
+        from sdxlpipe.pipeline.sources import lost_in_datasets
+
+        lost = lost_in_datasets(ctx.datasets, error)  # no images here to recompute a dataset's items from
+        if lost is not None:
+            raise lost from error
     damaged = damaged_items(ctx, names, inputs)
     if isinstance(error, CacheDamaged):
         for stage, keys in error.items.items():
@@ -161,12 +173,16 @@ def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set
         if not later:
             continue
         table = inputs[later[0]]
+        if ctx.datasets and "source_index" in table.column_names:
+            # Only the config's own rows: the datasets' items are not in its store (lost_in_datasets).
+            ours = {d.index for d in ctx.datasets}
+            table = table.filter(pa.array([i not in ours for i in table.column("source_index").to_pylist()]))
         keys: set[str] = set()
         for column in columns:
             if column in table.column_names:
                 for value in table.column(column).to_pylist():
                     keys.update(v for v in (value if isinstance(value, list) else [value]) if v)
-        found[stage] = set(ctx.store.damaged(stage, keys))
+        found[stage] = set(ctx.store.damaged(stage, keys)) if keys else set()
     return found
 
 
@@ -247,6 +263,8 @@ def _report(ctx: Context) -> dict[str, Any]:
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
     if "dataset" in ctx.outputs:
         outputs["dataset"] = ctx.outputs["dataset"]
+    if ctx.datasets:
+        outputs["datasets"] = [d.describe() for d in ctx.datasets]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
             "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
             "failed_stages": failed_stages(stages)}

@@ -10,6 +10,7 @@ are kept once -> one row per good image. A no-op rerun reads no image bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +31,22 @@ REJECTED_TABLE = "ingest_rejected"
 @dataclass(frozen=True)
 class Source:
     # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
-    path: str = field(metadata={"path": True})
+    # Empty for kind = "dataset".
+    path: str = field(default="", metadata={"path": True})
     # "auto" decides from the path: manifest by extension; webdataset for a .tar, or a folder with tars and
-    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder.
-    kind: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
+    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder. "dataset": a dataset
+    # published in a store (`sdxlpipe dataset list`), trained on as it is: no image is read, nothing is encoded.
+    kind: Literal["auto", "folder", "manifest", "webdataset", "dataset"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
     # Regularisation / class images (kohya's is_reg): trained on like the others, reported apart.
     is_reg: bool = False
     # Name of the subset in reports and export metadata; defaults to the folder or file name.
+    # kind = "dataset": the published dataset's name, or NAME@SNAPSHOT to pin one snapshot.
     name: str = ""
+    # kind = "dataset": the store it is published in, any path or fsspec URL (https://, s3://, ...); "": the
+    # config's own store.
+    store: str = field(default="", metadata={"url": True})
     # Read kohya's `<repeats>_<class tokens>/` folders: repeats and the fallback caption from the name.
     kohya_folders: bool = False
     # Manifest columns: the image path (relative to the manifest) and the caption.
@@ -61,9 +68,17 @@ class Params:
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
     if not p.sources:
-        problems.append(("sources", 'no image source; add [[sources]] path = "images"'))
+        problems.append(("sources", 'no image source; add [[sources]] path = "images" (or kind = "dataset")'))
     for i, s in enumerate(p.sources):
         where = f"sources[{i}]"
+        if s.kind == "dataset":
+            problems += _check_dataset_source(s, where)
+            continue
+        if s.store:
+            problems.append((f"{where}.store", 'names the store of a published dataset: set kind = "dataset"'))
+        if not s.path:
+            problems.append((f"{where}.path", 'missing: the images\' folder, manifest or tars (or kind = "dataset")'))
+            continue
         path = Path(s.path)
         if not path.exists():
             problems.append((f"{where}.path", f"does not exist: {s.path}"))
@@ -75,6 +90,28 @@ def check(p: Params) -> list[tuple[str, str]]:
             problems.append((f"{where}.repeats", "must be >= 1"))
     if p.max_pixels < 1:
         problems.append(("ingest.max_pixels", "must be >= 1"))
+    return problems
+
+
+def _check_dataset_source(s: Source, where: str) -> list[tuple[str, str]]:
+    """A dataset source names a dataset; the image sources' settings are the dataset's own rows'."""
+    from sdxlpipe.cache_format import StoreError
+    from sdxlpipe.cache_format.snapshots import parse_spec
+
+    problems = []
+    try:
+        parse_spec(s.name)
+    except StoreError as e:
+        problems.append((f"{where}.name", f"{e.what}; {e.hint}" if s.name else
+                         "the published dataset to train on (`sdxlpipe dataset list --store URL` names them)"))
+    if s.path:
+        problems.append((f"{where}.path", "a dataset source reads no path: its store (`store`) holds everything"))
+    images_only = {f.name: f.default for f in dataclasses.fields(Source)
+                   if f.name not in ("path", "kind", "name", "store")}
+    for name, default in images_only.items():
+        if getattr(s, name) != default:
+            problems.append((f"{where}.{name}", "applies to image sources; a published dataset's rows carry their own "
+                                                "(publish it again with the setting changed)"))
     return problems
 
 
@@ -169,6 +206,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     # The number of files is not known until every source is listed: progress counts files read.
     with ctx.reporter.track("ingest", None) as advance:
         for source in params.sources:
+            if source.kind == "dataset":
+                continue  # its rows join the table at the publish point (pipeline/sources.py), read from the store
             listed = 0
             for c, container_hash in candidates(source, ctx.memo.hash_file, ctx.sidecars and ctx.sidecars.get):
                 listed += 1

@@ -79,7 +79,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
     plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
-    source = stream.open_source(table, ctx.store, p, plan, device)  # reads batch i from the store when it is due
+    source = stream.open_source(table, ctx.train_store, p, plan, device)  # reads batch i from the store when it is due
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
