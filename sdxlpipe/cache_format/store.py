@@ -218,9 +218,9 @@ class Store:
         news = [(loc, why) for loc, why in failures if not index.is_bad(loc)]
         for loc, why in news:
             log.warning(
-                "store %s: item %s (%s) in shard %s is unusable (%s); treating it as missing, "
-                "so it is recomputed", self.url, loc.item_key, loc.field,
+                "store %s: item %s (%s) in shard %s is unusable (%s); %s", self.url, loc.item_key, loc.field,
                 self.shard_path(stage, loc.shard_id), why,
+                "its other copies are tried" if self.read_only else "treating it as missing, so it is recomputed",
             )
         rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
         if rows:

@@ -13,7 +13,8 @@ another version) returns None and the caller takes the normal path, which
 stays the source of truth. Any run that may write removes the record first.
 
 What is never answered here (the record is not written): manifest sources
-(the files they name can live anywhere) and remote stores.
+(the files they name can live anywhere), remote stores, and dataset sources
+published in a store behind a URL (it changes without a trace here).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def as_status(report: dict[str, Any]) -> dict[str, Any]:
     # A record is written only after a complete run that failed nothing, so nothing "cannot run".
     stages = {name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": 0, "cannot_run": 0, "reasons": []}
               for name, s in report["stages"].items()}
-    return {"stages": stages, "rejected": report["rejected"], "up_to_date": True}
+    return {"stages": stages, "rejected": report["rejected"], "up_to_date": True,
+            **({"datasets": report["outputs"]["datasets"]} if "datasets" in report.get("outputs", {}) else {})}
 
 
 def forget(workspace: Path) -> None:
@@ -92,6 +94,14 @@ def watch_inputs(config) -> list[list] | None:
         kind = source_kind(source)
         if kind == "manifest":
             return None
+        if kind == "dataset":
+            url = source.store or config.store_url
+            local = url[len("file://"):] if url.startswith("file://") else url
+            if "://" in local:
+                return None  # a dataset behind a URL is published again or removed without a trace here
+            # Its refs and snapshots (a re-publish or `dataset rm` changes them); shards are immutable.
+            watch.append(["tree", str(Path(local).absolute() / "datasets"), False])
+            continue
         watch.append(["tree" if Path(source.path).is_dir() else "file", str(Path(source.path).absolute()), False])
     captioner = config.params["caption"].captioner.model
     if captioner:  # a local model directory: its captions are store items keyed by its files

@@ -108,11 +108,12 @@ def missing_error(dataset: DatasetSource, gone: dict[str, tuple[int, int]], wher
     """How many items of which stage the store lost, and the command that encodes them again."""
     counts = ", ".join(f"{items} {stage} item(s) in {shards} shard(s)" for stage, (items, shards) in gone.items())
     config = dataset.snapshot.ref.get("config")
-    command = f"`sdxlpipe run encode -c {config}`" if config else "`sdxlpipe run encode` with the publishing config"
+    flag = f" -c {config}" if config else ""
     return UserError(
         f"{where}: snapshot {dataset.snapshot.id} names items the store no longer has: {counts} are missing",
-        f"on the machine that has the dataset's images, {command} encodes the missing items again and publishes "
-        f"the dataset again; then copy or serve that store again ({dataset.store.url})")
+        f"on the machine that has the dataset's images, `sdxlpipe store verify{flag}` marks what its store lost and "
+        f"`sdxlpipe run encode{flag}` encodes it again and publishes the dataset again; then copy or serve that "
+        f"store again ({dataset.store.url})")
 
 
 def lost_in_datasets(datasets: list[DatasetSource], error: CacheDamaged) -> UserError | None:
