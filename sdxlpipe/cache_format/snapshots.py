@@ -150,6 +150,18 @@ def _summary(samples: pa.Table, items: dict) -> dict:
     return {"samples": samples.num_rows, "buckets": dict(sorted(buckets.items())), "stages": stages}
 
 
+def copy_to(snapshot: Snapshot, src: Store, dst: Store, name: str) -> None:
+    """Write a verified snapshot of `src` into `dst`, bytes checked against their names again, then its ref."""
+    entries = [snapshot.manifest["samples"], *snapshot.manifest["items"].values()]
+    wanted = [(f"{e['xxh3']}.parquet", e["xxh3"]) for e in entries] + [(f"{snapshot.id}.json", snapshot.id)]
+    for file_name, digest in wanted:  # the manifest last, the ref after it: the commit point
+        data = src._retrying(f"snapshot file {file_name}", lambda: src.fs.cat_file(_snapshot_path(src, file_name)))
+        if xxhash.xxh3_128_hexdigest(data) != digest:
+            raise StoreError(f"snapshot file {_snapshot_path(src, file_name)} changed while it was copied", HINT_FOREIGN)
+        write_bytes(dst.fs, _snapshot_path(dst, file_name), data, dst._tmp)
+    write_bytes(dst.fs, _ref_path(dst, name), encode_json(snapshot.ref), dst._tmp)
+
+
 def remove(store: Store, name: str) -> dict:
     """Delete the ref `name` (its snapshot and the shards only it kept become collectable by gc)."""
     ref = _read_ref(store, name)

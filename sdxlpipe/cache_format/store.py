@@ -469,6 +469,10 @@ class Store:
         """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
         return sync.copy_missing(self, other, log)
 
+    def copy_datasets_to(self, other: "Store") -> dict:
+        """Publish in `other` the datasets whose shards it holds (after copy_missing_to); see sync.py."""
+        return sync.copy_datasets(self, other, log)
+
 
 def _close_quietly(f) -> None:
     if f is not None:

@@ -173,3 +173,25 @@ def test_a_snapshot_lists_the_items_whose_shards_are_gone(tmp_path):
     for tar in (tmp_path / "a" / "shards" / "vae_encode").glob("*.tar"):
         tar.unlink()
     assert missing_shards(store, snap) == {"vae_encode": (len(latents), 1)}
+
+
+def test_push_copies_a_published_dataset_after_the_shards_it_names(tmp_path):
+    store, samples, latents, _ = dataset(tmp_path / "a")
+    snapshot, _ = publish(store, samples)
+    target = open_store(str(tmp_path / "b"))
+    store.copy_missing_to(target)
+    assert store.copy_datasets_to(target) == {"copied": ["cats"], "left": {}}
+    reader = open_store(str(tmp_path / "b"), create=False, read_only=True)
+    snap = reader.dataset("cats")
+    assert snap.id == snapshot
+    reader.pin("vae_encode", snap.items["vae_encode"], "x.parquet")
+    assert dict(reader.read_many("vae_encode", latents, LATENT)) == latents
+
+    # A copy that lacks a shard the snapshot names does not get the dataset (it would not train).
+    lacking = open_store(str(tmp_path / "c"))
+    store.copy_missing_to(lacking)
+    for tar in (tmp_path / "c" / "shards" / "text_encode").glob("*.tar"):
+        tar.unlink()
+    result = store.copy_datasets_to(lacking)
+    assert result["copied"] == [] and "text_encode" in result["left"]["cats"]
+    assert lacking.datasets() == []
