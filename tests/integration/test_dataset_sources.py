@@ -129,20 +129,27 @@ def test_over_plain_http_the_store_is_read_by_name_never_listed_and_gives_the_sa
     assert _same_tensors(lora_a, load_file(config_b.parent / "output" / "tiny-shapes.safetensors"))
     assert not (config_b.parent / ".sdxlpipe" / ".noop.json").exists(), "a remote dataset changes unseen: no record"
 
-    # A shard the snapshot names is deleted on the server: met when read (no request per shard before
-    # training), then counted, and the error names the stage and the command.
-    for tar in (folder / "shards" / "vae_encode").glob("*.tar"):
-        tar.unlink()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-c"))
-    lost = cli("run", "all", "-c", str(_machine_b(tmp_path / "c", url)), check=False)
-    assert lost.returncode == 2, lost.stderr
-    assert "4 vae_encode item(s)" in lost.stderr and "sdxlpipe run encode -c" in lost.stderr
-
     server.terminate()
     requests = [line.split('"')[1] for line in server.stderr.read().splitlines() if line.count('"') >= 2]
     paths = [r.split()[1] for r in requests]
     assert paths and not [p for p in paths if p.endswith("/") or p.startswith("/index/")], "no listing, no index"
     assert {r.split()[0] for r in requests} <= {"GET", "HEAD"}, "read-only"
+    # http.server answers a range request with the whole file: that answer is kept as the cached shard, and
+    # later reads fetch whole shards once each, instead of a whole shard per item read.
+    shard_gets = [r.split()[1] for r in requests if r.startswith("GET /shards/")]
+    assert len(shard_gets) <= 2 * len(set(shard_gets)), shard_gets
+
+    # The shards the snapshot names are deleted on a server: met when read (no request per shard before
+    # training), then counted, and the error names the stage and the command.
+    lacking = tmp_path / "www-lacking"
+    shutil.copytree(folder, lacking)
+    for tar in (lacking / "shards" / "vae_encode").glob("*.tar"):
+        tar.unlink()
+    url, _ = served(lacking)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-c"))
+    lost = cli("run", "all", "-c", str(_machine_b(tmp_path / "c", url)), check=False)
+    assert lost.returncode == 2, lost.stderr
+    assert "4 vae_encode item(s)" in lost.stderr and "sdxlpipe run encode -c" in lost.stderr
 
 
 def test_a_snapshot_with_deleted_shards_or_crafted_rows_is_refused_before_training(machine_a, tmp_path):
@@ -158,19 +165,31 @@ def test_a_snapshot_with_deleted_shards_or_crafted_rows_is_refused_before_traini
     assert f"sdxlpipe run encode -c {config_a}" in proc.stderr
     assert not (config_b.parent / ".sdxlpipe" / "train").exists()
 
-    # A ref naming a snapshot whose rows point outside the store: refused whole, nothing read through it.
-    ref = store / "datasets" / "refs" / "a.json"
-    doc = json.loads(ref.read_text())
-    manifest = json.loads((store / "datasets" / "snapshots" / f"{doc['snapshot']}.json").read_text())
-    manifest["items"]["vae_encode"]["xxh3"] = manifest["samples"]["xxh3"]  # names the samples table as items
-    data = encode_json(manifest)
+    # A ref naming a snapshot whose item rows name a path for a shard, every hash consistent: refused whole
+    # before any row names a file, as a crafted index fragment is.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import xxhash
 
-    crafted = xxhash.xxh3_128_hexdigest(data)
-    (store / "datasets" / "snapshots" / f"{crafted}.json").write_bytes(data)
-    ref.write_bytes(encode_json({**doc, "snapshot": crafted}))
+    snapshots = store / "datasets" / "snapshots"
+    ref = store / "datasets" / "refs" / "a.json"
+    doc = json.loads(ref.read_text())
+    manifest = json.loads((snapshots / f"{doc['snapshot']}.json").read_text())
+    entry = manifest["items"]["vae_encode"]
+    rows = pq.read_table(snapshots / f"{entry['xxh3']}.parquet")
+    rows = rows.set_column(rows.column_names.index("shard_id"), "shard_id",
+                           pa.array(["../../../../etc/passwd"] * rows.num_rows))
+    crafted = tmp_path / "crafted.parquet"
+    pq.write_table(rows, crafted)
+    data = crafted.read_bytes()
+    entry.update(xxh3=xxhash.xxh3_128_hexdigest(data), bytes=len(data))
+    (snapshots / f"{entry['xxh3']}.parquet").write_bytes(data)
+    data = encode_json(manifest)
+    (snapshots / f"{xxhash.xxh3_128_hexdigest(data)}.json").write_bytes(data)
+    ref.write_bytes(encode_json({**doc, "snapshot": xxhash.xxh3_128_hexdigest(data)}))
     proc = cli("status", "-c", str(config_b), check=False)
-    assert proc.returncode == 2 and "refused" in proc.stderr or "does not hash" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "refused" in proc.stderr and "shard_id" in proc.stderr, proc.stderr
 
 
 def test_image_sources_and_a_dataset_source_train_together(machine_a, tmp_path):
