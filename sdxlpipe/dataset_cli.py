@@ -27,14 +27,14 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path o
 def _open(config: Path, url: str | None, write: bool = False):
     from sdxlpipe.cache_format import open_store
 
-    from sdxlpipe.cli import _check_store
+    from sdxlpipe.cli_common import check_store
 
     flag = "--store"
     if url is None:
         from sdxlpipe.config import load_config
 
         url, flag = load_config(config).store_url, f"[store] url in {config} (or pass --store)"
-    _check_store(url, must_exist=True, flag=flag)
+    check_store(url, must_exist=True, flag=flag)
     return open_store(url, create=False, read_only=not write)
 
 
