@@ -17,9 +17,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from sdxlpipe.cli_common import DEFAULT_CONFIG, JsonOpt, check_store, setup, stderr_console
+
 dataset_app = typer.Typer(no_args_is_help=True, help="The datasets published in a store: list, show, rm.")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config whose store to use (when --store is not given)")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path or URL (default: the config's)")]
 
@@ -27,8 +28,7 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path o
 def _open(config: Path, url: str | None, write: bool = False):
     from sdxlpipe.cache_format import open_store
 
-    from sdxlpipe.cli_common import check_store
-
+    setup(stderr_console())
     flag = "--store"
     if url is None:
         from sdxlpipe.config import load_config
@@ -38,16 +38,26 @@ def _open(config: Path, url: str | None, write: bool = False):
     return open_store(url, create=False, read_only=not write)
 
 
-def describe(store, name: str) -> dict:
-    """One dataset as `list` and `show` print it: its ref and its snapshot's manifest."""
-    snapshot = store.dataset(name)  # verified whole: a broken dataset is reported, not half-shown
+def describe(store, spec: str) -> dict:
+    """One dataset (NAME, or NAME@SNAPSHOT) as `list` and `show` print it: its ref and its snapshot's manifest."""
+    from sdxlpipe.cache_format import StoreError
+    from sdxlpipe.cache_format.snapshots import read_ref
+
+    snapshot = store.dataset(spec)  # verified whole: a broken dataset is reported, not half-shown
+    name = spec.partition("@")[0]
     ref, manifest = snapshot.ref, snapshot.manifest
+    if not ref:  # pinned: the ref tells when and from where, if it still names this snapshot
+        try:
+            current = read_ref(store, name)
+            ref = current if current.get("snapshot") == snapshot.id else {}
+        except StoreError:
+            ref = {}
     return {
         "name": name, "snapshot": snapshot.id, "published": ref.get("published"),
         "config": ref.get("config"), "model": ref.get("model"), "vae": ref.get("vae"),
         "samples": manifest["summary"].get("samples"), "buckets": manifest["summary"].get("buckets", {}),
         "stages": manifest["summary"].get("stages", {}), "settings": manifest["settings"],
-        "source": f'{{kind = "dataset", name = "{name}", store = "{store.url}"}}',
+        "source": f'{{kind = "dataset", name = "{spec}", store = "{store.url}"}}',
     }
 
 
@@ -56,7 +66,7 @@ def _when(seconds) -> str:
 
 
 @dataset_app.command("list")
-def list_(config: ConfigOpt = Path("sdxlpipe.toml"), store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def list_(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Every dataset published in the store: samples, buckets, items, bytes, when, from which config and model."""
     from sdxlpipe.cache_format import StoreError
 
@@ -86,7 +96,7 @@ def list_(config: ConfigOpt = Path("sdxlpipe.toml"), store: StoreOpt = None, as_
 @dataset_app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="the dataset's name, or NAME@SNAPSHOT for one snapshot")],
-    config: ConfigOpt = Path("sdxlpipe.toml"), store: StoreOpt = None, as_json: JsonOpt = False,
+    config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """One dataset: its snapshot, samples per bucket, items and bytes per stage, the settings that made it."""
     opened = _open(config, store)
@@ -96,8 +106,11 @@ def show(
         return
     print(f"dataset:   {d['name']}")
     print(f"snapshot:  {d['snapshot']}")
-    print(f"published: {_when(d['published'])} from {d['config']} (model {d['model']}"
-          + (f", vae {d['vae']})" if d["vae"] else ")"))
+    if d["published"] is not None:
+        print(f"published: {_when(d['published'])} from {d['config']} (model {d['model']}"
+              + (f", vae {d['vae']})" if d["vae"] else ")"))
+    else:
+        print(f"published: no ref names this snapshot now (`dataset show {d['name']}` shows the current one)")
     print(f"samples:   {d['samples']} in {len(d['buckets'])} bucket(s): "
           + ", ".join(f"{b} x{n}" for b, n in d["buckets"].items()))
     for stage, s in d["stages"].items():
@@ -108,7 +121,7 @@ def show(
 @dataset_app.command("rm")
 def rm(
     name: Annotated[str, typer.Argument(help="the dataset to un-publish")],
-    config: ConfigOpt = Path("sdxlpipe.toml"), store: StoreOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None,
 ) -> None:
     """Un-publish a dataset: its ref goes; its snapshot, and shards nothing else keeps, become collectable by gc."""
     opened = _open(config, store, write=True)
