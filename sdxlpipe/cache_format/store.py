@@ -33,6 +33,7 @@ from .shards import (
     check_payload,
     check_stage,
     is_local,
+    manifest_problem,
     member_bytes,
     place_file,
     retry_io,
@@ -273,11 +274,17 @@ class Store:
         return self.fs.open(self._shard(stage, shard_id), "rb")
 
     def read_manifest(self, stage: str, shard_id: str) -> dict:
-        """A shard's manifest; FileNotFoundError when absent, ValueError when not a JSON object.
-        Untrusted like the rest of a store: check `xxh3` against the shard id before use."""
-        doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
-        if not isinstance(doc, dict):
-            raise ValueError(f"manifest of shard {shard_id} is a JSON {type(doc).__name__}, not an object")
+        """A shard's manifest; FileNotFoundError when absent, ValueError when it is not one as
+        README.md has it (untrusted like the rest of a store: not JSON, a key missing or of
+        another type, another shard's or stage's)."""
+        data = self.fs.cat_file(self._shard(stage, shard_id, "json"))
+        try:
+            doc = decode_json(data)
+        except RecursionError:  # JSON nested deeper than Python's stack: not a manifest either
+            raise ValueError(f"manifest of shard {shard_id} nests too deep to be one") from None
+        problem = manifest_problem(doc, stage, shard_id)
+        if problem:
+            raise ValueError(f"manifest of shard {shard_id} {problem}")
         return doc
 
     def _retrying(self, what: str, attempt):

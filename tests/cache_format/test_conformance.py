@@ -212,6 +212,17 @@ def _violating(stage_dir: Path, name: str, violation: str, good_row: dict) -> No
         bad["length"] = None
     elif violation == "xxh3 too short":
         bad["xxh3"] = "abc"
+    elif violation == "xxh3 not ASCII":
+        bad["xxh3"] = "é" * 16  # 32 bytes of UTF-8
+    elif violation == "field not UTF-8":
+        # Parquet does not check UTF-8: bytes patched into a plain (unencoded, uncompressed) page.
+        table = pa.table({c: pa.array([good_row[c], {**bad, "field": "qqqqqqqq"}[c]]) for c in good_row})
+        pq.write_table(table, path, use_dictionary=False, compression="none", write_statistics=False,
+                       store_schema=False)
+        data = path.read_bytes()
+        assert data.count(b"qqqqqqqq") == 1
+        path.write_bytes(data.replace(b"qqqqqqqq", b"\xffqqqqqqq"))
+        return
     elif violation == "missing column":
         table = pa.table({c: pa.array([good_row[c]]) for c in ("item_key", "field", "shard_id", "offset", "length")})
         pq.write_table(table, path)
@@ -238,7 +249,7 @@ def _violating(stage_dir: Path, name: str, violation: str, good_row: dict) -> No
 
 VIOLATIONS = ["unparsable parquet", "truncated parquet", "item_key not hex", "item_key uppercase",
               "shard_id walks out", "field is a path", "field starts with a dot", "negative offset", "null length",
-              "xxh3 too short", "missing column", "offset as text", "length as float", "item_key as integer",
+              "xxh3 too short", "xxh3 not ASCII", "field not UTF-8", "missing column", "offset as text", "length as float", "item_key as integer",
               "field as binary", "group as integer"]
 
 
@@ -371,18 +382,79 @@ def test_a_manifest_breaking_the_spec_is_reported_and_pull_writes_its_own(tmp_pa
     store = open_store(str(tmp_path / "src"), create=False)
     problems = store.verify()
     assert [p["shard_id"] for p in problems] == [manifest_path.stem] and "manifest" in problems[0]["problem"]
-    pulled = cli("store", "pull", str(tmp_path / "src"), str(tmp_path / "dst"), "--json", check=False)
-    assert pulled.returncode == 0 and "Traceback" not in pulled.stderr, pulled.stderr
-    copy = open_store(str(tmp_path / "dst"), create=False)
+    copy = open_store(str(tmp_path / "dst"))
+    assert store.copy_missing_to(copy)["vae_encode"]["shards"] == 1  # the shard itself is intact: copied whole
+    copy.refresh()
     assert copy.verify() == []  # its manifest is its own, made from the index rows
     assert read_all(copy, items) == expected(items)
 
 
-@pytest.mark.parametrize("content", [b"sdxlpipe-store 2\n", b"sdxlpipe-store 1", b"\xff\xfe garbage"])
-def test_a_format_line_other_than_the_specs_is_refused_with_an_error_not_a_traceback(tmp_path, content):
+def test_a_format_line_other_than_the_specs_is_refused_with_an_error_not_a_traceback(tmp_path):
     write_spec_store(tmp_path / "s", {"vae_encode": spec_items()["vae_encode"]})
-    (tmp_path / "s" / "FORMAT").write_bytes(content)
-    with pytest.raises(StoreError, match="FORMAT"):
-        open_store(str(tmp_path / "s"), create=False)
+    for content in (b"sdxlpipe-store 2\n", b"sdxlpipe-store 1", b"\xff\xfe garbage", b""):
+        (tmp_path / "s" / "FORMAT").write_bytes(content)
+        with pytest.raises(StoreError, match="FORMAT"):
+            open_store(str(tmp_path / "s"), create=False)
     proc = cli("store", "verify", "--store", str(tmp_path / "s"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("Error:") and "Traceback" not in proc.stderr
+
+
+# --- training from a store the spec's way -------------------------------------------------------
+
+
+def _project(root: Path, store: Path | None = None) -> Path:
+    """Six images of the bundled example, at the tiny model's smallest bucket: a run of seconds."""
+    (root / "images").mkdir(parents=True)
+    for image in sorted((EXAMPLE / "images").glob("00[0-5]_*.*")):
+        shutil.copy(image, root / "images" / image.name)
+    config = root / "sdxlpipe.toml"
+    config.write_text("\n".join([
+        'model = "tiny"', *([f'[store]\nurl = "{store}"'] if store else []),
+        '[[sources]]', 'path = "images"', "[bucket]", "resolution = 64", "step = 32", "min_side = 64",
+        "max_side = 128", "[vae_encode]", "flip_aug = true", "[train]", "rank = 4", "alpha = 8.0",
+        "max_steps = 3", "batch_size = 2", "save_every_steps = 3", "caption_dropout = 0.2", ""]))
+    return config
+
+
+def _items_of(store_root: Path) -> dict[str, list[tuple[str, str, bytes]]]:
+    """Every (key, field, payload) in a store's shards, read with tarfile alone."""
+    items = {}
+    for stage_dir in sorted((store_root / "shards").iterdir()):
+        rows = items.setdefault(stage_dir.name, [])
+        for shard in sorted(stage_dir.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    key, field = member.name.split(".", 1)
+                    rows.append((key, field, tar.extractfile(member).read()))
+    return items
+
+
+def _adapter(report: dict) -> dict:
+    from safetensors.torch import load_file
+
+    (adapter,) = Path(report["outputs"]["checkpoint"]).glob("adapter.safetensors")
+    return load_file(adapter)
+
+
+@pytest.mark.slow  # two tiny encode+train runs through the CLI (~30 s)
+def test_training_from_a_store_written_from_the_spec_gives_the_same_lora(tmp_path):
+    import torch
+
+    a = _project(tmp_path / "a")
+    report_a = json.loads(cli("run", "train", "-c", str(a), "--json").stdout)
+    store_a = Path(report_a["outputs"]["store"])
+    items = _items_of(store_a)
+    assert set(items) == {"vae_encode", "text_encode"} and len(items["vae_encode"]) == 12  # 6 images, flipped too
+    store_b = tmp_path / "store-b"
+    fragments = write_spec_store(store_b, items, per_shard=3, shards_per_fragment=2)
+    assert len(fragments["vae_encode"]) == 2
+    assert not set(p.name for p in store_a.rglob("*.tar")) & set(p.name for p in store_b.rglob("*.tar"))
+
+    b = _project(tmp_path / "b", store=store_b)
+    report_b = json.loads(cli("run", "train", "-c", str(b), "--json").stdout)
+    # Every cached item came from B, found by its key; nothing was encoded again.
+    assert {s: report_b["stages"][s]["computed"] for s in ("vae_encode", "text_encode")} == {
+        "vae_encode": 0, "text_encode": 0}
+    assert report_b["stages"]["train"]["computed"] == 1
+    lora_a, lora_b = _adapter(report_a), _adapter(report_b)
+    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
