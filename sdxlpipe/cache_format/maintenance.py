@@ -59,6 +59,10 @@ def verify(store: Store, stage: str | None = None) -> list[dict]:
             problems += _verify_shard(store, st, shard_id, locs, failures)
         if failures:
             store._record_bad(st, failures)
+    if not stage:
+        problems += [_problem(name, None, None, f"folder {name!r} is not a stage name (letters, digits, '_', '-'); "
+                                                "ignored, and nothing sdxlpipe wrote")
+                     for name in sorted(store.odd_folders)]
     return problems
 
 

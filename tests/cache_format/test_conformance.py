@@ -296,10 +296,14 @@ def test_a_fragment_breaking_the_grammar_is_refused_whole_and_named(tmp_path, ca
 
 def test_store_commands_name_every_refused_fragment_and_never_crash(tmp_path):
     items, names = _store_with_crafted(tmp_path / "src", VIOLATIONS)
+    # Folders that are not stage names (a notebook's checkpoints copied along): ignored, and listed.
+    (tmp_path / "src" / "shards" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "src" / "index" / "not a stage").mkdir()
     verified = cli("store", "verify", "--store", str(tmp_path / "src"), "--json", check=False)
     assert verified.returncode == 1 and "Traceback" not in verified.stderr, verified.stderr
     problems = json.loads(verified.stdout)["problems"]
     assert sorted(n for n in names.values() if any(n in p["problem"] for p in problems)) == sorted(names.values())
+    assert {p["stage"] for p in problems} == {"vae_encode", ".ipynb_checkpoints", "not a stage"}
 
     pulled = cli("store", "pull", str(tmp_path / "src"), str(tmp_path / "dst"), "--json", check=False)
     assert pulled.returncode == 0 and "Traceback" not in pulled.stderr, pulled.stderr
