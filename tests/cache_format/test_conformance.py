@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import struct
 import tarfile
@@ -180,9 +179,6 @@ def test_the_stores_own_writer_writes_what_the_spec_says(tmp_path):
 
 
 # --- grammar violations: refused whole, named, nothing crashes ----------------------------------
-
-GOOD = dict(item_key=KEYS[4], field="latent.safetensors")  # the item only the crafted fragment lists
-
 
 def _violating(stage_dir: Path, name: str, violation: str, good_row: dict) -> None:
     """A fragment `name` holding `good_row` (a real, intact location) and the violation."""
