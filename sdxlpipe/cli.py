@@ -78,7 +78,8 @@ def run(
         return
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline import noop
-    from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
+    from sdxlpipe.pipeline.graph import stages_for
+    from sdxlpipe.stages import STAGE_NAMES
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.pipeline.runner import run_pipeline
 

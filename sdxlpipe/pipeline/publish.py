@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module
+from sdxlpipe.stages import STAGE_NAMES, stage_module
 
 # The columns a snapshot keeps: what training, its plan and export's metadata read, plus the
 # sample's identity and image hash. Paths and per-machine columns (`source`, sidecar names) stay in
