@@ -164,6 +164,9 @@ def copy_to(snapshot: Snapshot, src: Store, dst: Store, name: str) -> None:
 
 def remove(store: Store, name: str) -> dict:
     """Delete the ref `name` (its snapshot and the shards only it kept become collectable by gc)."""
+    if is_http(store.fs):
+        raise StoreError(f"a store served over HTTP ({store.url}) is read-only",
+                         "remove the dataset where the store's files are: `sdxlpipe dataset rm NAME --store PATH`")
     ref = _read_ref(store, name)
     store.fs.rm(_ref_path(store, name))
     return ref
