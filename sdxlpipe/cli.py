@@ -140,9 +140,8 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
         for path in report["outputs"].get("lora", []):
             print(f"wrote {path}" if path in written else f"up to date: {path}")
         dataset = report["outputs"].get("dataset")
-        if dataset:
-            print(("published" if dataset["published"] else "up to date:")
-                  + f" dataset {dataset['name']}@{dataset['snapshot']} ({dataset['samples']} samples) in {dataset['store']}")
+        if dataset and dataset["published"]:  # an unchanged dataset says nothing (`dataset show` does)
+            print(f"published dataset {dataset['name']}@{dataset['snapshot']} ({dataset['samples']} samples)")
     if failed:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),
