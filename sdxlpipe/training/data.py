@@ -179,18 +179,19 @@ class BatchPlan:
         return counts
 
 
-def plan_of(table, batch_size: int, seed: int, weights: Sequence[float] = (),
-            max_samples: Sequence[int] = ()) -> BatchPlan:
-    """The run's plan from its table's columns (bucket, repeats, is_reg, source_index) and the sources' mixing."""
+def plan_of(table, batch_size: int, seed: int, sources=()) -> BatchPlan:
+    """The run's plan from its table's columns (bucket, repeats, is_reg, source_index) and its [[sources]]
+    entries' weight and max_samples."""
     names = table.column_names
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
     repeats = table.column("repeats").to_pylist()
     is_reg = [bool(r) for r in table.column("is_reg").to_pylist()] if "is_reg" in names else None
+    weights, caps = [s.weight for s in sources], [s.max_samples for s in sources]
     mix = None
-    if any(weights) or any(max_samples):
+    if any(weights) or any(caps):
         if "source_index" not in names:
             raise ValueError("source weights or max_samples need the table's source_index column")
-        mix = mix_sources(table.column("source_index").to_pylist(), repeats, seed, weights, max_samples)
+        mix = mix_sources(table.column("source_index").to_pylist(), repeats, seed, weights, caps)
     return BatchPlan(buckets, repeats, batch_size, seed, is_reg, mix)
 
 

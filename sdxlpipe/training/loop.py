@@ -36,7 +36,7 @@ from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
 from sdxlpipe.training.batches import as_float
-from sdxlpipe.training.data import BatchPlan
+from sdxlpipe.training.data import plan_of
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Batches of epoch 0 the fixed-noise evaluation loss is measured on, before and after.
@@ -68,7 +68,6 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
                         "train on one process, or set fused_backward = false")
     # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
-    is_reg = table.column("is_reg").to_pylist() if "is_reg" in table.column_names else [False] * len(buckets)
     if p.train_text_encoder:
         if "caption" not in table.column_names:
             raise UserError("train.train_text_encoder needs the caption text, and this table has none",
@@ -77,7 +76,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
+    plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
     source = stream.open_source(table, ctx.store, p, plan, device)  # reads batch i from the store when it is due
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
@@ -307,6 +306,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(bare),
     }
+    if "source_index" in table.column_names:  # what each [[sources]] entry gave the run, for weights to be checked
+        result["samples_per_source"] = plan.samples_per_source(max_steps * per_step, table.column("source_index").to_pylist())
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
     accelerator.wait_for_everyone()
