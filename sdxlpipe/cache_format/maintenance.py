@@ -75,7 +75,7 @@ def _verify_shard(store: Store, stage: str, shard_id: str, locs: list[Location],
             problems.append(_problem(stage, shard_id, None, "manifest missing"))
     except (OSError, ValueError) as e:
         problems.append(_problem(stage, shard_id, None, f"manifest unreadable: {e}"))
-    path = store._shard(stage, shard_id)
+    path = store.shard_path(stage, shard_id)
     try:
         f, why = store._retrying(f"shard {path}", lambda: store.fs.open(path, "rb")), None
     except FileNotFoundError:

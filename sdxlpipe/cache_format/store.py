@@ -117,7 +117,9 @@ class Store:
     def _tmp(self) -> str:
         return self._path("tmp")
 
-    def _shard(self, stage: str, shard_id: str, ext: str = "tar") -> str:
+    def shard_path(self, stage: str, shard_id: str, ext: str = "tar") -> str:
+        """Where a shard (ext "json": its manifest) lives in the store: a local path for a
+        local store. The only place a shard id becomes a path, so it is checked here."""
         if not is_key(shard_id):
             raise StoreError(
                 f"store {self.url}: refusing shard id {shard_id!r} of stage {stage}: "
@@ -202,7 +204,7 @@ class Store:
             log.warning(
                 "store %s: item %s (%s) in shard %s is unusable (%s); treating it as missing, "
                 "so it is recomputed", self.url, loc.item_key, loc.field,
-                self._shard(stage, loc.shard_id), why,
+                self.shard_path(stage, loc.shard_id), why,
             )
         rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
         if rows:
@@ -244,8 +246,8 @@ class Store:
         store); without one it is `<shard_id>.parquet`. Returns the shard id.
         """
         shard_id = doc["xxh3"]
-        place_file(self.fs, local_path, self._shard(stage, shard_id), self._tmp)
-        write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
+        place_file(self.fs, local_path, self.shard_path(stage, shard_id), self._tmp)
+        write_bytes(self.fs, self.shard_path(stage, shard_id, "json"), encode_json(doc), self._tmp)
         fragment = self._path("index", stage, f"{shard_id}-{tag}-{secrets.token_hex(4)}.parquet" if tag
                               else f"{shard_id}.parquet")
         if not tag and self.fs.exists(fragment):
@@ -270,12 +272,12 @@ class Store:
     def open_shard(self, stage: str, shard_id: str) -> BinaryIO:
         """A shard's raw tar for copying it whole; not verified (its id is the xxh3 of its
         bytes: hash what you read). FileNotFoundError when it is gone."""
-        return self.fs.open(self._shard(stage, shard_id), "rb")
+        return self.fs.open(self.shard_path(stage, shard_id), "rb")
 
     def read_manifest(self, stage: str, shard_id: str) -> dict:
         """A shard's manifest; FileNotFoundError when absent, ValueError when not a JSON object.
         Untrusted like the rest of a store: check `xxh3` against the shard id before use."""
-        doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
+        doc = decode_json(self.fs.cat_file(self.shard_path(stage, shard_id, "json")))
         if not isinstance(doc, dict):
             raise ValueError(f"manifest of shard {shard_id} is a JSON {type(doc).__name__}, not an object")
         return doc
@@ -293,7 +295,7 @@ class Store:
         Only a missing shard, a short payload or a checksum mismatch is damage; an I/O
         error reopens the shard and tries again, then raises StoreError naming the shard.
         """
-        path = self._shard(stage, loc.shard_id)
+        path = self.shard_path(stage, loc.shard_id)
         handle = [f]
 
         def attempt():
