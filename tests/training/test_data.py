@@ -106,6 +106,7 @@ def test_max_samples_trains_on_a_seeded_subset_fixed_for_the_run():
     seen = drawn_per_source(plan, range(5 * plan.per_epoch))
     assert len(seen[0]) == 10 and set(seen[0].values()) == {10}, "the same 10, repeats times each epoch"
     assert set(seen[1]) == set(range(30, 36))
+    assert mix_sources(SOURCE_OF, [2] * 36, 1, max_samples=[10, 0]).kept == mix.kept, "the seed's subset"
     other = mix_sources(SOURCE_OF, [2] * 36, 2, max_samples=[10, 0])
     assert other.kept != mix.kept and len(other.kept) == 16
 
