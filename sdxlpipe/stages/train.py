@@ -160,7 +160,8 @@ class Params:
     lr_warmup: float = 0.0
     # Cycles of cosine_with_restarts.
     lr_cycles: int = 1
-    # Micro-batches per optimizer step: a larger effective batch without more memory.
+    # Micro-batches per optimizer step and process: a larger effective batch without more memory. A run
+    # continued on another process count accumulates what keeps processes x this (docs/decisions.md 71).
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this; 1.0 is the common default; 0 clips nothing.
     max_grad_norm: float = 1.0

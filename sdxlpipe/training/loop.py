@@ -58,7 +58,7 @@ class Data:
     buckets: list[tuple[int, int]]  # each sample's bucket (the validation images' default size)
     per_step: int  # batches per optimizer step, all processes
     text_settings: dict  # text_encode's settings, to encode captions in the loop as it caches them
-    source_of: list[int] | None  # each sample's [[sources]] entry (the table's source_index), if it has one
+    source_of: list[int] | None  # each sample's [[sources]] entry (the table's source_index), with several
 
 
 @dataclass
@@ -195,7 +195,9 @@ def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
     plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
     source = stream.open_source(table, ctx.store, p, plan, device)
+    # Counted at the end for runs that mix sources (a walk over the run's samples, not worth it for one).
     source_of = table.column("source_index").to_pylist() if "source_index" in table.column_names else None
+    source_of = source_of if source_of and max(source_of) > 0 else None
     return Data(plan, source, buckets, p.gradient_accumulation_steps * world, text_settings, source_of)
 
 
