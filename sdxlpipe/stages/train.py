@@ -25,6 +25,8 @@ from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
 # The model parts this stage's items depend on: `status` names them when their weights change.
 MODELS = ("unet", "scheduler")
+# Its one item is the training run.
+ITEMS = "runs"
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, and gradient checkpointing (same math,
@@ -415,6 +417,12 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     ctx.outputs["train"].update(result["outputs"], steps=result["steps"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table
+
+
+def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
+    """The run's checkpoint for the run report, once there is one."""
+    train = outputs.get("train", {})
+    return {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
 
 
 def _why_new(ctx, doc: dict) -> str:
