@@ -96,6 +96,11 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def reads_unlisted_files(p: Params) -> bool:
+    """A manifest names image files anywhere, which no path setting lists: the no-op record cannot cover them."""
+    return any(source_kind(s) == "manifest" for s in p.sources)
+
+
 def source_kind(s: Source) -> str:
     if s.kind != "auto":
         return s.kind

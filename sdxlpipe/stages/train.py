@@ -25,6 +25,8 @@ from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
 # The model parts this stage's items depend on: `status` names them when their weights change.
 MODELS = ("unet", "scheduler")
+# Its one item is the training run.
+ITEMS = "runs"
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, and gradient checkpointing (same math,
@@ -480,6 +482,12 @@ def _but_step_size(doc: dict) -> dict:
     doc.pop("processes", None)
     doc["params"].pop("gradient_accumulation_steps", None)
     return doc
+
+
+def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
+    """The run's checkpoint for the run report, once there is one."""
+    train = outputs.get("train", {})
+    return {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
 
 
 def _why_new(ctx, doc: dict) -> str:
