@@ -165,7 +165,7 @@ def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.sources import join, layered, open_datasets
     from sdxlpipe.training import stream
-    from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.data import plan_of
     from sdxlpipe.training.feed import open_feed
 
     imported = time.monotonic()
@@ -178,10 +178,9 @@ def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
     table = join(pa.table({}), datasets)
     opened = time.monotonic()
     p = config.params["train"]
-    plan = BatchPlan(list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist())),
-                     table.column("repeats").to_pylist(), p.batch_size, p.seed)
+    plan = plan_of(table, p.batch_size, p.seed, config.params["ingest"].sources)
     source = stream.open_source(table, layered(datasets, open_store(config.store_url, create=False, missing_ok=True)),
-                                p, plan)
+                                p, plan, stages=config.stages)
     with open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
         first = None
         for index in feed.indices:

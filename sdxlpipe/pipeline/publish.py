@@ -1,6 +1,6 @@
 """Publish the training-ready table into the store, so any machine can train from the store alone.
 
-After the encode stages (`graph.PUBLISH_AFTER`) the table holds everything
+After the encode stages (`graph.publish_point`) the table holds everything
 training reads: captions, buckets, crops, repeats, the keys of every
 latent and text item. `run encode` / `run all` write it, with each item's
 location, as a snapshot named `[dataset] name` (cache_format/snapshots.py;
@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sdxlpipe.stages import STAGE_NAMES, stage_module
+from sdxlpipe.stages import declared
 
 # The columns a snapshot keeps: what training, its plan and export's metadata read, plus the
 # sample's identity and image hash. Paths and per-machine columns (`source`, sidecar names) stay in
@@ -32,11 +32,6 @@ PUBLISHED = pa.schema([
 ])
 
 
-def store_stages() -> list[str]:
-    """The stages whose items a published dataset locates: those that declare STORE_COLUMNS."""
-    return [name for name in STAGE_NAMES if getattr(stage_module(name), "STORE_COLUMNS", ())]
-
-
 def publish(ctx, table: pa.Table) -> dict[str, Any] | None:
     """Publish `table` (the rows of this config's own sources) as `[dataset] name`; what was published,
     or None when this run must not publish (a dry run, `--shards`, one of several processes, off)."""
@@ -49,15 +44,17 @@ def publish(ctx, table: pa.Table) -> dict[str, Any] | None:
     if table.num_rows == 0:
         return None
     items = {}
-    for stage in store_stages():
-        module = stage_module(stage)
-        keys = _keys(table, module.STORE_COLUMNS)
-        rows, missing = ctx.store.locations_table(stage, keys, module.FIELD)
+    for stage, module in config.stages.items():  # the stages with store items: the ones a snapshot locates
+        columns = declared(module, "STORE_COLUMNS")
+        if not columns:
+            continue
+        keys = _keys(table, columns)
+        rows, missing = ctx.store.locations_table(stage, keys, declared(module, "FIELD"))
         if missing:
             ctx.log.warning("not publishing dataset %s: %d %s item(s) of the table are not in the store",
                             config.dataset_name, len(missing), stage)
             return None
-        items[stage] = (rows, module.FIELD, tuple(c for c in module.STORE_COLUMNS if c in table.column_names))
+        items[stage] = (rows, declared(module, "FIELD"), tuple(c for c in columns if c in table.column_names))
     samples = pa.table({f.name: table.column(f.name).cast(f.type) if f.name in table.column_names
                         else pa.nulls(table.num_rows, f.type) for f in PUBLISHED}, schema=PUBLISHED)
     snapshot, moved = ctx.store.publish(config.dataset_name, samples, items, _settings(ctx),
@@ -82,14 +79,15 @@ def _keys(table: pa.Table, columns) -> list[str]:
 def _settings(ctx) -> dict[str, Any]:
     """Per stage up to the publish point: code version, params, model fingerprints. Ingest's sources
     are paths on the publishing machine: left out (they say nothing about the rows)."""
-    from sdxlpipe.pipeline.graph import PUBLISH_AFTER
+    from sdxlpipe.pipeline.graph import publish_point, stages_for
 
+    stages = ctx.config.stages
     record = ctx.config.to_record()
     fingerprints = ctx.models.fingerprints()
     out = {}
-    for name in STAGE_NAMES[: STAGE_NAMES.index(PUBLISH_AFTER) + 1]:
-        module = stage_module(name)
+    for name in stages_for(publish_point(stages), stages):
+        module = stages[name]
         params = {k: v for k, v in record[name].items() if not (name == "ingest" and k == "sources")}
         out[name] = {"version": getattr(module, "VERSION", None), "params": params,
-                     "models": {m: fingerprints.get(m) for m in getattr(module, "MODELS", ())}}
+                     "models": {m: fingerprints.get(m) for m in declared(module, "MODELS")}}
     return out

@@ -7,7 +7,7 @@ snapshot's item locations alone (`Store.pin`) -> the samples checked as
 untrusted rows -> on a local store, every shard the snapshot names is there
 (else refused: how many items, which stage, the command that encodes them)
 -> the rows, with `source_index`, join the table at the publish point
-(`graph.PUBLISH_AFTER`), so ingest, caption, bucket and the encode stages
+(`graph.publish_point`), so ingest, caption, bucket and the encode stages
 never see them and compute nothing for them. Training reads their items
 through `layered` (the snapshots first, then the config's store).
 """
