@@ -3,7 +3,9 @@
 Runs the data stages (ingest, caption, bucket: cheap, cached like `run`),
 then summarises: samples per source, rejected files, buckets with counts
 and the short batches a batch size leaves, caption length and token counts
-(how many captions pass the 75-token window), and the top tags.
+(how many captions pass the 75-token window), and the top tags. The same
+numbers, drawn, with every image, are the report's Dataset page
+(`sdxlpipe report`, or `inspect --plot`).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
             "over_token_window": sum(1 for t in tokens if t > TOKEN_WINDOW) if tokens else None,
             "tokenizer": tokenizer_note,
         },
-        "top_tags": [[t, n] for t, n in tags.most_common(top_tags)],
+        # Ties by name: the same order in every process (set order follows the per-process string hash).
+        "top_tags": [[t, n] for t, n in sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:top_tags]],
     }
 
 
@@ -91,9 +94,9 @@ def _token_counts(config, captions: list[str]) -> tuple[list[int], str]:
 
 def _tokenizer(model: str):
     if model == "tiny":
-        from sdxlpipe.models.tiny import build_tiny_component
+        from sdxlpipe.models.tiny_config import tiny_tokenizer
 
-        return build_tiny_component("tokenizer")
+        return tiny_tokenizer()  # without torch: the report builds without it
     from transformers import CLIPTokenizer
 
     if Path(model).is_dir():
@@ -135,40 +138,3 @@ def format_inspect(result: dict[str, Any]) -> str:
     if result["top_tags"]:
         lines += ["", "top tags: " + ", ".join(f"{t} ({n})" for t, n in result["top_tags"])]
     return "\n".join(lines)
-
-
-def plot_buckets(result: dict[str, Any], path: Path) -> Path:
-    """A bar chart of samples per bucket, drawn with PIL (no plotting library needed)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    # 15 px text: PIL's 10 px bitmap default is unreadable on a screenshot.
-    font = ImageFont.load_default(size=15)
-    small = ImageFont.load_default(size=13)
-    buckets = result["buckets"]
-    bar, gap, left, bottom, top = 40, 10, 80, 90, 50
-    width = max(480, left + len(buckets) * (bar + gap) + gap)
-    height = 420
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    peak = max((b["samples_per_epoch"] for b in buckets), default=1) or 1
-    d.text((left, 12), f"samples per bucket ({result['samples_per_epoch']} per epoch, batch size {result['batch_size']})",
-           fill="black", font=font)
-    d.line((left - 4, height - bottom, width - gap, height - bottom), fill="black")
-    d.line((left - 4, top, left - 4, height - bottom), fill="black")
-    for i, b in enumerate(buckets):
-        x = left + gap + i * (bar + gap)
-        h = int((height - bottom - top) * b["samples_per_epoch"] / peak)
-        d.rectangle((x, height - bottom - h, x + bar, height - bottom), fill=(70, 110, 200))
-        d.text((x, height - bottom - h - 16), str(b["samples_per_epoch"]), fill="black", font=small)
-        d.text((x, height - bottom + 4), str(b["bucket"][0]), fill="black", font=small)
-        d.text((x, height - bottom + 20), str(b["bucket"][1]), fill="black", font=small)
-    d.text((4, height - bottom + 4), "width", fill="black", font=small)
-    d.text((4, height - bottom + 20), "height", fill="black", font=small)
-    d.text((left, height - bottom + 44), "bucket (width over height, pixels)", fill="black", font=font)
-    # The y axis label, written sideways.
-    label = Image.new("RGB", (height - bottom - top, 20), "white")
-    ImageDraw.Draw(label).text((0, 0), "samples per epoch", fill="black", font=font)
-    im.paste(label.rotate(90, expand=True), (30, top))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
