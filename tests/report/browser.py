@@ -66,3 +66,14 @@ def loaded_before(driver, ms: float) -> list[str]:
     return json.loads(driver.execute_script(
         "return JSON.stringify(performance.getEntriesByType('resource')"
         ".filter(e => e.responseEnd <= arguments[0]).map(e => e.name))", ms))
+
+
+def screenshot(driver, path) -> None:
+    """The whole page, not just the window: the window is made as tall as the page for the shot."""
+    width, height = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    full = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, min(max(full, 600), 8000))
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.set_window_size(width, height)

@@ -48,7 +48,7 @@ window.CHARTS = (function () {
    * one point per pixel column (min and max kept), so 100k steps draw as fast as 1k. */
   function lines(container, series, opts) {
     const o = Object.assign({width: 560, height: 220, log: false, xLabel: "step", yLabel: ""}, opts || {});
-    const left = 62, right = 12, top = 14, bottom = 34;
+    const left = 76, right = 12, top = 14, bottom = 34;
     const pw = o.width - left - right, ph = o.height - top - bottom;
     const all = [];
     series.forEach(function (s) { s.points.forEach(function (p) { if (p[1] !== null) all.push(p); }); });

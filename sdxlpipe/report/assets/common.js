@@ -133,9 +133,9 @@ window.SDXLPIPE = (function () {
     console.error(error);
   }
 
-  /* A table from rows of cells; a cell is text, a node, or {text, class, k} (k: data-k for tests). */
+  /* A table from rows of cells (headings null: no header row); a cell is text, a node, or {text, class, k} (k: data-k for tests). */
   function table(headings, rows, attrs) {
-    const head = el("tr", null, headings.map(function (h) { return el("th", {text: h}); }));
+    const head = headings ? el("thead", null, el("tr", null, headings.map(function (h) { return el("th", {text: h}); }))) : null;
     const body = rows.map(function (cells) {
       const tr = el("tr", cells.attrs || null);
       for (const c of cells.cells || cells) {
@@ -147,7 +147,7 @@ window.SDXLPIPE = (function () {
       }
       return tr;
     });
-    return el("table", attrs || null, el("thead", null, head), el("tbody", null, body));
+    return el("table", attrs || null, head, el("tbody", null, body));
   }
 
   return {put: put, load: load, forget: forget, now: now, el: el, svg: svg, int: int, num: num, bytes: bytes,

@@ -97,7 +97,7 @@
 
   function captions() {
     const c = info.captions;
-    document.getElementById("captions").appendChild(S.table(["", ""], [
+    document.getElementById("captions").appendChild(S.table(null, [
       ["words per caption", {text: spread(c.words), k: "words"}],
       ["CLIP tokens per caption", {text: c.tokens ? spread(c.tokens) : c.tokenizer, k: "tokens"}],
       ["over the 75-token window", {text: c.over_token_window === null ? "–" : S.int(c.over_token_window), k: "over_token_window"}],
