@@ -169,6 +169,10 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
                   + (f"  ({'; '.join(s['reasons'])})" if name in failed and s["reasons"] else ""))
         for r in report["rejected"]:
             print(f"rejected: {r['path']}: {r['reason']}")
+        best = report["outputs"].get("best_validation")
+        if best:
+            print(f"lowest validation loss: {best['val_loss']:.4f} at step {best['step']}"
+                  + (f" ({best['checkpoint']})" if best.get("checkpoint") else " (checkpoint not kept)"))
         written = set(report["outputs"].get("written", []))
         for path in report["outputs"].get("lora", []):
             print(f"wrote {path}" if path in written else f"up to date: {path}")

@@ -23,26 +23,31 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
     from sdxlpipe.datasets.tags import split_tags
     from sdxlpipe.pipeline.runner import run_pipeline
     from sdxlpipe.pipeline.workspace import Workspace
+    from sdxlpipe.training.holdout import COLUMN, held_out_mask
 
     report = run_pipeline(config, "bucket")
     table = Workspace(config.workspace).read_table("bucket")
     rows = table.to_pylist() if table is not None else []
     if batch_size is None:
         batch_size = getattr(config.params.get("train"), "batch_size", 1) or 1
+    # Held-out items (validation) are listed but do not train: the buckets and samples per epoch leave them out.
+    split = getattr(config.params.get("train"), "validation_split", 0.0)
+    held = held_out_mask(table, split) if table is not None else []
+    trains = [r for r, h in zip(rows, held) if not h]
     separator = getattr(config.params.get("caption"), "separator", ",")
 
     sources: dict[str, dict] = {}
-    for r in rows:
+    for r, h in zip(rows, held):
         s = sources.setdefault(r["subset"], {"images": 0, "samples_per_epoch": 0, "is_reg": r["is_reg"],
-                                             "caption_from": Counter()})
+                                             "validation": bool(r.get(COLUMN)), "caption_from": Counter()})
         s["images"] += 1
-        s["samples_per_epoch"] += r["repeats"]
+        s["samples_per_epoch"] += 0 if h else r["repeats"]
         s["caption_from"][r.get("caption_origin") or "none"] += 1
     for s in sources.values():
         s["caption_from"] = dict(s["caption_from"])
 
     per_bucket: dict[tuple[int, int], list[int]] = {}
-    for r in rows:
+    for r in trains:
         counts = per_bucket.setdefault((r["bucket_w"], r["bucket_h"]), [0, 0])
         counts[0] += 1
         counts[1] += r["repeats"]
@@ -57,7 +62,11 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
     tokens, tokenizer_note = _token_counts(config, captions)
     tags = Counter(t for c in captions for t in set(split_tags(c, separator)))
     return {
-        "samples": len(rows), "samples_per_epoch": sum(r["repeats"] for r in rows),
+        "samples": len(rows), "samples_per_epoch": sum(r["repeats"] for r in trains),
+        # Items the validation loss is measured on, not trained on: from kind = "validation" sources, and
+        # picked by train.validation_split.
+        "held_out": {"items": len(rows) - len(trains), "from_sources": sum(bool(r.get(COLUMN)) for r in rows),
+                     "validation_split": split},
         "sources": sources,
         "rejected": report["rejected"],
         "batch_size": batch_size,
@@ -105,12 +114,14 @@ def _tokenizer(model: str):
 
 
 def format_inspect(result: dict[str, Any]) -> str:
-    lines = [f"{result['samples']} images, {result['samples_per_epoch']} samples per epoch (with repeats)", "",
-             "sources:"]
+    held = result["held_out"]["items"]
+    lines = [f"{result['samples']} images" + (f" ({held} held out for the validation loss)" if held else "")
+             + f", {result['samples_per_epoch']} samples per epoch (with repeats)", "", "sources:"]
     for name, s in result["sources"].items():
         origins = ", ".join(f"{k} {v}" for k, v in sorted(s["caption_from"].items()))
         lines.append(f"  {name:24} {s['images']:>6} images {s['samples_per_epoch']:>7} samples"
-                     f"{'  (regularisation)' if s['is_reg'] else ''}  captions from: {origins}")
+                     f"{'  (regularisation)' if s['is_reg'] else ''}{'  (validation)' if s['validation'] else ''}"
+                     f"  captions from: {origins}")
     if result["rejected"]:
         lines += ["", f"rejected ({len(result['rejected'])}):"]
         lines += [f"  {r['path']}: {r['reason']}" for r in result["rejected"]]

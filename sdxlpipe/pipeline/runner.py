@@ -239,6 +239,8 @@ def _report(ctx: Context) -> dict[str, Any]:
         outputs["written"] = outputs["lora"] if export["computed"] and not ctx.dry_run else []
     if "checkpoint" in ctx.outputs.get("train", {}):
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
+    if ctx.outputs.get("train", {}).get("best_validation"):
+        outputs["best_validation"] = ctx.outputs["train"]["best_validation"]  # {"step", "val_loss", "checkpoint"}
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
             "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
             "failed_stages": failed_stages(stages)}

@@ -26,7 +26,7 @@ FACET_TAGS = 300
 LENGTH_BINS = 20
 
 ITEM_FIELDS = ("key", "thumb", "width", "height", "caption", "variants", "bucket", "resize_w", "resize_h",
-               "crop_left", "crop_top", "repeats", "subset", "source", "is_reg", "caption_from", "path")
+               "crop_left", "crop_top", "repeats", "subset", "source", "is_reg", "caption_from", "path", "held_out")
 REJECT_FIELDS = ("path", "reason", "thumb", "duplicate_of")
 
 
@@ -45,6 +45,7 @@ def collect(config, batch_size: int | None = None) -> DatasetData:
     from sdxlpipe.datasets.inspect import inspect_dataset
     from sdxlpipe.pipeline.workspace import Workspace
     from sdxlpipe.report.thumbs import thumb_key
+    from sdxlpipe.training.holdout import held_out_mask
 
     result = inspect_dataset(config, batch_size)
     workspace = Workspace(config.workspace)
@@ -60,8 +61,9 @@ def collect(config, batch_size: int | None = None) -> DatasetData:
     subset_index = {s: i for i, s in enumerate(subsets)}
     source_labels = [_short(Path(s.path), base) for s in sources]
     thumbs: dict[str, str] = {}
+    held = held_out_mask(table, getattr(config.params.get("train"), "validation_split", 0.0)) if table is not None else []
     records = []
-    for r in rows:
+    for r, h in zip(rows, held):
         thumb = thumb_key(r["content_hash"])
         thumbs[thumb] = r["source"]
         variants = [v for v in (r.get("caption_variants") or []) if v != r["caption"]]
@@ -69,7 +71,7 @@ def collect(config, batch_size: int | None = None) -> DatasetData:
             r["key"], thumb, r["width"], r["height"], r["caption"], variants,
             bucket_index[(r["bucket_w"], r["bucket_h"])], r["resize_w"], r["resize_h"], r["crop_left"], r["crop_top"],
             r["repeats"], subset_index[r["subset"]], _source_of(r, sources), int(bool(r["is_reg"])),
-            r.get("caption_origin") or "", _display(r["source"], base),
+            r.get("caption_origin") or "", _display(r["source"], base), int(h),
         ])
     items = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
     rejects = _rejects(result["rejected"], workspace.read_table("ingest_rejected"), rows, thumbs, base)

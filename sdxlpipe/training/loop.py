@@ -34,7 +34,7 @@ from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
+from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation, validation_loss
 from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan
 from sdxlpipe.training.feed import open_feed
@@ -48,8 +48,11 @@ EVAL_BATCHES = 4
 COMPUTE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
-    """Train to step `max_steps` (the stage computes it from max_steps or max_epochs), resuming or extending."""
+def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int, held_out: pa.Table | None = None) -> dict:
+    """Train to step `max_steps` (the stage computes it from max_steps or max_epochs), resuming or extending.
+
+    `held_out`: the rows the validation loss is measured on (`training.validation_loss`), or None.
+    """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
@@ -80,6 +83,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
     plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
     source = stream.open_source(table, ctx.store, p, plan, device)  # reads batch i from the store when it is due
+    held = validation_loss.open_held_out(held_out, ctx.store, p, device)  # None when nothing is held out
     per_step = p.gradient_accumulation_steps * world  # batches per optimizer step, all processes
     noise_scheduler = loading.load_noise_scheduler(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
     prediction_type = p.prediction_type or noise_scheduler.config.prediction_type
@@ -131,7 +135,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
 
     # --- resume ------------------------------------------------------------------
     start = checkpoints.latest_step(run_dir)
-    history: dict = {"losses": [], "eval_loss_before": None}
+    history: dict = {"losses": [], "eval_loss_before": None, "validation": []}  # validation: [[step, val_loss]]
     if start:
         ckpt = checkpoints.checkpoint_dir(run_dir, start)
         networks.load_trained_state(unet, p, load_file(ckpt / networks.weights_file(p)))
@@ -145,6 +149,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         history = json.loads((ckpt / "state.json").read_text())
+        history.setdefault("validation", [])  # a checkpoint from before the validation loss
         ctx.log.info("resuming %s from step %d", run_dir.name[:12], start)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     bare = accelerator.unwrap_model(unet)
@@ -207,11 +212,18 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         return checkpoints.commit_checkpoint(tmp, run_dir, step, p.max_checkpoints)
 
     def validate(step: int) -> None:
-        if not main or not p.validation_prompts:
+        if not main or (not p.validation_prompts and held is None):
             return
         if ema is not None:
             ema.store(trainable)
             ema.copy_to(trainable)
+        if held is not None:
+            _validation_loss(held, step, history, logs, bare, encoders, text_settings, alphas_cumprod,
+                             prediction_type, device, compute)
+        if not p.validation_prompts:
+            if ema is not None:
+                ema.restore(trainable)
+            return
         stack = {**ctx.models.text_stack(), **encoders}
         with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
             images = validation.render(
@@ -272,11 +284,12 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
             recent = history["losses"][-20:]
             rate = (done - start) / max(time.monotonic() - began, 1e-9)
             advance(1, loss=f"{sum(recent) / len(recent):.4f}", epoch=epoch, lr=f"{lr_schedule.get_last_lr()[0]:.2e}",
-                    it_s=f"{rate:.2f}")
+                    it_s=f"{rate:.2f}", **_last_validation(history))
             if main:
                 logs.scalars(done, {"loss": step_loss, "lr": lr_schedule.get_last_lr()[0], "grad_norm": float(grad_norm)})
             new_epoch = plan.batch_at(done * per_step)[0] > epoch
-            if _every(done, p.validation_every_steps) or (new_epoch and _every(epoch + 1, p.validation_every_epochs)):
+            if (_every(done, p.validation_every_steps) or (new_epoch and _every(epoch + 1, p.validation_every_epochs))
+                    or (held is not None and done == max_steps)):  # the final weights' loss too
                 validate(done)
             if (_every(done, p.save_every_steps) or (new_epoch and _every(epoch + 1, p.save_every_epochs))
                     or done == max_steps):
@@ -300,6 +313,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     if p.validation_prompts:
         outputs["validation"] = str(run_dir / "validation")
     recent = history["losses"][-20:]
+    best = _name_best_validation(history, run_dir, ctx.log)
     result = {
         "steps": max_steps, "final_loss": history["losses"][-1] if history["losses"] else math.nan,
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
@@ -307,11 +321,40 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         "processes": world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": checkpointing,
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(bare),
+        **({"best_validation": best, "validation_items": held.items} if best else {}),
     }
     if main:
         checkpoints.write_json(run_dir / "done.json", result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _validation_loss(held, step: int, history: dict, logs, unet, encoders: dict, text_settings: dict, alphas_cumprod,
+                     prediction_type: str, device, compute) -> float:
+    """The held-out items' loss at this step: into the history (resume keeps it), log.jsonl and TensorBoard."""
+    value = held.loss(unet, alphas_cumprod, prediction_type, device, text_stack=encoders or None,
+                      text_settings=text_settings, compute=compute)
+    history["validation"] = [sv for sv in history["validation"] if sv[0] != step] + [[step, value]]
+    logs.scalars(step, {"val_loss": value})
+    return value
+
+
+def _last_validation(history: dict) -> dict:
+    """The progress line's field for the latest validation loss, once there is one."""
+    return {"val_loss": f"{history['validation'][-1][1]:.4f}"} if history.get("validation") else {}
+
+
+def _name_best_validation(history: dict, run_dir: Path, log) -> dict | None:
+    """The step with the lowest validation loss, said at the end of the run, with its checkpoint if kept."""
+    best = validation_loss.best(history.get("validation") or [])
+    if best is None:
+        return None
+    folder = checkpoints.checkpoint_dir(run_dir, best["step"])
+    best["checkpoint"] = str(folder) if folder.is_dir() else None
+    log.info("lowest validation loss %.4f at step %d%s", best["val_loss"], best["step"],
+             f" ({folder})" if folder.is_dir() else
+             " (its checkpoint was not kept: save_every_steps / max_checkpoints decide which are)")
+    return best
 
 
 def _fp16_scaler(device):

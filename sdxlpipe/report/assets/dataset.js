@@ -44,6 +44,7 @@
       stat(S.int(info.samples), "images", "samples"),
       stat(S.int(info.samples_per_epoch), "samples per epoch (with repeats)", "samples_per_epoch"),
       stat(S.int(summary.rejected), "rejected files", "rejected"),
+      stat(S.int(info.held_out.items), "held out for the validation loss", "held_out"),
       stat(S.int(info.buckets.length), "buckets", "bucket_count"),
       stat(S.int(info.batch_size), "batch size", "batch_size"),
       stat(S.int(info.samples_in_short_batches), "samples in short batches", "samples_in_short_batches"),
@@ -64,7 +65,8 @@
         const s = info.sources[name];
         const from = Object.entries(s.caption_from).sort().map(function (kv) { return kv[0] + " " + kv[1]; }).join(", ");
         return {attrs: {"data-subset": name}, cells: [
-          el("a", {href: "#subset=" + summary.subsets.indexOf(name), text: name + (s.is_reg ? " (reg)" : "")}),
+          el("a", {href: "#subset=" + summary.subsets.indexOf(name),
+                   text: name + (s.is_reg ? " (reg)" : "") + (s.validation ? " (validation)" : "")}),
           {text: S.int(s.images), class: "num", k: "images"},
           {text: S.int(s.samples_per_epoch), class: "num", k: "samples_per_epoch"}, from]};
       })) : el("p", {class: "empty", text: "no images"}));
@@ -365,7 +367,9 @@
             cuts ? el("span", {class: "badge crop", title: "the crop cuts " + (rw - bucket[0]) + "×" + (rh - bucket[1]) +
                                " px of the resized " + rw + "×" + rh, text: "crop"}) : null,
             summary.flip ? el("span", {class: "badge flip", title: "a flipped latent is cached too", text: "flip"}) : null,
-            r[F.is_reg] ? el("span", {class: "badge reg", title: "regularisation image", text: "reg"}) : null),
+            r[F.is_reg] ? el("span", {class: "badge reg", title: "regularisation image", text: "reg"}) : null,
+            r[F.held_out] ? el("span", {class: "badge held", title: "held out of training: the validation loss is measured on it",
+                                        text: "validation"}) : null),
           el("p", {class: "caption", "data-k": "caption", text: r[F.caption] || "(empty caption)"}),
           variants.length ? el("details", null, el("summary", {text: variants.length + " caption variant" + (variants.length > 1 ? "s" : "")}),
             el("ul", null, variants.map(function (v) { return el("li", {text: v}); }))) : null,
