@@ -27,7 +27,7 @@ def _log(run_dir) -> list[dict]:
 def test_runs_and_store_pages_in_chromium(example, tmp_path):
     first = cli_json("run", "all", "-c", str(example), *SHORT_RUN)
     second = cli_json("run", "all", "-c", str(example), *SHORT_RUN, "--set", "train.learning_rate=5e-4",
-                      "--set", "export.name=second")
+                      "--set", "export.name=second", "--set", "train.validation_split=0.2")
     cli("report", "-c", str(example))
     site = example.parent / ".sdxlpipe" / "report"
     keys = [Path(r["outputs"]["checkpoint"]).parents[1].name for r in (first, second)]  # .sdxlpipe/train/<key>/checkpoints/...
@@ -42,18 +42,26 @@ def test_runs_and_store_pages_in_chromium(example, tmp_path):
         assert d.execute_script("return [...document.querySelectorAll('tr[data-run]')].map(r => r.dataset.run)") == keys[::-1]
         assert d.find_element(By.ID, "run-key").text == keys[1]
         assert d.execute_script("return [...document.querySelectorAll('#changed tr[data-setting]')].map(r => r.dataset.setting)") == [
-            "export.name", "train.learning_rate"]
+            "export.name", "train.learning_rate", "train.validation_split"]
         screenshot(d, tmp_path / "runs.png")
 
         for n, (key, run_dir) in enumerate(zip(keys, run_dirs)):
             d.get(f"{site.as_uri()}/runs.html#{key}")
             wait_for(d, f"document.getElementById('run-key').textContent === '{key}'")
             log = _log(run_dir)
-            for name in ("loss", "lr", "grad_norm"):
-                fig = d.find_element(By.CSS_SELECTOR, f"figure[data-chart={name}]")
-                assert int(fig.find_element(By.CSS_SELECTOR, "[data-k=points]").text) == len(log)
+            for name in ("loss", "lr", "grad_norm", "val_loss"):
+                logged = [r for r in log if name in r]
+                charts = d.find_elements(By.CSS_SELECTOR, f"figure[data-chart={name}]")
+                if not logged:  # the first run held nothing out
+                    assert name == "val_loss" and key == keys[0] and charts == []
+                    continue
+                fig = charts[0]
+                assert int(fig.find_element(By.CSS_SELECTOR, "[data-k=points]").text) == len(logged)
                 shown = float(fig.find_element(By.CSS_SELECTOR, "[data-k=last]").text)
-                assert shown == pytest.approx(log[-1][name], rel=1e-3, abs=1e-6)
+                assert shown == pytest.approx(logged[-1][name], rel=1e-3, abs=1e-6)
+            done = json.loads((run_dir / "done.json").read_text())
+            best = d.find_element(By.CSS_SELECTOR, "#run-cards [data-k=best_step]").text
+            assert best == (f"step {done['best_validation']['step']}" if key == keys[1] else "–")
 
             # The validation images, step by step.
             label = lambda: int(d.find_element(By.ID, "v-label").get_attribute("data-step"))  # noqa: E731
