@@ -112,6 +112,9 @@ def test_a_resumed_run_keeps_the_validation_losses_before_it(tmp_path):
     after = measured()
     assert sorted(before) == [2, 4] and sorted(after) == [2, 4, 6]
     assert {s: after[s] for s in before} == before  # kept, not measured again
+    # The history the last checkpoint carries (what a later resume starts from) holds every step's loss.
+    state = json.loads((run_dir / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert {s: v for s, v in state["validation"]} == after
     best = min(after.items(), key=lambda sv: sv[1])  # the lowest over the whole run, not only its last part
     assert (extended["best_validation"]["step"], extended["best_validation"]["val_loss"]) == best
 
