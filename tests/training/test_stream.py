@@ -27,7 +27,8 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import as_float, assemble, decode_latent, decode_text, load_cached, pick
+from sdxlpipe.training.batches import as_float, pick
+from tests.training.reference_batches import assemble, decode_latent, decode_text, load_cached
 from sdxlpipe.training.data import BatchPlan
 from sdxlpipe.training.feed import open_feed
 from tests.training.conftest import build_samples, make_context, params, run_train
