@@ -19,8 +19,9 @@ PAGE = 60  # dataset.js's cards per page
 
 
 def _settled(d) -> int:
-    """Wait until the gallery has finished its search; the total it counted."""
-    wait_for(d, "document.getElementById('status').dataset.done === '1'", 60)
+    """Wait until the gallery has shown the URL's state and finished its search; the total it counted."""
+    wait_for(d, "document.getElementById('status').dataset.done === '1' && "
+                "document.getElementById('status').dataset.hash === location.hash.slice(1)", 60)
     return int(d.execute_script("return document.getElementById('status').dataset.total"))
 
 

@@ -197,8 +197,12 @@
       if (state.rejected) p.set("rejected", "1");
       if (state.page) p.set("page", String(state.page + 1));
       const hash = p.toString();
-      if (location.hash.slice(1) !== hash) location.hash = hash;
-      else show(state);
+      if (location.hash.slice(1) !== hash) {
+        setStatus("loading…", null, false);  // at once: the hashchange that shows the new state comes later
+        location.hash = hash;
+      } else {
+        show(state);
+      }
     }
 
     function fromInputs(page) {
@@ -231,6 +235,9 @@
 
     async function show(state) {
       const my = ++generation;
+      // What the status will describe (a test, or a script, waits for done with this hash).
+      status.dataset.hash = location.hash.slice(1);
+      setStatus("loading…", null, false);
       toInputs(state);
       const filtered = state.bucket !== "" || state.subset !== "" || state.source !== "" || state.tag !== "" || state.q !== "";
       try {
