@@ -43,7 +43,7 @@ from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, validation,
                                validation_loss)
 from sdxlpipe.training.batches import as_float
-from sdxlpipe.training.data import BatchPlan
+from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -60,6 +60,7 @@ class Data:
     buckets: list[tuple[int, int]]  # each sample's bucket (the validation images' default size)
     per_step: int  # batches per optimizer step, all processes
     text_settings: dict  # text_encode's settings, to encode captions in the loop as it caches them
+    source_of: list[int] | None  # each sample's [[sources]] entry (the table's source_index), with several
 
 
 @dataclass
@@ -198,13 +199,15 @@ def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
     """The batch plan and the source that reads batch i from the store when it is due."""
     # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
-    is_reg = table.column("is_reg").to_pylist() if "is_reg" in table.column_names else [False] * len(buckets)
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
+    plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
     source = stream.open_source(table, ctx.store, p, plan, device)
-    return Data(plan, source, buckets, p.gradient_accumulation_steps * world, text_settings)
+    # Counted at the end for runs that mix sources (a walk over the run's samples, not worth it for one).
+    source_of = table.column("source_index").to_pylist() if "source_index" in table.column_names else None
+    source_of = source_of if source_of and max(source_of) > 0 else None
+    return Data(plan, source, buckets, p.gradient_accumulation_steps * world, text_settings, source_of)
 
 
 def _noise(p, ctx, device) -> Noise:
@@ -444,6 +447,8 @@ def _finish(run: Run, seconds: float) -> dict:
         "weights_bytes": networks.dtype_counts(run.model.bare),
         **({"best_validation": best, "validation_items": run.held.items} if best else {}),
     }
+    if run.data.source_of is not None:  # what each [[sources]] entry gave the run, so weights can be checked
+        result["samples_per_source"] = run.data.plan.samples_per_source(max_steps * run.data.per_step, run.data.source_of)
     if run.main:
         checkpoints.write_json(run_dir / "done.json", result)
     run.accelerator.wait_for_everyone()
