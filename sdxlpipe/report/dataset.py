@@ -151,7 +151,10 @@ def _facets(records: list[list], separator: str, buckets: int, subsets: int, sou
 
 
 def _source_of(row: dict, sources) -> int:
-    """Which [[sources]] entry a row came from: the one whose folder or file holds it, else by subset name."""
+    """Which [[sources]] entry a row came from: ingest's `source_index`; for a table from before it, the
+    entry whose folder or file holds the row, else the one of its subset name."""
+    if row.get("source_index") is not None:
+        return row["source_index"]
     where = row["source"].rsplit(":", 1)[-1] if row["source"].startswith("tar:") else row["source"]
     best, best_len = -1, -1
     for i, s in enumerate(sources):

@@ -126,3 +126,19 @@ def test_validation_scheduled_with_nothing_to_validate_is_a_clear_error(tmp_path
     with pytest.raises(UserError, match="no validation prompts and no held-out items") as e:
         run_train(ctx, build_samples(ctx, 2), params(validation_every_steps=2))
     assert "validation_split" in e.value.hint
+
+
+def test_a_validation_source_takes_no_share_of_the_epoch(tmp_path):
+    from sdxlpipe.config import load_config
+    from sdxlpipe.errors import ConfigError
+
+    for name in ("a", "b", "held"):
+        (tmp_path / name).mkdir()
+    config = tmp_path / "sdxlpipe.toml"
+    base = ('model = "tiny"\n[[sources]]\npath = "a"\nweight = 2\n[[sources]]\npath = "b"\nweight = 1\n'
+            '[[sources]]\npath = "held"\nkind = "validation"\n')
+    config.write_text(base)
+    assert [s.kind for s in load_config(config).params["ingest"].sources] == ["auto", "auto", "validation"]
+    config.write_text(base + "weight = 1\n")
+    with pytest.raises(ConfigError, match=r"sources\[2\]\.weight"):
+        load_config(config)
