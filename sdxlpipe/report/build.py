@@ -26,7 +26,6 @@ LOG_FAILURES = 5
 def build_report(config, out: Path | None = None, reporter=None, batch_size: int | None = None) -> dict[str, Any]:
     """Write the site into `out` (default: `.sdxlpipe/report`); `batch_size` for the short-batch counts
     (default: train.batch_size, as `inspect`)."""
-    from sdxlpipe.pipeline.graph import STAGE_NAMES
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.report import dataset, runs, site, store, thumbs
 
@@ -48,7 +47,7 @@ def build_report(config, out: Path | None = None, reporter=None, batch_size: int
         log.warning("... and %d more images without a thumbnail", len(failed) - LOG_FAILURES)
 
     run_list, run_details, run_files = runs.collect(Path(config.workspace))
-    store_data = store.collect(config.store_url, Path(config.workspace), list(STAGE_NAMES))
+    store_data = store.collect(config.store_url, Path(config.workspace), list(config.stages))
 
     writer = site.DataWriter(site_dir)
     try:

@@ -103,6 +103,11 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def reads_unlisted_files(p: Params) -> bool:
+    """A manifest names image files anywhere, which no path setting lists: the no-op record cannot cover them."""
+    return any(source_kind(s) == "manifest" for s in p.sources)
+
+
 def source_kind(s: Source) -> str:
     """How a source is read: its kind, or for "auto" and "validation" what its path looks like."""
     if s.kind not in ("auto", "validation"):

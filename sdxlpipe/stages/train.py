@@ -31,6 +31,8 @@ from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
 # The model parts this stage's items depend on: `status` names them when their weights change.
 MODELS = ("unet", "scheduler")
+# Its one item is the training run.
+ITEMS = "runs"
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, and gradient checkpointing (same math,
@@ -504,6 +506,16 @@ def _but_step_size(doc: dict) -> dict:
     doc.pop("processes", None)
     doc["params"].pop("gradient_accumulation_steps", None)
     return doc
+
+
+def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
+    """The run's checkpoint for the run report, once there is one, and its lowest validation loss
+    ({"step", "val_loss", "checkpoint"}) when items were held out."""
+    train = outputs.get("train", {})
+    found = {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
+    if train.get("best_validation"):
+        found["best_validation"] = train["best_validation"]
+    return found
 
 
 def _why_new(ctx, doc: dict) -> str:

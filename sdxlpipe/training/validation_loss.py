@@ -38,13 +38,13 @@ VARIANT_COLUMNS = ("text_variant_keys", "caption_variants", "latent_flip_key")
 class HeldOut:
     """The held-out items' batches, read from the store like training's, and their loss."""
 
-    def __init__(self, table: pa.Table, store, p, device="cpu"):
+    def __init__(self, table: pa.Table, store, p, device="cpu", *, stages: dict):
         table = table.drop_columns([c for c in VARIANT_COLUMNS if c in table.column_names])
         # The batches are seeded by validation_seed, so runs with different seeds validate on the same batches.
         self.p = dataclasses.replace(p, seed=p.validation_seed)
         buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
         self.plan = BatchPlan(buckets, [1] * len(buckets), p.batch_size, self.p.seed)
-        self.source = stream.open_source(table, store, self.p, self.plan, device)
+        self.source = stream.open_source(table, store, self.p, self.plan, device, stages=stages)
         self.items = table.num_rows
 
     def timesteps(self) -> list[int]:
@@ -93,11 +93,12 @@ class HeldOut:
         return losses.per_sample_mean(losses.elementwise_loss(pred, target, self.p.loss_type, c), mask).cpu()
 
 
-def open_held_out(table: pa.Table | None, store, p, device="cpu") -> HeldOut | None:
-    """The validation loss's items, or None when nothing is held out."""
+def open_held_out(table: pa.Table | None, store, p, device="cpu", *, stages: dict) -> HeldOut | None:
+    """The validation loss's items, or None when nothing is held out. `stages`: the config's stage modules
+    (the store stages the items are read from, as for training's batches)."""
     if table is None or table.num_rows == 0:
         return None
-    return HeldOut(table, store, p, device)
+    return HeldOut(table, store, p, device, stages=stages)
 
 
 def best(history: list) -> dict | None:

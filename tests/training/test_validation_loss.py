@@ -85,7 +85,8 @@ def test_the_loss_is_fixed_noise_per_item_whatever_the_seed_or_the_batching(tmp_
     unet.train()  # as the loop holds it
 
     def loss(**overrides) -> float:
-        return HeldOut(table, ctx.store, dataclasses.replace(p, **overrides)).loss(unet, alphas, "epsilon", torch.device("cpu"))
+        held = HeldOut(table, ctx.store, dataclasses.replace(p, **overrides), stages=ctx.config.stages)
+        return held.loss(unet, alphas, "epsilon", torch.device("cpu"))
 
     base = loss()
     assert loss() == base  # the same weights, the same number
