@@ -24,6 +24,7 @@ write each file atomically, readable by others (0644 under the usual umask):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -317,7 +318,7 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "ss_num_reg_images": str(sum(1 for r in is_reg if r)),
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
-        "ss_num_epochs": str(train.max_epochs) if train.max_epochs else "",
+        "ss_num_epochs": str(_epochs(table, train, steps, key_doc.get("processes", 1))),
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         # What the run did (unset: on for SDXL-sized UNets); done.json records it.
@@ -372,6 +373,8 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.timestep_range": f"{train.min_timestep},{train.max_timestep}",
+        # How LoRA's A started (train.lora_init): "gaussian" (diffusers' scripts) needs other learning rates.
+        "sdxlpipe_lora_init": train.lora_init if network == "lora" else "",
         "sdxlpipe_train_key": str(trained.get("key")),
         "sdxlpipe_dataset_fingerprint": str(key_doc.get("samples", "")),
         "sdxlpipe_base_fingerprint": json.dumps({k: key_doc.get(k) for k in ("unet", "scheduler") if k in key_doc}
@@ -379,6 +382,21 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "sdxlpipe_config": json.dumps(ctx.config.to_record(), sort_keys=True, default=str),
     }
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def _epochs(table: pa.Table, train, steps: int, processes: int) -> int:
+    """The epochs the run's steps cover (kohya's ss_num_epochs: ceil(steps / update steps per epoch)): max_epochs
+    when that set the length, else counted from the batches of `table` (bucket-pure, as training plans them)."""
+    if train.max_epochs:
+        return train.max_epochs
+    from sdxlpipe.training.data import BatchPlan
+
+    cols = table.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in table.column_names]).to_pydict()
+    if not cols.get("bucket_w"):
+        return 0
+    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], train.batch_size, train.seed,
+                     [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
+    return math.ceil(steps * train.gradient_accumulation_steps * processes / max(1, plan.per_epoch))
 
 
 def _read_json(path: Path) -> dict:

@@ -290,3 +290,21 @@ def test_ia3_and_oft_go_out_as_a_peft_folder_that_reloads_as_trained(tmp_path, n
     result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name="default")
     assert not result.unexpected_keys
     assert (unet_output(unet) - want).abs().max() < 1e-5
+
+
+def test_ss_num_epochs_is_written_for_a_run_set_by_max_steps_and_the_init_is_recorded(tmp_path):
+    """kohya-ss/sd-scripts train_network.py writes ss_num_epochs for every run (num_train_epochs =
+    ceil(max_train_steps / update steps per epoch)); we wrote it only when max_epochs set the run's length.
+    train.lora_init goes into the metadata beside it (decision 55)."""
+    train = dict(rank=4, alpha=8.0, batch_size=2, max_steps=3, save_every_steps=100, lora_init="gaussian")
+    ctx = make_context(tmp_path / "ws", **train)
+    table = build_samples(ctx, 3)  # 3 samples, batch 2: 2 batches an epoch, so 3 steps cover 2 epochs
+    run_train(ctx, table, params(**train))
+    ctx.stage = "export"
+    export.run(with_captions(table), export.Params(output_dir=str(tmp_path / "out"), name="steps"), ctx)
+    with safe_open(tmp_path / "out" / "steps.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_max_train_steps"], meta["ss_num_epochs"]) == ("3", "2")
+    assert meta["sdxlpipe_lora_init"] == "gaussian"
+    with safe_open(tmp_path / "out" / "steps.diffusers.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.init_lora_weights"] == "gaussian"
