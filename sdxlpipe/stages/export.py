@@ -58,7 +58,7 @@ MODELSPEC_IMPL = "https://github.com/Stability-AI/generative-models"
 
 @dataclass(frozen=True)
 class Params:
-    # Files to write; empty = the network's default: lora -> kohya + diffusers; loha/lokr -> kohya (LyCORIS);
+    # Files to write; empty = the network's default: lora -> kohya + diffusers (DoRA: diffusers); loha/lokr -> kohya (LyCORIS);
     # ia3/oft -> peft; full -> diffusers (a whole pipeline folder) + single_file. full also has "unet".
     formats: tuple[Literal["kohya", "diffusers", "peft", "single_file", "unet"], ...] = ()
     # Precision of the written weights. fp32 keeps exactly what was trained; fp16 halves the files
@@ -84,7 +84,7 @@ def check(p: Params) -> list[tuple[str, str]]:
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     trained = ctx.outputs.get("train", {})
     network = ctx.config.params["train"].network
-    formats = _formats(params, network)
+    formats = _formats(params, network, ctx.config.params["train"].use_dora)
     out_dir = Path(params.output_dir)
     paths = {fmt: out_dir / _file_name(params.name, network, fmt) for fmt in formats}
     if network == "full" and params.extract_rank:
@@ -150,7 +150,17 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     return table
 
 
-def _formats(params: Params, network: str) -> tuple[str, ...]:
+def _formats(params: Params, network: str, dora: bool = False) -> tuple[str, ...]:
+    if dora and network == "lora":
+        # No kohya-style DoRA file loads exactly where such files go (docs/decisions.md 57): A1111 decomposes on
+        # the input axis only, ComfyUI divides output-axis magnitudes by the base weight's norm, diffusers drops them.
+        if "kohya" in params.formats:
+            raise UserError(
+                "export.formats: a DoRA run (train.use_dora) cannot be written as kohya: ComfyUI and A1111 would "
+                "load its magnitudes with another formula than the one trained, and diffusers drops them",
+                'use export.formats = ["diffusers"] (diffusers and peft load it exactly), or train without use_dora '
+                "for a file ComfyUI and A1111 load")
+        return tuple(dict.fromkeys(params.formats or ("diffusers",)))
     formats = params.formats or DEFAULT_FORMATS[network]
     wrong = [f for f in formats if f not in NETWORK_FORMATS[network]]
     if wrong:

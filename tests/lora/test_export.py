@@ -308,3 +308,35 @@ def test_ss_num_epochs_is_written_for_a_run_set_by_max_steps_and_the_init_is_rec
     assert meta["sdxlpipe_lora_init"] == "gaussian"
     with safe_open(tmp_path / "out" / "steps.diffusers.safetensors", "pt") as f:
         assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.init_lora_weights"] == "gaussian"
+
+
+def test_a_dora_run_exports_the_diffusers_file_by_default_and_refuses_kohya_by_name(tmp_path):
+    """No kohya-style DoRA file loads exactly in the tools that read kohya files (decision 57): ComfyUI's
+    comfy/weight_adapter/base.py weight_decompose divides an output-axis dora_scale by the *base* weight's norm, A1111's
+    extensions-builtin/Lora/network.py apply_weight_decompose decomposes on the input axis only, and diffusers'
+    lora_pipeline.py lora_state_dict drops dora_scale keys. Before, the default formats crashed the export with a
+    ValueError (a traceback, nothing written)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import set_peft_model_state_dict
+
+    from sdxlpipe.errors import UserError
+    from sdxlpipe.models.tiny import save_tiny
+    from sdxlpipe.training import networks
+    from tests.lora.test_formats import unet_output
+
+    train = dict(rank=4, alpha=8.0, use_dora=True, batch_size=2, max_steps=2, save_every_steps=100, learning_rate=1e-2)
+    ctx = make_context(tmp_path / "ws", **train)
+    table = build_samples(ctx, 2)
+    done = run_train(ctx, table, params(**train))
+    ctx.stage = "export"
+    export.run(table, export.Params(output_dir=str(tmp_path / "out"), name="dora"), ctx)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dora.diffusers.safetensors", "dora.export.json"]
+    model = save_tiny(tmp_path / "tiny")
+    trained = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    networks.attach(trained.unet, params(**train))
+    set_peft_model_state_dict(trained.unet, load_file(done["outputs"]["weights"]), adapter_name="default")
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "out" / "dora.diffusers.safetensors"))
+    assert (unet_output(pipe.unet) - unet_output(trained.unet)).abs().max() < 1e-5
+    with pytest.raises(UserError, match="DoRA run .* cannot be written as kohya"):
+        export.run(table, export.Params(output_dir=str(tmp_path / "out2"), name="dora", formats=("kohya",)), ctx)
