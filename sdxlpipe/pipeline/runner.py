@@ -237,6 +237,7 @@ def _report(ctx: Context) -> dict[str, Any]:
         # Only files that exist; `written` only those this run wrote (a reused export wrote nothing).
         outputs["lora"] = [p for p in ctx.outputs["lora"] if Path(p).exists()]
         outputs["written"] = outputs["lora"] if export["computed"] and not ctx.dry_run else []
+        outputs["lora_for"] = {p: ctx.outputs.get("lora_for", {}).get(p, "") for p in outputs["lora"]}
     if "checkpoint" in ctx.outputs.get("train", {}):
         outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),

@@ -95,6 +95,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     "steps": trained.get("steps"), "formats": sorted(formats),
                     "dtype": params.dtype, "name": params.name, "extract_rank": params.extract_rank})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
+    # Which tool each file is for, printed beside `wrote` (a user who drops the diffusers file into ComfyUI gets
+    # part of the LoRA and no error: decision 54).
+    ctx.outputs["lora_for"] = {str(p): _loads_in(network, fmt, paths) for fmt, p in paths.items()}
     if _up_to_date(record_path, key, paths.values()):
         ctx.outputs["lora_up_to_date"] = True
         ctx.report(items=1, computed=0, reused=1)
@@ -175,6 +178,20 @@ def _file_name(name: str, network: str, fmt: str) -> str:
     if network == "full":
         return {"diffusers": f"{name}-pipeline", "unet": f"{name}-unet", "single_file": f"{name}.safetensors"}[fmt]
     return {"kohya": f"{name}.safetensors", "diffusers": f"{name}.diffusers.safetensors", "peft": f"{name}-peft"}[fmt]
+
+
+def _loads_in(network: str, fmt: str, paths: dict) -> str:
+    from sdxlpipe.lora.read import LOADS_IN
+
+    if network == "full":
+        return {"diffusers": "a diffusers pipeline folder (from_pretrained)", "unet": "a diffusers UNet folder",
+                "single_file": "for ComfyUI, A1111/Forge, diffusers from_single_file",
+                "extracted": f"for {LOADS_IN['kohya'][0]}"}[fmt]
+    layout = {"kohya": "kohya" if network == "lora" else "lycoris", "diffusers": "diffusers", "peft": "peft"}[fmt]
+    loads_in, not_for = LOADS_IN[layout]
+    if layout == "diffusers" and "kohya" in paths:
+        not_for = f"{not_for.split(';')[0]}; give them {paths['kohya'].name}"
+    return f"for {loads_in}" + (f"; {not_for}" if not_for else "")
 
 
 def _up_to_date(record_path: Path, key: str, paths) -> bool:

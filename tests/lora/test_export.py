@@ -113,6 +113,9 @@ def test_files_are_readable_by_others_and_a_rerun_is_up_to_date(lora_export):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     record = json.loads((out / "shapes.export.json").read_text())
     assert record["network"] == "lora" and set(record["files"]) == {"kohya", "diffusers"}
+    notes = ctx.outputs["lora_for"]
+    assert notes[str(out / "shapes.safetensors")].startswith("for ComfyUI, A1111/Forge")
+    assert notes[str(out / "shapes.diffusers.safetensors")].endswith("give them shapes.safetensors")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     ctx.outputs.pop("lora_up_to_date", None)
     export.run(lora_export["table"], lora_export["params"], ctx)
