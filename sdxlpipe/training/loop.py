@@ -37,6 +37,7 @@ from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
 from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan
+from sdxlpipe.training.feed import open_feed
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # Batches of epoch 0 the fixed-noise evaluation loss is measured on, before and after.
@@ -230,7 +231,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         history["eval_loss_before"] = eval_loss()
     last = None
     began = time.monotonic()
-    feed = stream.open_feed(source, p, start_step=start, max_steps=max_steps, world=world, rank=rank, device=device)
+    feed = open_feed(source, p, start_step=start, max_steps=max_steps, world=world, rank=rank, device=device)
     with feed, ctx.reporter.track("train", max_steps - start) as advance:
         for step in range(start, max_steps):
             step_loss = 0.0
