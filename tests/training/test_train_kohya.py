@@ -204,7 +204,10 @@ def test_conv_block_dims_give_each_blocks_convolutions_their_rank():
     dims[13] = 3
     p = params(conv_rank=4, conv_alpha=1.0, conv_block_dims=tuple(dims), conv_block_alphas=tuple([0.5] * 23))
     targets = networks.target_names(unet, p)
-    convs = {n: ra for n, ra in targets.items() if isinstance(dict(unet.named_modules())[n], torch.nn.Conv2d)}
+    modules = dict(unet.named_modules())
+    # kxk convolutions; 1x1 ones take the linear rank (kohya, decision 53)
+    convs = {n: ra for n, ra in targets.items()
+             if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size != (1, 1)}
     layers = unet.config.layers_per_block
     blocks = {n: networks.block_index(n, layers) for n in convs}
     assert convs and 1 not in blocks.values()
