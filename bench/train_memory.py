@@ -5,10 +5,10 @@
     nice -n 10 python bench/train_memory.py --size 1024 --steps 1 --cases lora8-fp8
     python bench/train_memory.py --unet-scale 16 --size 256,512,1024 --cases lora8-bf16   # activation growth, fast
 
-The UNet is SDXL base's (sdxlpipe/models/sdxl_config.py) with made-up weights (a constant per tensor): no
+The UNet is SDXL base's (tests/models/sdxl_unet.py) with made-up weights (a constant per tensor): no
 download, and memory does not depend on the values. Each case builds it, gives it the network and precision the train stage would
 (`training.networks.attach` / `set_precision`, `training.optimizers`, gradient checkpointing on as the stage
-does for SDXL-sized UNets), and runs real steps of the stage's loss (`training.loop._loss`) on random cached
+does for SDXL-sized UNets), and runs real steps of the stage's loss (`training.losses.batch_loss`) on random cached
 latents and text embeddings under bf16 autocast, batch 1. The CPU's resident memory stands in for the GPU's:
 
 - frozen: bytes of the frozen weights as stored;
@@ -123,7 +123,7 @@ def settings(name: str, cases: dict):
 def unet_config(scale: int) -> dict:
     """SDXL base's UNet config, its channels divided by `scale` (1, 2, 4, 8 or 16; 1: the real one). Blocks,
     transformer depths and head counts stay, so activations keep their layout and grow with the pixels alike."""
-    from sdxlpipe.models.sdxl_config import SDXL_UNET
+    from tests.models.sdxl_unet import SDXL_UNET
 
     if scale == 1:
         return dict(SDXL_UNET)
@@ -173,7 +173,7 @@ def measure(name: str, size: int, steps: int, scale: int = 1, fp32: bool = False
     from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401 (imported before `base`)
     from diffusers.training_utils import EMAModel
 
-    from sdxlpipe.training import loop, networks, optimizers  # noqa: F401
+    from sdxlpipe.training import losses, networks, optimizers
 
     meta = name in META_CASES
     p = settings(name, META_CASES if meta else CASES)
@@ -216,8 +216,8 @@ def measure(name: str, size: int, steps: int, scale: int = 1, fp32: bool = False
         watch = PeakRSS()
         began = time.monotonic()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
-            loss = loop._loss(unet, batch, p, sched.alphas_cumprod, "epsilon", torch.Generator().manual_seed(step),
-                              torch.device("cpu"), False)
+            loss = losses.batch_loss(unet, batch, p, sched.alphas_cumprod, "epsilon", torch.Generator().manual_seed(step),
+                                     torch.device("cpu"), False)
         loss.backward()
         if fused is None:
             torch.nn.utils.clip_grad_norm_(trained, p.max_grad_norm)

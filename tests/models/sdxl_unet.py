@@ -1,7 +1,7 @@
 """SDXL base 1.0's UNet config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), torch-free.
 
-For what needs the real architecture but not its weights: parameter and
-LoRA counts on the meta device, and bench/train_memory.py's random-weight UNet.
+For what needs the real architecture but not its weights: tests on the meta
+device (SGM names, LoRA counts) and bench/train_memory.py's made-up-weight UNet.
 """
 
 from __future__ import annotations
@@ -33,3 +33,12 @@ SDXL_UNET = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
+
+
+def sdxl_unet_on_meta():
+    """SDXL base's UNet on the meta device: its real layout, no memory, no weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(SDXL_UNET)
