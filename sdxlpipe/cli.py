@@ -135,7 +135,8 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
                   + (f" ({best['checkpoint']})" if best.get("checkpoint") else " (checkpoint not kept)"))
         written = set(report["outputs"].get("written", []))
         for path in report["outputs"].get("lora", []):
-            print(f"wrote {path}" if path in written else f"up to date: {path}")
+            note = report["outputs"].get("lora_for", {}).get(path)
+            print(("wrote " if path in written else "up to date: ") + path + (f"  ({note})" if note else ""))
     if failed:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),

@@ -81,6 +81,10 @@ class Params:
     conv_block_alphas: tuple[float, ...] = ()
     # DoRA (peft use_dora): LoRA with a learned per-output magnitude; ~2x slower steps, often better at low rank.
     use_dora: bool = False
+    # How LoRA's down projection (A) starts (B starts at zero either way). "kohya": kaiming-uniform, as kohya's
+    # networks/lora.py and peft's default; "gaussian": normal with std 1/rank, as diffusers' train_*_lora scripts
+    # (peft init_lora_weights="gaussian"). Set "gaussian" to reuse a learning rate tuned with diffusers' scripts.
+    lora_init: Literal["kohya", "gaussian"] = "kohya"
     # LoKr's Kronecker factor (LyCORIS `factor`): -1 picks the most square split; 4-16 give smaller files.
     lokr_factor: int = -1
     # Also train both text encoders with a LoRA (rank, alpha, dropout as above). Captions are then
@@ -289,6 +293,8 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.conv_block_dims", "only lora (LoCon), loha and lokr adapt convolutions here"))
     if p.use_dora and p.network != "lora":
         problems.append(("train.use_dora", "DoRA applies to network = \"lora\" only"))
+    if p.lora_init != "kohya" and p.network != "lora":
+        problems.append(("train.lora_init", "chooses the init of network = \"lora\" only"))
     if p.lokr_factor != -1 and (p.lokr_factor < 1 or p.network != "lokr"):
         problems.append(("train.lokr_factor", "a positive factor, for network = \"lokr\" only (-1: the most square split)"))
     if p.text_encoder_lora_plus_ratio < 0:
@@ -351,6 +357,12 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # Where the run stops is not in the key: a longer run passes through the same weights, so raising
         # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").
         del settings["max_steps"], settings["max_epochs"]
+    if settings["lora_init"] == "kohya":
+        del settings["lora_init"]  # added after VERSION 3: keys of runs with the default init stay as they were
+    if params.conv_rank:
+        # LoCon adapts kohya's modules since decision 53 (resnets' time-embedding projections; 1x1 skip convolutions
+        # at the linear rank): a LoCon network of the same settings is another network than before.
+        settings["locon_targets"] = "kohya"
     if params.network_weights:
         # The starting LoRA by its bytes, not its path.
         settings["network_weights"] = hash_file(params.network_weights)
