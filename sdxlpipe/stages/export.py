@@ -420,8 +420,20 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "sdxlpipe_base_fingerprint": json.dumps({k: key_doc.get(k) for k in ("unet", "scheduler") if k in key_doc}
                                                 or ctx.models.fingerprints(), sort_keys=True),
         "sdxlpipe_config": json.dumps(ctx.config.to_record(), sort_keys=True, default=str),
+        **_validation_metadata(done),
     }
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def _validation_metadata(done: dict) -> dict[str, str]:
+    """The step of the run's lowest validation loss on held-out items (training/validation_loss.py), if measured:
+    which checkpoint to prefer when the last one overfits."""
+    best = done.get("best_validation")
+    if not best:
+        return {}
+    return {"sdxlpipe_best_validation_step": str(best["step"]),
+            "sdxlpipe_best_validation_loss": f"{best['val_loss']:.6g}",
+            "sdxlpipe_validation_items": str(done.get("validation_items", ""))}
 
 
 def _epochs(table: pa.Table, train, steps: int, processes: int) -> int:
