@@ -29,7 +29,11 @@ PUBLISHED = pa.schema([
     ("crop_top", pa.int32()), ("crop_left", pa.int32()),
     ("latent_key", pa.string()), ("latent_flip_key", pa.string()),
     ("text_key", pa.string()), ("text_variant_keys", pa.list_(pa.string())), ("empty_text_key", pa.string()),
+    # Held out of training (a kind = "validation" source's item, training/holdout.py): a reader holds it out too.
+    ("validation", pa.bool_()),
 ])
+# Columns a reader fills with nulls when a snapshot lacks them (added after the first snapshots were written).
+OPTIONAL = ("validation",)
 
 
 def publish(ctx, table: pa.Table) -> dict[str, Any] | None:

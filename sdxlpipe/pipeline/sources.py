@@ -23,7 +23,7 @@ from sdxlpipe.cache_format import CacheDamaged, Store, StoreError, open_store
 from sdxlpipe.cache_format.layers import Layers
 from sdxlpipe.cache_format.snapshots import Snapshot, missing_shards
 from sdxlpipe.errors import UserError
-from sdxlpipe.pipeline.publish import PUBLISHED
+from sdxlpipe.pipeline.publish import OPTIONAL, PUBLISHED
 
 # Sanity bounds on a published sample, which comes from another machine: a crafted `repeats` of 10^9
 # would make one epoch's plan a list of 10^9 indices.
@@ -78,6 +78,9 @@ def open_datasets(config, log, fingerprints) -> list[DatasetSource]:
 def _samples(snapshot: Snapshot, where: str) -> pa.Table:
     """The samples in publish.PUBLISHED's types, within sane bounds: rows from another machine."""
     table = snapshot.samples
+    for name in OPTIONAL:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, PUBLISHED.field(name).type))
     lacking = [f.name for f in PUBLISHED if f.name not in table.column_names]
     if lacking:
         raise UserError(f"{where}: snapshot {snapshot.id} lacks columns {lacking}",
