@@ -34,7 +34,7 @@ from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, validation
+from sdxlpipe.training import checkpoints, losses, networks, optimizers, stream, threads, validation
 from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan
 
@@ -61,6 +61,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     scaler = _fp16_scaler(device) if fp16 else None
     main = accelerator.is_main_process
+    _set_threads(p, ctx)
 
     # --- data ----------------------------------------------------------------
     if p.fused_backward and world > 1:
@@ -304,6 +305,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(),
         "processes": world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": checkpointing,
+        "torch_threads": torch.get_num_threads(),
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(bare),
     }
@@ -311,6 +313,14 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
         checkpoints.write_json(run_dir / "done.json", result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _set_threads(p, ctx) -> None:
+    """Torch's intra-op threads: the cores this process may use less the loader's reader threads (decision 64)."""
+    want = threads.apply(p.loader_workers, torch.get_num_threads())
+    if want is not None:
+        ctx.log.info("torch threads: %d (usable cores less %d reader threads)", want, p.loader_workers)
+        torch.set_num_threads(want)
 
 
 def _fp16_scaler(device):
