@@ -29,11 +29,13 @@ SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, s
              loader_workers=0)
 
 
-def make_context(root: Path, model: str = "tiny", store: str | None = None, **train_overrides) -> Context:
-    """A workspace at root; `store`: a store URL instead of the workspace's own store."""
+def make_context(root: Path, model: str = "tiny", store: str | None = None, device: str = "cpu",
+                 **train_overrides) -> Context:
+    """A workspace at root; `store`: a store URL instead of the workspace's own store; `device`: the config's."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
-    lines = [f'model = "{model}"', *([f'[store]\nurl = "{store}"'] if store else []), "[[sources]]", 'path = "images"', "[train]"]
+    lines = [f'model = "{model}"', f'device = "{device}"', *([f'[store]\nurl = "{store}"'] if store else []),
+             "[[sources]]", 'path = "images"', "[train]"]
     config_path = root / "sdxlpipe.toml"
     config_path.write_text("\n".join(lines) + "\n")
     config = load_config(config_path, [f"train.{k}={_toml(v)}" for k, v in train_overrides.items()])
