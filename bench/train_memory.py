@@ -8,7 +8,7 @@
 The UNet is SDXL base's (sdxlpipe/models/sdxl_config.py) with made-up weights (a constant per tensor): no
 download, and memory does not depend on the values. Each case builds it, gives it the network and precision the train stage would
 (`training.networks.attach` / `set_precision`, `training.optimizers`, gradient checkpointing on as the stage
-does for SDXL-sized UNets), and runs real steps of the stage's loss (`training.loop._loss`) on random cached
+does for SDXL-sized UNets), and runs real steps of the stage's loss (`training.losses.batch_loss`) on random cached
 latents and text embeddings under bf16 autocast, batch 1. The CPU's resident memory stands in for the GPU's:
 
 - frozen: bytes of the frozen weights as stored;
@@ -173,7 +173,7 @@ def measure(name: str, size: int, steps: int, scale: int = 1, fp32: bool = False
     from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401 (imported before `base`)
     from diffusers.training_utils import EMAModel
 
-    from sdxlpipe.training import loop, networks, optimizers  # noqa: F401
+    from sdxlpipe.training import losses, networks, optimizers
 
     meta = name in META_CASES
     p = settings(name, META_CASES if meta else CASES)
@@ -216,8 +216,8 @@ def measure(name: str, size: int, steps: int, scale: int = 1, fp32: bool = False
         watch = PeakRSS()
         began = time.monotonic()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
-            loss = loop._loss(unet, batch, p, sched.alphas_cumprod, "epsilon", torch.Generator().manual_seed(step),
-                              torch.device("cpu"), False)
+            loss = losses.batch_loss(unet, batch, p, sched.alphas_cumprod, "epsilon", torch.Generator().manual_seed(step),
+                                     torch.device("cpu"), False)
         loss.backward()
         if fused is None:
             torch.nn.utils.clip_grad_norm_(trained, p.max_grad_norm)

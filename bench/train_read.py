@@ -8,7 +8,7 @@ latent; 77x2048 prompt embeddings + 1280 pooled, fp16), all in the 1024x1024
 bucket, in 256 MiB shards as the encode stages write them, at each size; then,
 each in a fresh process so peak RSS is its own:
 
-- loader: the train stage's `training.stream` feed (batch 4, 2 reader threads; and
+- loader: the train stage's `training.feed` feed (batch 4, 2 reader threads; and
   0, reading in the training thread; and 2 plus the fp32 conversion the loop
   makes of each batch) over the first `--batches` batches of the plan:
   samples/s, CPU ms per sample, time to the first batch (from opening the
@@ -109,6 +109,7 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
     from sdxlpipe.training import stream
     from sdxlpipe.training.batches import as_float
     from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.feed import open_feed
 
     table = pq.read_table(root / "table.parquet")  # the train stage has its table already
     imported = time.monotonic()
@@ -117,7 +118,7 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
     p = dataclasses.replace(Params(), batch_size=4, loader_workers=workers, shard_cache_dir=cache or "")
     plan = BatchPlan([(1024, 1024)] * table.num_rows, [1] * table.num_rows, 4, 0)
     source = stream.open_source(table, store, p, plan)
-    with stream.open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
+    with open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
         first = None
         for index in feed.indices:
             batch = feed.take(index)

@@ -1,8 +1,12 @@
 """The on-disk artifact store (format "sdxlpipe-store 1", specified in README.md).
 
-codec.py: payload bytes (safetensors, canonical JSON). shards.py: tar shards,
-manifests and atomic writes. index.py: parquet index fragments and bad
-markers. store.py: open_store, Store, the writer and maintenance.
+Each module's one line is in docs/architecture.md: codec.py (payload bytes),
+shards.py (tar shards, manifests, atomic writes), listing.py (the one
+lister), grammar.py (the index rows' schemas and checks), segments.py and
+index.py (a stage's index in memory), index_cache.py (its local cache),
+store.py (open_store, Store), writer.py (the shard writer), maintenance.py
+(verify, gc, compact, du), sync.py (push/pull), shard_cache.py (training's
+local copies of remote shards).
 Importing this package does not import torch.
 """
 

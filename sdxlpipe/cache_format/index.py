@@ -1,60 +1,54 @@
-"""Index fragments: where each item's bytes are, and which locations went bad.
+"""A stage's index: its fragments read into a `StageIndex`, with its bad markers.
 
-Owns the parquet files under `index/<stage>/`: writing one fragment, reading
-a stage's fragments into a `StageIndex`, and the bad markers (`bad-*.parquet`).
-Fragments are immutable, so a `StageIndex` caches each by name and a refresh
-reads only the names it has not seen (one listing). Rows live in numpy
-columns, never as one Python object per row: `present` / `missing` /
-`locate` are searchsorted lookups over the keys' top 64 bits. Every row read
-is checked against the grammar in README.md (hex keys and shard ids, plain
-field names, non-negative offsets); a fragment that fails is refused whole,
-with a warning naming it, and none of its rows is used to open a path.
-See README.md for the columns.
+Owns reading the parquet files under `index/<stage>/` into memory: fragments
+are immutable, so a `StageIndex` caches each by name and a refresh reads only
+the names it has not seen (one listing, `listing.py`). Every row read is
+checked against the grammar (`grammar.py`) first; a fragment that fails is
+refused whole, with a warning naming it, and none of its rows is used to open
+a path. Rows live in numpy segments (`segments.py`): `present` / `missing` /
+`locate` are searchsorted lookups. A `StageIndex` may start from the local
+index cache (`index_cache.py`) instead of parsing every fragment, and writes
+that file again when it falls behind. See README.md for the columns.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import index_cache
-from .shards import StoreError, is_local
-
-BAD_PREFIX = "bad-"
-INDEX_SCHEMA = pa.schema(
-    [
-        ("item_key", pa.string()),
-        ("field", pa.string()),
-        ("shard_id", pa.string()),
-        ("offset", pa.int64()),
-        ("length", pa.int64()),
-        ("xxh3", pa.string()),
-    ]
+from .grammar import (
+    BAD_PREFIX,
+    CODED,
+    GROUPED_SCHEMA,
+    HEX_LEN,
+    Location,
+    as_numpy,
+    check_markers,
+    check_rows,
+    dict_codes,
+    hex_column,
+    is_key,
+    plain_name,
+    prepare,
+    read_parquet_bytes,
+    top64,
 )
-# Optional 7th column: the model fingerprint the item was made with (for `store du`).
-GROUPED_SCHEMA = INDEX_SCHEMA.append(pa.field("group", pa.string()))
-# Fragments are read with these columns as dictionaries: parquet stores them so, and the
-# codes come without `dictionary_encode`, whose first call imports pyarrow.compute (0.45 s)
-# on every no-op run.
-CODED = ("shard_id", "field", "group")
-_DICT = pa.dictionary(pa.int32(), pa.string())
-READ_SCHEMA = pa.schema([pa.field(f.name, _DICT) if f.name in CODED else f for f in GROUPED_SCHEMA])
-BAD_SCHEMA = pa.schema([("item_key", pa.string()), ("shard_id", pa.string()), ("fragment", pa.string())])
+from .listing import list_entries
+from .segments import COLUMNS, Segment, concat
+from .shards import StoreError
+
 # Fragments are small files; 16 threads hide per-file latency on object stores.
 READ_THREADS = 16
 # A fragment deleted by `compact` between listing and reading makes us list again, this often.
 RELIST_ATTEMPTS = 5
-# Item keys, shard ids and checksums are xxh3-128 in lowercase hex (README.md, "Index fragments").
-HEX_LEN = 32
 # New fragments are kept as small sorted segments beside the big one; once they hold this
 # share of its rows (or there are this many) they are merged, so lookups stay a few
 # searchsorted calls and merging costs O(n log n) only every so often.
@@ -69,370 +63,6 @@ CACHE_FRAGMENTS = 256
 
 # Fragments parsed and checked per batch: bounds the Arrow memory held at once while loading.
 LOAD_BATCH = 128
-
-
-class Location(NamedTuple):
-    item_key: str
-    field: str
-    shard_id: str
-    offset: int
-    length: int
-    xxh3: str
-    fragment: str  # file name of the fragment that listed this row
-    group: str = ""  # the model fingerprint it was made with, when the writer said
-
-    def row(self) -> tuple:
-        """The row as GROUPED_SCHEMA writes it."""
-        return (*self[:6], self.group)
-
-
-def to_parquet(rows: Iterable[tuple], schema: pa.Schema) -> bytes:
-    columns = list(zip(*rows)) or [[] for _ in schema]
-    table = pa.table([pa.array(list(c), type=f.type) for c, f in zip(columns, schema)], schema=schema)
-    return table_bytes(table)
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
-def read_parquet_bytes(data: bytes, dictionary: tuple[str, ...] = ()) -> pa.Table:
-    """dictionary: columns to read as dictionary arrays (see CODED)."""
-    # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset (0.5 s) on every no-op run.
-    # use_threads=False: fragments are small and are read many at once on our own threads.
-    return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
-
-
-def list_entries(fs, directory: str, suffix: str, detail_prefix: str = "",
-                 known: dict[str, tuple] | None = None) -> dict[str, tuple]:
-    """{base name: (size, modified)} of the files in `directory` ending with `suffix`.
-
-    On a local disk only names starting with `detail_prefix` are stat'ed (the rest get
-    (None, "")): a stage of a thousand immutable fragments lists in a millisecond.
-    known: immutable files' signatures from an earlier listing; on a local disk every
-    other name is stat'ed too (the index cache compares signatures; ~3 ms per 1,000).
-    """
-    if is_local(fs):
-        try:
-            names = sorted(n for n in os.listdir(directory) if n.endswith(suffix))
-        except FileNotFoundError:
-            return {}
-        out = {}
-        for n in names:
-            if known is not None and n in known and not (detail_prefix and n.startswith(detail_prefix)):
-                out[n] = known[n]
-            elif known is not None or (detail_prefix and n.startswith(detail_prefix)):
-                try:
-                    st = os.stat(os.path.join(directory, n))
-                except FileNotFoundError:
-                    continue
-                out[n] = (st.st_size, str(st.st_mtime_ns))
-            elif detail_prefix or os.path.isfile(os.path.join(directory, n)):
-                out[n] = (None, "")  # index dirs hold only files: no stat per fragment
-        return out
-    out = {}
-    for e in list_detail(fs, directory):
-        name = posixpath.basename(e["name"].rstrip("/"))
-        if e.get("type") != "directory" and name.endswith(suffix):
-            out[name] = (e.get("size"), str(e.get("mtime") or e.get("LastModified") or e.get("updated") or ""))
-    return dict(sorted(out.items()))
-
-
-def list_files(fs, directory: str, suffix: str) -> list[str]:
-    """Base names in `directory` ending with `suffix`; an absent directory is empty."""
-    return list(list_entries(fs, directory, suffix))
-
-
-def list_names(fs, directory: str, dirs_only: bool = False) -> list[str]:
-    """Sorted base names of everything in `directory` (only its subdirectories with dirs_only)."""
-    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in list_detail(fs, directory)
-                  if not dirs_only or e.get("type") == "directory")
-
-
-def list_detail(fs, directory: str) -> list[dict]:
-    """fsspec's detailed listing of `directory`, fresh; an absent directory is empty.
-
-    The store's one lister: every listing above goes through here (or the local fast path).
-    """
-    fs.invalidate_cache(directory)  # s3fs and friends cache listings; fragments come and go.
-    try:
-        return fs.ls(directory, detail=True)
-    except FileNotFoundError:
-        return []
-
-
-# -- the grammar of rows -----------------------------------------------------------------
-
-
-def hex_column(column, checked: bool = False) -> np.ndarray | None:
-    """A string column of 32 lowercase hex digits as a numpy 'S32' array; None if any row is not.
-
-    checked: the rows were already checked (check_rows), skip the pass over the bytes.
-    """
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if arr.type == pa.large_string():
-        arr = arr.cast(pa.string())
-    if arr.type != pa.string() or arr.null_count:
-        return None
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, "S32")
-    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
-    if not (np.diff(offsets) == HEX_LEN).all():
-        return None
-    start = int(offsets[0])
-    raw = np.frombuffer(arr.buffers()[2], np.uint8, n * HEX_LEN, start)
-    if not checked and not _all_hex(raw):
-        return None
-    return raw.view(f"S{HEX_LEN}")
-
-
-def _hex_bytes(raw: np.ndarray) -> np.ndarray:
-    """Per byte: is it one of 0-9a-f? (uint8 arithmetic wraps, so each test is one compare.)"""
-    return ((raw - np.uint8(48)) < 10) | ((raw - np.uint8(97)) < 6)
-
-
-def _all_hex(raw: np.ndarray) -> bool:
-    # In blocks, so that the temporaries stay small at a million keys.
-    block = 1 << 22
-    return all(_hex_bytes(raw[i:i + block]).all() for i in range(0, len(raw), block))
-
-
-def keys_array(keys) -> np.ndarray:
-    """Query keys (any iterable of str) as 'S32'; a key that is not 32 hex digits becomes b'' (absent)."""
-    if isinstance(keys, np.ndarray) and keys.dtype == np.dtype("S32"):
-        return keys
-    keys = list(keys)
-    # One join instead of pa.array(list), whose first call imports pandas (1.4 s) on the no-op path.
-    try:
-        joined = "".join(keys).encode()
-    except (TypeError, UnicodeEncodeError):
-        joined = b""
-    if len(joined) == HEX_LEN * len(keys) and (np.fromiter(map(len, keys), np.int64, len(keys)) == HEX_LEN).all():
-        raw = np.frombuffer(joined, np.uint8)  # equal byte and char counts: all ASCII
-        if _all_hex(raw):
-            return raw.view(f"S{HEX_LEN}") if len(keys) else np.zeros(0, "S32")
-    return np.array([k.encode() if is_key(k) else b"" for k in keys], "S32")
-
-
-def is_key(key) -> bool:
-    """Is `key` an item key of the grammar: 32 lowercase hex digits?"""
-    return isinstance(key, str) and len(key) == HEX_LEN and all(c in "0123456789abcdef" for c in key)
-
-
-def top64(keys: np.ndarray, low: bool = False) -> np.ndarray:
-    """The first (low: last) 16 hex digits of each 'S32' key as uint64: the sort and search key."""
-    if len(keys) == 0:
-        return np.zeros(0, np.uint64)
-    chars = keys.view(np.uint8).reshape(-1, HEX_LEN)[:, 16:] if low else keys.view(np.uint8).reshape(-1, HEX_LEN)[:, :16]
-    # '0'-'9' -> 0-9, 'a'-'f' -> 10-15; b'' (a query key that is not hex) gives some value,
-    # and its full key never matches.
-    nib = (chars & np.uint8(15)) + np.uint8(9) * (chars >> np.uint8(6))
-    packed = np.ascontiguousarray((nib[:, 0::2] << np.uint8(4)) | nib[:, 1::2])
-    return packed.view(">u8").reshape(-1).astype(np.uint64)
-
-
-def _np(arr: pa.Array) -> np.ndarray:
-    """A null-free integer or boolean Arrow array as numpy, straight from its buffer.
-
-    Not to_numpy(zero_copy_only=False): that path imports pandas (1.4 s) on the no-op path.
-    """
-    n = len(arr)
-    if pa.types.is_boolean(arr.type):
-        bits = np.frombuffer(arr.buffers()[1], np.uint8) if n else np.zeros(0, np.uint8)
-        return np.unpackbits(bits, bitorder="little")[arr.offset:arr.offset + n].astype(bool)
-    dtype = np.dtype(str(arr.type))  # int8 ... uint64: the same names in both
-    return np.frombuffer(arr.buffers()[1], dtype, n, arr.offset * dtype.itemsize) if n \
-        else np.zeros(0, dtype)
-
-
-def _plain_name(text) -> bool:
-    return bool(text) and not any(c in text for c in "/\\\0") and not text.startswith(".")
-
-
-def _hex_rows(column, chars: bool = True) -> np.ndarray:
-    """Per row of a string column: is it 32 lowercase hex digits? (One pass over the bytes.)"""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, bool)
-    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
-    ok = np.diff(offsets) == HEX_LEN
-    if arr.null_count:
-        ok &= _np(arr.is_valid())
-    start, end = int(offsets[0]), int(offsets[-1])
-    if chars and end > start:
-        data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
-        if not _all_hex(data):
-            wrong = np.flatnonzero(~_hex_bytes(data)) + start
-            ok[np.searchsorted(offsets, wrong, "right") - 1] = False
-    return ok
-
-
-def _prepare(table: pa.Table) -> tuple[pa.Table | None, str | None]:
-    """A fragment's table in READ_SCHEMA (group "" when absent), or None and why not."""
-    lacking = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
-    if lacking:
-        return None, f"columns {lacking} missing"
-    if "group" not in table.column_names:
-        table = table.append_column("group", pa.nulls(table.num_rows, _DICT))
-    table = table.select(READ_SCHEMA.names)
-    if table.schema != READ_SCHEMA:  # this process's own writes, or another writer's types
-        try:
-            table = table.cast(READ_SCHEMA)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            return None, f"columns of the wrong type ({e})"
-    return table, None
-
-
-def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-    """Rows of GROUPED_SCHEMA against the grammar in README.md, all fragments at once.
-
-    Returns the per-row verdict and, per fragment code with a failing row, why
-    (the first rule it breaks).
-    """
-    ok = np.ones(table.num_rows, bool)
-    why: dict[int, str] = {}
-
-    def fail(bad: np.ndarray, reason: str) -> None:
-        if not bad.any():  # np.unique would import numpy.ma (0.13 s) on the no-op path
-            return
-        for code in np.unique(frag[bad]).tolist():
-            why.setdefault(code, reason)
-        ok[bad] = False
-
-    fail(~_hex_rows(table.column("item_key")), f"column item_key holds a value that is not {HEX_LEN} lowercase hex digits")
-    shards = table.column("shard_id").combine_chunks()
-    fail(~np.append(_hex_rows(shards.dictionary), False)[_codes(shards)],
-         f"column shard_id holds a value that is not {HEX_LEN} lowercase hex digits")
-    # A checksum is only ever compared with a digest, never used as a name: its length suffices.
-    fail(~_hex_rows(table.column("xxh3"), chars=False), f"column xxh3 holds a value that is not {HEX_LEN} characters")
-    for col in ("offset", "length"):
-        values = table.column(col).combine_chunks()
-        bad = _np(values) < 0  # null slots hold anything: they fail on their own below
-        if values.null_count:  # fill_null is slow (~0.1 s per million): only when needed
-            bad |= ~_np(values.is_valid())
-        fail(bad, f"column {col} holds a null or negative value")
-    fields = table.column("field").combine_chunks()
-    wrong = np.array([not _plain_name(f) for f in fields.dictionary.to_pylist()] + [True], bool)  # last: null
-    fail(wrong[_codes(fields)], "column field holds a null or a name that is not a plain member name "
-                       "(no '/', '\\', leading '.')")
-    return ok, why
-
-
-def _codes(arr: pa.DictionaryArray) -> np.ndarray:
-    """A dictionary array's indices as numpy, a null slot as len(dictionary)."""
-    codes = _np(arr.indices)
-    if arr.null_count:
-        valid = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
-        codes = np.where(valid[arr.offset:arr.offset + len(arr)].astype(bool), codes, len(arr.dictionary))
-    return codes
-
-
-def _check_markers(table: pa.Table) -> tuple[list | None, str | None]:
-    lacking = [n for n in BAD_SCHEMA.names if n not in table.column_names]
-    if lacking:
-        return None, f"columns {lacking} missing"
-    for col in ("item_key", "shard_id"):
-        if hex_column(table.column(col)) is None:
-            return None, f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits"
-    fragments = table.column("fragment").to_pylist()
-    if not all(_plain_name(f) for f in fragments):
-        return None, "column fragment holds a path, not a fragment's file name"
-    return list(zip(table.column("item_key").to_pylist(), table.column("shard_id").to_pylist(), fragments)), None
-
-
-# -- segments: rows in numpy, sorted by key ---------------------------------------------------
-
-
-class _Segment:
-    """Rows of some fragments: numpy columns, plus an order sorted by the key's top 64 bits."""
-
-    def __init__(self, cols: dict[str, np.ndarray], order: np.ndarray | None = None):
-        """order: the rows' stable order by key, when known (a filtered segment's)."""
-        self.cols = cols  # key, shard, field, offset, length, xxh3, group, frag (codes), bad (bool)
-        self.n = len(cols["key"])
-        self.hi = top64(cols["key"])
-        self._good: dict = {}
-        if order is not None:
-            self.presorted, self.order, self.hi_sorted = False, order, self.hi[order]
-            return
-        self.presorted = bool(self.n) and bool((self.hi[1:] >= self.hi[:-1]).all())
-        if self.presorted:  # already in key order (the index cache writes rows so): no sort
-            self.order, self.hi_sorted = np.arange(self.n), self.hi
-        else:
-            self.order = np.argsort(self.hi, kind="stable")  # stable: a key's rows stay in fragment order
-            self.hi_sorted = self.hi[self.order]
-        self._good: dict = {}
-
-    def invalidate(self) -> None:
-        self._good = {}
-
-    def good_sorted(self, field: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(top64 sorted, row numbers) of the rows not marked bad, optionally of one field."""
-        if field not in self._good:
-            keep = ~self.cols["bad"][self.order]
-            if field is not None:
-                keep &= self.cols["field"][self.order] == field
-            self._good[field] = (self.hi_sorted[keep], self.order[keep])
-        return self._good[field]
-
-    def find(self, q_keys: np.ndarray, q_hi: np.ndarray, field: int | None = -1) -> np.ndarray:
-        """Per query key, the first row (in fragment order) that is good (and of `field`), or -1.
-
-        field -1 means any row at all, bad or not.
-        """
-        if field == -1:
-            hi_s, rows = self.hi_sorted, self.order
-        else:
-            hi_s, rows = self.good_sorted(field)
-        found = np.full(len(q_keys), -1, np.int64)
-        if len(hi_s) == 0 or len(q_keys) == 0:
-            return found
-        if len(q_hi) > 4096:
-            # Sorted needles make searchsorted walk the array in order (numpy reuses the last
-            # position as a bound): ~10x fewer cache misses for a million keys.
-            by = np.argsort(q_hi, kind="stable")
-            i = np.empty(len(q_hi), np.int64)
-            i[by] = np.searchsorted(hi_s, q_hi[by], "left")
-        else:
-            i = np.searchsorted(hi_s, q_hi, "left")
-        inside = i < len(hi_s)
-        i_c = np.minimum(i, len(hi_s) - 1)
-        hit = inside & (hi_s[i_c] == q_hi)
-        exact = hit & (self.cols["key"][rows[i_c]] == q_keys)
-        found[exact] = rows[i_c[exact]]
-        # Same top 64 bits, other key at the first position: walk that run (only crafted keys do this).
-        for j in np.flatnonzero(hit & ~exact):
-            pos = int(i[j])
-            while pos < len(hi_s) and hi_s[pos] == q_hi[j]:
-                if self.cols["key"][rows[pos]] == q_keys[j]:
-                    found[j] = rows[pos]
-                    break
-                pos += 1
-        return found
-
-    def rows_of(self, key: bytes) -> list[int]:
-        """Row numbers of one key, in fragment order."""
-        hi = top64(np.array([key], "S32"))[0]
-        lo, up = np.searchsorted(self.hi_sorted, hi, "left"), np.searchsorted(self.hi_sorted, hi, "right")
-        return [int(r) for r in self.order[lo:up] if self.cols["key"][r] == key]
-
-
-_COLUMNS = ("key", "shard", "field", "offset", "length", "xxh3", "group", "frag", "bad")
-
-
-def _concat(segments: list[_Segment], keep=None) -> dict[str, np.ndarray]:
-    cols = {c: np.concatenate([s.cols[c] for s in segments]) if segments else None for c in _COLUMNS}
-    if segments and keep is not None:
-        cols = {c: v[keep] for c, v in cols.items()}
-    if not segments:
-        cols = {"key": np.zeros(0, "S32"), "xxh3": np.zeros(0, "S32"), "offset": np.zeros(0, np.int64),
-                "length": np.zeros(0, np.int64), "bad": np.zeros(0, bool),
-                **{c: np.zeros(0, np.int32) for c in ("shard", "field", "group", "frag")}}
-    return cols
 
 
 class StageIndex:
@@ -468,7 +98,7 @@ class StageIndex:
         self._field_code: dict[str, int] = {}
         self.group_names: list[str] = []
         self._group_code: dict[str, int] = {}
-        self.segments: list[_Segment] = []
+        self.segments: list[Segment] = []
         self.reads = 0  # fragment files read so far (tests and benchmarks watch it)
         self._present_count: int | None = None
 
@@ -503,7 +133,7 @@ class StageIndex:
                     if error is _VANISHED:
                         lost.append(name)
                         continue
-                    table, why = (None, error) if error else _prepare(table)
+                    table, why = (None, error) if error else prepare(table)
                     if why is not None:
                         self._refuse(name, why, frags[name])
                         continue
@@ -519,7 +149,7 @@ class StageIndex:
             if error is _VANISHED:
                 lost.append(name)
                 continue
-            rows, why = (None, error) if error else _check_markers(table)
+            rows, why = (None, error) if error else check_markers(table)
             if why is not None:
                 self._refuse(name, why, markers[name])
                 continue
@@ -578,7 +208,7 @@ class StageIndex:
         ranges = {"shard": len(shards), "field": len(fields), "group": len(groups), "frag": len(names)}
         # "" stands for a null in the name lists (no row that passed the grammar uses it).
         if (len(set(names)) != len(names) or not all(is_key(x) or x == "" for x in shards)
-                or not all(_plain_name(x) or x == "" for x in fields) or not all(map(_plain_name, names))
+                or not all(plain_name(x) or x == "" for x in fields) or not all(map(plain_name, names))
                 or any(n and (cols[c].min() < 0 or cols[c].max() >= size) for c, size in ranges.items())):
             return
         if any(sig is not None and name in frags and frags[name] != sig for name, sig in zip(names, sigs)):
@@ -589,7 +219,7 @@ class StageIndex:
         self.field_names, self._field_code = fields, {x: i for i, x in enumerate(fields)}
         self.group_names, self._group_code = groups, {x: i for i, x in enumerate(groups)}
         if n:
-            segment = _Segment({**cols, "bad": np.zeros(n, bool)})
+            segment = Segment({**cols, "bad": np.zeros(n, bool)})
             if not segment.presorted:
                 return self._forget()  # not in key order: not a file this code wrote
             self.segments = [segment]
@@ -652,7 +282,7 @@ class StageIndex:
         """A fragment this process just wrote: cached without reading it back."""
         if self._is_live(name):
             return
-        table, why = _prepare(table)
+        table, why = prepare(table)
         added, parts = self._take([table], [name], {name: None}) if why is None else ([], [])
         if not added:
             raise StoreError(f"index fragment {name} this process wrote breaks the grammar: {why}",
@@ -702,15 +332,15 @@ class StageIndex:
                 return np.full(len(values), self._code(names_, codes_, ""), np.int32)
             mapping = np.array([self._code(names_, codes_, v) for v in [*values.dictionary.to_pylist(), ""]],
                                np.int32)  # last: a null counts as ""
-            return mapping[_codes(values)]
+            return mapping[dict_codes(values)]
 
         cols = {
             # Copies out of the Arrow buffers, so the parsed fragments can be freed.
             "key": hex_column(table.column("item_key"), checked=True).copy(),
             "shard": coded("shard_id", self.shards, self._shard_code),
             "field": coded("field", self.field_names, self._field_code),
-            "offset": _np(table.column("offset").chunk(0)),
-            "length": _np(table.column("length").chunk(0)),
+            "offset": as_numpy(table.column("offset").chunk(0)),
+            "length": as_numpy(table.column("length").chunk(0)),
             "xxh3": hex_column(table.column("xxh3"), checked=True).copy(),
             "group": coded("group", self.group_names, self._group_code),
             "frag": frag_map[local],
@@ -723,8 +353,8 @@ class StageIndex:
         if not parts:
             return
         # Column by column, dropping each column's parts once joined: peak memory ~ one copy.
-        cols = {c: np.concatenate([p.pop(c) for p in parts]) if len(parts) > 1 else parts[0][c] for c in _COLUMNS}
-        self.segments.append(_Segment(cols))
+        cols = {c: np.concatenate([p.pop(c) for p in parts]) if len(parts) > 1 else parts[0][c] for c in COLUMNS}
+        self.segments.append(Segment(cols))
         self._present_count = None
         big = max(s.n for s in self.segments)
         small = sum(s.n for s in self.segments) - big
@@ -738,7 +368,7 @@ class StageIndex:
             if len(self.segments) - first - 1 < 2:
                 self._rebuild([])
             else:
-                self.segments = self.segments[:first + 1] + [_Segment(_concat(self.segments[first + 1:]))]
+                self.segments = self.segments[:first + 1] + [Segment(concat(self.segments[first + 1:]))]
 
     def _rebuild(self, extra: list[dict]) -> None:
         """Drop vanished fragments' rows, then add `extra` as a segment.
@@ -756,7 +386,7 @@ class StageIndex:
             elif keep.any():
                 new_row = np.cumsum(keep) - 1
                 order = new_row[seg.order[keep[seg.order]]]
-                segments.append(_Segment({c: v[keep] for c, v in seg.cols.items()}, order))
+                segments.append(Segment({c: v[keep] for c, v in seg.cols.items()}, order))
         self.segments = segments
         self._present_count = None
         if extra:
@@ -915,7 +545,7 @@ class StageIndex:
         """The good rows, each distinct row once, in (shard_id, offset, item_key, field) order:
         what `compact` writes (leave: a fragment whose rows stay out). Sorted and deduplicated
         in numpy (pyarrow's group_by took ~5 s CPU for a million rows)."""
-        cols = _concat(self.segments)
+        cols = concat(self.segments)
         take = ~cols["bad"]
         if leave is not None:
             take &= cols["frag"] != self._frag_code[leave]
@@ -947,21 +577,6 @@ class StageIndex:
             "length": pa.array(cols["length"][rows], pa.int64()),
             "xxh3": _strings(cols["xxh3"][rows]),
             "group": _decode(self.group_names, cols["group"][rows]),
-        }, schema=GROUPED_SCHEMA)
-
-    def table(self, good_only: bool = False) -> pa.Table:
-        """All rows (or the good ones) as a GROUPED_SCHEMA table, built column-wise."""
-        cols = _concat(self.segments)
-        if good_only:
-            cols = {c: v[~cols["bad"]] for c, v in cols.items()}
-        return pa.table({
-            "item_key": _strings(cols["key"]),
-            "field": _decode(self.field_names, cols["field"]),
-            "shard_id": _decode(self.shards, cols["shard"]),
-            "offset": pa.array(cols["offset"], pa.int64()),
-            "length": pa.array(cols["length"], pa.int64()),
-            "xxh3": _strings(cols["xxh3"]),
-            "group": _decode(self.group_names, cols["group"]),
         }, schema=GROUPED_SCHEMA)
 
     def mark_bad(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:

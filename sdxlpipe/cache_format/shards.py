@@ -356,3 +356,16 @@ def hash_stream(f: BinaryIO, copy_to: BinaryIO | None = None) -> tuple[str, int]
 def read_range(f: BinaryIO, offset: int, length: int) -> bytes:
     f.seek(offset)
     return f.read(length)
+
+
+def check_payload(f: BinaryIO, loc) -> tuple[bytes | None, str | None]:
+    """The payload at an index row `loc` (offset, length, xxh3) of the open shard `f`, or None
+    and what is wrong with it. I/O errors propagate: they are not damage."""
+    if loc.offset < 0 or loc.length < 0:
+        return None, f"index row gives offset {loc.offset}, length {loc.length}"
+    data = read_range(f, loc.offset, loc.length)
+    if len(data) != loc.length:
+        return None, f"truncated: {len(data)} of {loc.length} bytes"
+    if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
+        return None, "checksum mismatch"
+    return data, None

@@ -1,10 +1,13 @@
-"""The artifact store: `open_store`, `Store` and its shard writer.
+"""The artifact store: `open_store` and `Store`.
 
-Owns the operations on the layout that README.md specifies: writing items
+Owns the operations on the layout that README.md specifies: presence and
+lookups over each stage's index (`index.py`), committing a finished shard
 (shard, then manifest, then index fragment: the fragment is the commit
-point), reading them back with checksums, recording bad locations, and the
-maintenance commands verify, gc, compact and du. Works on a local path or
-any fsspec URL. Imports no torch: status and no-op runs stay cheap.
+point; `writer.py` packs items into shards), reading items back with
+checksums, and recording bad locations. The maintenance commands (verify,
+gc, compact, du) live in `maintenance.py`, copying between stores in
+`sync.py`; the Store's methods of the same names call them. Works on a local
+path or any fsspec URL. Imports no torch: status and no-op runs stay cheap.
 """
 
 from __future__ import annotations
@@ -12,70 +15,37 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import re
 import secrets
-import threading
-import time
 from typing import BinaryIO, Iterable, Iterator
 
 import fsspec
-import xxhash
-
-from . import index_cache
-from .codec import decode_json, encode_json
 import numpy as np
 import pyarrow as pa
 
-from .index import (
-    BAD_PREFIX,
-    BAD_SCHEMA,
-    GROUPED_SCHEMA,
-    HEX_LEN,
-    Location,
-    StageIndex,
-    is_key,
-    keys_array,
-    list_detail,
-    list_files,
-    list_names,
-    table_bytes,
-    to_parquet,
-)
+from . import index_cache, maintenance, sync
+from .codec import decode_json, encode_json
+from .grammar import BAD_PREFIX, BAD_SCHEMA, Location, is_key, keys_array, table_bytes, to_parquet
+from .index import StageIndex
+from .listing import list_names
 from .shards import (
     SHARD_BYTES,
-    ShardBuilder,
     StoreError,
-    check_item_name,
+    check_payload,
     check_stage,
-    hash_stream,
     is_local,
-    manifest,
     member_bytes,
     place_file,
-    read_range,
     retry_io,
     write_bytes,
 )
+from .writer import DEFAULT_KEEPALIVE_SECONDS, Writer
 
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
 STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
-# One hour: far longer than a writer needs between renaming its shard and writing its index
-# fragment; shorten only when no writer can be running.
-DEFAULT_GRACE_SECONDS = 3600.0
-# A live writer touches its temp file this often, so gc never takes an idle writer's file
-# (the Ray driver holds one builder for a whole stream); well under the grace period.
-DEFAULT_KEEPALIVE_SECONDS = 300.0
 # Waits between attempts when a shard read fails with an I/O error (a network blip, a
 # throttled object store): ~8 s in all before the error is raised. Never marks anything bad.
 READ_RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
-# A shard id is the xxh3-128 hex of the tar: anything else never becomes a path.
-SHARD_ID = re.compile(r"[0-9a-f]{32}")
-# Past this many index fragments in a stage, the run that notices compacts it (housekeep):
-# loading costs ~1.5 ms per fragment however small, a compacted million rows ~0.5 s.
-COMPACT_FRAGMENTS = 256
-# Past this many bad-marker files (one per run that found damage), compact too.
-COMPACT_MARKERS = 16
 
 log = logging.getLogger("sdxlpipe.store")
 
@@ -117,17 +87,6 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
     return Store(fs, root, url)
 
 
-def _check(f: BinaryIO, loc: Location) -> tuple[bytes | None, str | None]:
-    """The payload at a location, or None and what is wrong with it. I/O errors propagate."""
-    if loc.offset < 0 or loc.length < 0:
-        return None, f"index row gives offset {loc.offset}, length {loc.length}"
-    data = read_range(f, loc.offset, loc.length)
-    if len(data) != loc.length:
-        return None, f"truncated: {len(data)} of {loc.length} bytes"
-    if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
-        return None, "checksum mismatch"
-    return data, None
-
 
 class Store:
     """One artifact store; see README.md for the format. Caches each stage's index until refresh()."""
@@ -158,8 +117,10 @@ class Store:
     def _tmp(self) -> str:
         return self._path("tmp")
 
-    def _shard(self, stage: str, shard_id: str, ext: str = "tar") -> str:
-        if not isinstance(shard_id, str) or not SHARD_ID.fullmatch(shard_id):
+    def shard_path(self, stage: str, shard_id: str, ext: str = "tar") -> str:
+        """Where a shard (ext "json": its manifest) lives in the store: a local path for a
+        local store. The only place a shard id becomes a path, so it is checked here."""
+        if not is_key(shard_id):
             raise StoreError(
                 f"store {self.url}: refusing shard id {shard_id!r} of stage {stage}: "
                 "not 32 lowercase hex digits",
@@ -243,7 +204,7 @@ class Store:
             log.warning(
                 "store %s: item %s (%s) in shard %s is unusable (%s); treating it as missing, "
                 "so it is recomputed", self.url, loc.item_key, loc.field,
-                self._shard(stage, loc.shard_id), why,
+                self.shard_path(stage, loc.shard_id), why,
             )
         rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
         if rows:
@@ -276,30 +237,6 @@ class Store:
         os.makedirs(self._tmp, exist_ok=True)
         return self._tmp
 
-    def _new_builder(self) -> ShardBuilder:
-        return ShardBuilder(self.temp_dir())
-
-    def _commit(self, stage: str, builder: ShardBuilder, group: str = "") -> str:
-        """Shard, then manifest, then index fragment (the commit point). Returns the shard id."""
-        try:
-            return self._commit_steps(stage, builder, group)
-        except OSError as e:
-            raise _write_error(self, stage, e) from e
-
-    def _commit_steps(self, stage: str, builder: ShardBuilder, group: str) -> str:
-        try:
-            shard_id, nbytes = builder.finish()
-            names = [m["name"].split(".", 1) for m in builder.members]
-            table = pa.table({
-                "item_key": [n[0] for n in names], "field": [n[1] for n in names],
-                "shard_id": [shard_id] * len(names), "offset": [m["offset"] for m in builder.members],
-                "length": [m["length"] for m in builder.members], "xxh3": [m["xxh3"] for m in builder.members],
-                "group": [group] * len(names),
-            }, schema=GROUPED_SCHEMA)
-            return self.add_shard(stage, builder.path, manifest(stage, shard_id, nbytes, builder.members), table)
-        finally:
-            builder.discard()
-
     def add_shard(self, stage: str, local_path: str, doc: dict, rows: pa.Table, tag: str = "") -> str:
         """Commit a finished tar at `local_path` (moved into the store): the shard, then its
         manifest `doc`, then an index fragment of `rows` (GROUPED_SCHEMA), the commit point.
@@ -309,8 +246,8 @@ class Store:
         store); without one it is `<shard_id>.parquet`. Returns the shard id.
         """
         shard_id = doc["xxh3"]
-        place_file(self.fs, local_path, self._shard(stage, shard_id), self._tmp)
-        write_bytes(self.fs, self._shard(stage, shard_id, "json"), encode_json(doc), self._tmp)
+        place_file(self.fs, local_path, self.shard_path(stage, shard_id), self._tmp)
+        write_bytes(self.fs, self.shard_path(stage, shard_id, "json"), encode_json(doc), self._tmp)
         fragment = self._path("index", stage, f"{shard_id}-{tag}-{secrets.token_hex(4)}.parquet" if tag
                               else f"{shard_id}.parquet")
         if not tag and self.fs.exists(fragment):
@@ -335,12 +272,12 @@ class Store:
     def open_shard(self, stage: str, shard_id: str) -> BinaryIO:
         """A shard's raw tar for copying it whole; not verified (its id is the xxh3 of its
         bytes: hash what you read). FileNotFoundError when it is gone."""
-        return self.fs.open(self._shard(stage, shard_id), "rb")
+        return self.fs.open(self.shard_path(stage, shard_id), "rb")
 
     def read_manifest(self, stage: str, shard_id: str) -> dict:
         """A shard's manifest; FileNotFoundError when absent, ValueError when not a JSON object.
         Untrusted like the rest of a store: check `xxh3` against the shard id before use."""
-        doc = decode_json(self.fs.cat_file(self._shard(stage, shard_id, "json")))
+        doc = decode_json(self.fs.cat_file(self.shard_path(stage, shard_id, "json")))
         if not isinstance(doc, dict):
             raise ValueError(f"manifest of shard {shard_id} is a JSON {type(doc).__name__}, not an object")
         return doc
@@ -358,14 +295,14 @@ class Store:
         Only a missing shard, a short payload or a checksum mismatch is damage; an I/O
         error reopens the shard and tries again, then raises StoreError naming the shard.
         """
-        path = self._shard(stage, loc.shard_id)
+        path = self.shard_path(stage, loc.shard_id)
         handle = [f]
 
         def attempt():
             if handle[0] is None:
                 handle[0] = self.fs.open(path, "rb")
             try:
-                return _check(handle[0], loc)
+                return check_payload(handle[0], loc)
             except OSError:
                 _close_quietly(handle[0])
                 handle[0] = None  # reopen on the next attempt: the connection may be dead
@@ -404,42 +341,13 @@ class Store:
         """The first good location of each key's field, in the keys' order (None when absent).
 
         For readers that fetch payloads themselves by (shard_id, offset, length) and check
-        them against xxh3, such as training's per-batch reads. `locate_table` gives the same
-        as Arrow columns, without a Python object per key.
+        them against xxh3, such as training's per-batch reads.
         """
         keys = list(keys)
         index = self._index(stage)
         if field is None and len(index.field_names) > 1:
             return [next(iter(index.good(key, None, stage)), None) for key in keys]
         return [index.location(s, r) if s >= 0 else None for s, r in index.first_good(keys_array(keys), field)]
-
-    def locate_table(self, stage: str, keys, field: str | None = None) -> pa.Table:
-        """`locate` as a table: item_key, shard_id, offset, length, xxh3 per key (null when absent).
-
-        `keys` may be a list of str or a numpy 'S32' array; one row per key, in order.
-        """
-        index = self._index(stage)
-        wanted = keys_array(keys)
-        pos = np.array(index.first_good(wanted, field), np.int64).reshape(-1, 2)
-        n = len(wanted)
-        shard = np.zeros(n, np.int32)
-        offset, length = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        xxh3 = np.zeros(n, "S32")
-        for seg_no, seg in enumerate(index.segments):
-            sel = np.flatnonzero(pos[:, 0] == seg_no)
-            rows = pos[sel, 1]
-            shard[sel] = seg.cols["shard"][rows]
-            offset[sel], length[sel] = seg.cols["offset"][rows], seg.cols["length"][rows]
-            xxh3[sel] = seg.cols["xxh3"][rows]
-        absent = pa.array(pos[:, 0] < 0)
-        shard_ids = pa.DictionaryArray.from_arrays(pa.array(shard), pa.array(index.shards or [""], pa.string()))
-        return pa.table({
-            "item_key": pa.array(wanted).cast(pa.string()),
-            "shard_id": pa.compute.if_else(absent, None, shard_ids.dictionary_decode()),
-            "offset": pa.compute.if_else(absent, None, pa.array(offset)),
-            "length": pa.compute.if_else(absent, None, pa.array(length)),
-            "xxh3": pa.compute.if_else(absent, None, pa.array(xxh3).cast(pa.string())),
-        })
 
     def read_many(
         self, stage: str, keys: Iterable[str], field: str | None = None
@@ -485,270 +393,32 @@ class Store:
             failures.append((loc, why))
         return None
 
-    # -- maintenance -----------------------------------------------------------------------
+    # -- maintenance (maintenance.py, sync.py) ------------------------------------------------
 
     def verify(self, stage: str | None = None) -> list[dict]:
         """Re-hash every shard and every indexed item; record bad items; return the problems."""
-        problems: list[dict] = []
-        for st in [check_stage(stage)] if stage else self.stages():
-            index = self._fresh_index(st)
-            for name, error in index.unreadable.items():
-                problems.append(_problem(st, None, None, f"index fragment {name} unreadable: {error}"))
-            by_shard: dict[str, dict[tuple, Location]] = {}
-            for loc in index.rows:
-                by_shard.setdefault(loc.shard_id, {})[(loc.item_key, loc.field, loc.offset)] = loc
-            on_disk = {n[: -len(".tar")] for n in list_files(self.fs, self._path("shards", st), ".tar")}
-            failures: list[tuple[Location, str]] = []
-            for shard_id in sorted(on_disk | by_shard.keys()):
-                if not SHARD_ID.fullmatch(shard_id):
-                    problems.append(_problem(st, None, None, f"shard name {shard_id!r} is not a shard id; "
-                                                             "the file or index row was not written by sdxlpipe"))
-                    continue
-                locs = list(by_shard.get(shard_id, {}).values())
-                problems += self._verify_shard(st, shard_id, locs, failures)
-            if failures:
-                self._record_bad(st, failures)
-        return problems
+        return maintenance.verify(self, stage)
 
-    def _verify_shard(self, stage: str, shard_id: str, locs: list[Location], failures: list) -> list[dict]:
-        problems = []
-        doc: dict = {}
-        try:
-            doc = self.read_manifest(stage, shard_id)
-            if doc.get("xxh3") != shard_id:
-                problems.append(_problem(stage, shard_id, None, f"manifest says xxh3 {doc.get('xxh3')}, "
-                                                                 "not the shard's name"))
-        except FileNotFoundError:
-            if locs:  # else a writer stopped between shard and manifest: unused, gc takes it
-                problems.append(_problem(stage, shard_id, None, "manifest missing"))
-        except (OSError, ValueError) as e:
-            problems.append(_problem(stage, shard_id, None, f"manifest unreadable: {e}"))
-        path = self._shard(stage, shard_id)
-        try:
-            f, why = self._retrying(f"shard {path}", lambda: self.fs.open(path, "rb")), None
-        except FileNotFoundError:
-            f, why = None, "shard file missing"
-        if f is None:
-            problems.append(_problem(stage, shard_id, None, why))
-            for loc in locs:
-                failures.append((loc, why))
-                problems.append(_problem(stage, shard_id, loc.item_key, why))
-            return problems
-        index = self._index(stage)
-        present = index.present()
-        try:
-            with f:
-                return problems + self._verify_items(stage, shard_id, locs, failures, f, doc, index, present)
-        except OSError as e:  # not damage: say which shard could not be read, mark nothing
-            raise StoreError(f"verify could not read shard {path}: {e}",
-                             "the store's disk or network is failing; run verify again once it is reachable") from e
-
-    def _verify_items(self, stage: str, shard_id: str, locs: list[Location], failures: list, f: BinaryIO,
-                      doc: dict, index: StageIndex, present: set[str]) -> list[dict]:
-        """Problems of one open shard: its hash and size, and each indexed item's checksum."""
-        problems: list[dict] = []
-        digest, size = hash_stream(f)
-        item_problems, repaired = [], 0
-        for loc in locs:
-            _, why = _check(f, loc)
-            if why is None:
-                continue
-            if index.is_bad(loc) and loc.item_key in present:
-                repaired += 1  # found before, and recomputed into another shard since
-                continue
-            failures.append((loc, why))
-            item_problems.append(_problem(stage, shard_id, loc.item_key, why))
-        # A shard whose only damage is in items already recomputed elsewhere is repaired:
-        # its intact items stay usable, and verify stays clean.
-        known_damage = repaired and not item_problems
-        if digest != shard_id and not known_damage:
-            problems.append(_problem(stage, shard_id, None, f"tar hashes to {digest}, not its name"))
-        if "bytes" in doc and doc["bytes"] != size and not known_damage:
-            why = f"tar has {size} bytes, manifest says {doc['bytes']}"
-            problems.append(_problem(stage, shard_id, None, why))
-        problems += item_problems
-        return problems
-
-    def gc(self, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> list[str]:
-        """Remove shards and manifests no index fragment references, and stale temp files,
-        once older than grace_seconds. Returns the paths removed (or, dry_run, to remove).
-
-        Writers run meanwhile, so each file's reference and age are checked again right
-        before it is deleted: a shard committed again under the same content name, or a
-        temp file a live writer touched, since the first look is kept.
-        """
-        referenced = self._referenced_shards()
-        now = time.time()
-        removed = [p for p in self._gc_candidates(referenced) if self._age(p, now) > grace_seconds]
-        if dry_run or not removed:
-            return removed
-        referenced = self._referenced_shards()  # what writers committed since the first look
-        kept = []
-        for path in removed:
-            if self._shard_key(path) in referenced or self._age(path, time.time()) <= grace_seconds:
-                kept.append(path)
-                continue
-            try:
-                self.fs.rm(path)
-            except FileNotFoundError:
-                pass  # another gc got there first
-        return [p for p in removed if p not in kept]
-
-    def _referenced_shards(self) -> set[tuple[str, str]]:
-        referenced: set[tuple[str, str]] = set()
-        for st in self.stages():
-            index = self._fresh_index(st)
-            if index.unreadable:
-                raise StoreError(
-                    f"gc stopped: index fragments of stage {st} in {self.url} are unreadable: "
-                    f"{sorted(index.unreadable)}",
-                    "run `sdxlpipe store verify`, restore or delete those fragments, then gc again",
-                )
-            codes = np.unique(np.concatenate([s.cols["shard"] for s in index.segments] or [np.zeros(0, np.int32)]))
-            referenced |= {(st, index.shards[c]) for c in codes.tolist()}
-        return referenced
-
-    def _gc_candidates(self, referenced: set[tuple[str, str]]) -> list[str]:
-        candidates = [
-            self._path("shards", st, name)
-            for st in list_names(self.fs, self._path("shards"), dirs_only=True)
-            for name in list_files(self.fs, self._path("shards", st), "")
-            if (st, name.split(".", 1)[0]) not in referenced
-        ]
-        return candidates + [posixpath.join(self._tmp, n) for n in list_files(self.fs, self._tmp, "")]
-
-    def _shard_key(self, path: str) -> tuple[str, str] | None:
-        """(stage, shard_id) of a path under shards/, None for a temp file."""
-        parent, name = posixpath.split(path)
-        if posixpath.dirname(parent) != self._path("shards"):
-            return None
-        return posixpath.basename(parent), name.split(".", 1)[0]
-
-    def _age(self, path: str, now: float) -> float:
-        try:
-            return now - self.fs.modified(path).timestamp()
-        except (NotImplementedError, OSError, AttributeError):
-            return 0.0  # unknown age: treat as young, never delete what we cannot date
+    def gc(self, dry_run: bool = False, grace_seconds: float = maintenance.DEFAULT_GRACE_SECONDS) -> list[str]:
+        """Remove unreferenced shards and stale temp files older than grace_seconds; the paths."""
+        return maintenance.gc(self, dry_run, grace_seconds)
 
     def compact(self, stage: str | None = None) -> dict:
-        """Merge each stage's fragments into one without bad or duplicate rows.
+        """Merge each stage's fragments into one without bad or duplicate rows; counts per stage."""
+        return maintenance.compact(self, stage)
 
-        The merged fragment is written before the old ones are deleted, so readers never
-        see an item vanish. Returns {stage: {"fragments_before", "fragments_after",
-        "rows_before", "rows_after"}}.
-        """
-        return {st: self._compact(st, self._fresh_index(st))
-                for st in ([check_stage(stage)] if stage else self.stages())}
+    def housekeep(self, stage: str, max_fragments: int = maintenance.COMPACT_FRAGMENTS,
+                  max_markers: int = maintenance.COMPACT_MARKERS) -> dict | None:
+        """Compact a stage that holds too many fragments or bad-marker files; compact's result or None."""
+        return maintenance.housekeep(self, stage, max_fragments, max_markers)
 
-    def housekeep(self, stage: str, max_fragments: int = COMPACT_FRAGMENTS,
-                  max_markers: int = COMPACT_MARKERS) -> dict | None:
-        """Compact a stage if this Store's view of it holds more than max_fragments fragments
-        or max_markers bad-marker files; the result of compact for it, or None.
-
-        Uses the index as last listed (call refresh first to include others' commits): a
-        fragment committed after that listing is neither merged nor deleted, so a writer
-        running meanwhile loses nothing.
-        """
-        index = self._index(stage)
-        if len(index.live_fragments) <= max_fragments and len(index.bad_fragments) <= max_markers:
-            return None
-        log.info("store %s: stage %s holds %d index fragments and %d bad-marker files; compacting",
-                 self.url, stage, len(index.live_fragments), len(index.bad_fragments))
-        # Without bad markers, a fragment holding most rows (the last compaction's) is left as
-        # it is and the small ones beside it are merged: an encode then rewrites its million
-        # rows once, not every 256 chunks. Markers name fragments, so with any, merge all.
-        leave = None
-        if not index.bad_fragments:
-            rows = index.fragment_rows()
-            biggest = max(rows, key=rows.get) if rows else None
-            if biggest is not None and rows[biggest] * 2 > index.row_count:
-                leave = biggest
-        return self._compact(stage, index, leave)
-
-    def _compact(self, st: str, index: StageIndex, leave: str | None = None) -> dict:
-        """leave: a fragment that stays as it is (housekeeping's; there are no bad markers)."""
-        old = [n for n in index.live_fragments if n != leave] + list(index.bad_fragments)
-        rows_before = index.row_count
-        result = {"fragments_before": len(index.live_fragments) + len(index.bad_fragments),
-                  "fragments_after": len(index.live_fragments) + len(index.bad_fragments),
-                  "rows_before": rows_before, "rows_after": rows_before}
-        if len(old) <= 1 and not index.bad_fragments:
-            return result
-        # Distinct rows (the same shard indexed twice lists each item twice), in shard order.
-        table = index.compacted_table(leave)
-        merged = None
-        if table.num_rows:
-            merged = f"compact-{secrets.token_hex(8)}.parquet"
-            write_bytes(self.fs, self._path("index", st, merged), table_bytes(table), self._tmp)
-        for name in old:
-            try:
-                self.fs.rm(self._path("index", st, name))
-            except FileNotFoundError:
-                pass  # a concurrent compact removed it
-        kept = index.fragment_rows().get(leave, 0) if leave else 0
-        if leave is not None:
-            # The view keeps its rows; the next lookup lists once, dropping the merged names' rows.
-            if merged is not None:
-                index.add_written(merged, table)
-        else:
-            # The new view: the merged fragment as written; the next lookup lists once for the rest.
-            fresh = self._new_index(st, cached=False)
-            if merged is not None:
-                fresh.add_written(merged, table)
-            self._indexes[st] = fresh
-        self._stale.add(st)
-        self._bad_rows.pop(st, None)  # our markers were merged (their rows dropped)
-        result.update(fragments_after=(1 if table.num_rows else 0) + (1 if leave else 0),
-                      rows_after=table.num_rows + kept)
-        return result
-
-    def _group_bytes(self, stage: str) -> dict[str, int]:
-        """Bytes of the good rows per group, each distinct (shard, offset) counted once."""
-        index = self._index(stage)
-        parts = [(s.cols["shard"], s.cols["offset"], s.cols["length"], s.cols["group"], s.cols["bad"])
-                 for s in index.segments]
-        if not parts:
-            return {}
-        shard, offset, length, group, bad = (np.concatenate(c) for c in zip(*parts))
-        good = ~bad
-        shard, offset, length, group = shard[good], offset[good], length[good], group[good]
-        order = np.lexsort((offset, shard))
-        first = np.ones(len(order), bool)
-        first[1:] = (shard[order][1:] != shard[order][:-1]) | (offset[order][1:] != offset[order][:-1])
-        take = order[first]
-        sums = np.bincount(group[take], weights=length[take], minlength=len(index.group_names))
-        return {index.group_names[g]: int(sums[g]) for g in np.unique(group[take]).tolist()}
+    def du(self) -> dict:
+        """Shards, items and bytes per stage, bytes per model fingerprint, and the total."""
+        return maintenance.du(self)
 
     def copy_missing_to(self, other: "Store") -> dict:
         """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
-        from .sync import copy_missing
-
-        return copy_missing(self, other, log)
-
-    def du(self) -> dict:
-        """{"stages": {stage: {"shards", "items", "bytes", "groups"}}, "bytes": total of all shards}.
-
-        "groups": bytes of present items per model fingerprint their writer named ("" if none).
-        """
-        stages = {}
-        for st in self.stages():
-            tars = [e for e in list_detail(self.fs, self._path("shards", st)) if e["name"].endswith(".tar")]
-            stages[st] = {
-                "shards": len(tars),
-                "items": self._index(st).present_count(),
-                "bytes": sum(int(e.get("size") or 0) for e in tars),
-                "groups": self._group_bytes(st),
-            }
-        return {"stages": stages, "bytes": sum(s["bytes"] for s in stages.values())}
-
-
-def _write_error(store: Store, stage: str, e: OSError) -> StoreError:
-    return StoreError(
-        f"could not write to store {store.url} (stage {stage}): {e.strerror or e}"
-        + (f": {e.filename}" if e.filename else ""),
-        "free space (or fix permissions) where the store and its tmp/ live, then run the same "
-        "command again: items committed so far are kept, the unfinished shard is never visible",
-    )
+        return sync.copy_missing(self, other, log)
 
 
 def _close_quietly(f) -> None:
@@ -758,137 +428,3 @@ def _close_quietly(f) -> None:
         except OSError:
             pass  # a read-only handle: nothing to lose
 
-
-def _problem(stage: str, shard_id: str | None, item_key: str | None, problem: str) -> dict:
-    return {"stage": stage, "shard_id": shard_id, "item_key": item_key, "problem": problem}
-
-
-class Writer:
-    """Packs items into shards for one stage; use as `with store.writer(stage) as w: w.add(...)`.
-
-    All fields of an item go into the same shard, added one after another, so that
-    webdataset sees each item as one sample. An item is committed whole or not at all:
-    its fields wait in memory until the next item starts, `end_item()` or `close()`, and a
-    writer left by an exception commits the finished items and drops the one in progress.
-    """
-
-    def __init__(self, store: Store, stage: str, target_shard_bytes: int, group: str = "",
-                 keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS):
-        if target_shard_bytes <= 0:
-            raise StoreError(f"target_shard_bytes must be positive, got {target_shard_bytes}",
-                             "leave it at the default unless shards must be smaller")
-        self._store = store
-        self.stage = stage
-        self.group = group  # recorded in the index beside each item (model fingerprint, for du)
-        self.target_shard_bytes = target_shard_bytes
-        self.keepalive_seconds = keepalive_seconds
-        self.shard_ids: list[str] = []
-        self._builder: ShardBuilder | None = None
-        self._keepalive: threading.Event | None = None  # set to stop touching the builder's file
-        self._key: str | None = None  # the item being added
-        self._pending: list[tuple[str, str, bytes]] = []  # its (name, field, payload) so far
-        self._done: set[str] = set()  # items already complete in the current shard
-
-    def add(self, item_key: str, field: str, payload: bytes) -> None:
-        if not is_key(item_key):
-            raise StoreError(f"item key {item_key!r} of stage {self.stage} is not {HEX_LEN} lowercase hex digits",
-                             "item keys are xxh3-128 hex digests: make them with sdxlpipe.pipeline.keys.xxh3_hex")
-        name = check_item_name(item_key, field)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload of {name} must be bytes, got {type(payload).__name__}; "
-                            "encode it with encode_tensors or encode_json")
-        if item_key != self._key:
-            self.end_item()
-            if item_key in self._done:
-                raise StoreError(
-                    f"item {item_key} of stage {self.stage} was added again after other items",
-                    "add all fields of an item one after another",
-                )
-            self._key = item_key
-        if any(f == field for _, f, _ in self._pending):
-            raise StoreError(f"field {field} of item {item_key} was added twice",
-                             "add each field of an item once")
-        self._pending.append((name, field, bytes(payload)))
-
-    def end_item(self) -> None:
-        """The item being added is complete: it goes into the shard (and is kept on errors)."""
-        pending, key = self._pending, self._key
-        self._pending, self._key = [], None
-        if not pending:
-            return
-        size = sum(member_bytes(len(p)) for _, _, p in pending)
-        if self._builder is not None and self._builder.members and \
-                self._builder.size + size > self.target_shard_bytes:
-            self._flush()
-        try:
-            if self._builder is None:
-                self._builder = self._store._new_builder()
-                self._start_keepalive(self._builder.path)
-            for name, _, payload in pending:
-                self._builder.add(name, payload)
-        except OSError as e:
-            # The temp tar may now end mid-member: nothing of it can be committed.
-            self._discard()
-            raise _write_error(self._store, self.stage, e) from e
-        self._done.add(key)
-
-    def _discard(self) -> None:
-        builder, self._builder = self._builder, None
-        self._stop_keepalive()
-        self._done = set()
-        if builder is not None:
-            builder.discard()
-
-    def _stop_keepalive(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.set()
-            self._keepalive = None
-
-    def _start_keepalive(self, path: str) -> None:
-        # Only a local store keeps the builder in its tmp/, where gc looks.
-        if not is_local(self._store.fs) or self.keepalive_seconds <= 0:
-            return
-        stop = self._keepalive = threading.Event()
-
-        def touch() -> None:
-            while not stop.wait(self.keepalive_seconds):
-                try:
-                    os.utime(path)
-                except OSError:
-                    return  # renamed into place or discarded meanwhile
-
-        threading.Thread(target=touch, name="sdxlpipe-writer-keepalive", daemon=True).start()
-
-    def _flush(self) -> None:
-        builder, self._builder = self._builder, None
-        self._stop_keepalive()
-        self._done = set()
-        if builder is not None and builder.members:
-            self.shard_ids.append(self._store._commit(self.stage, builder, self.group))
-        elif builder is not None:
-            builder.discard()
-
-    def close(self) -> None:
-        """Write the shard in progress; a writer that got no items writes nothing."""
-        self.end_item()
-        self._flush()
-
-    def __enter__(self) -> "Writer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-            return False
-        # Keep what was finished before the error, so a rerun resumes instead of redoing it;
-        # the item in progress may lack fields, so it is dropped and recomputed.
-        if self._pending:
-            log.warning("store %s: dropping item %s of stage %s, unfinished when %s stopped the writer",
-                        self._store.url, self._key, self.stage, exc_type.__name__)
-        self._pending, self._key = [], None
-        try:
-            self._flush()
-        except Exception:
-            log.exception("store %s: could not save the items of stage %s added before the error",
-                          self._store.url, self.stage)
-        return False

@@ -19,7 +19,7 @@ import tempfile
 
 import pyarrow as pa
 
-from .index import GROUPED_SCHEMA
+from .grammar import GROUPED_SCHEMA
 from .shards import StoreError, bad_member_names, hash_stream, manifest
 
 

@@ -1,7 +1,8 @@
 """Noise and losses: each option of the train stage as a small function of tensors.
 
-The loop composes them in this order: noise (offset, multires) -> timesteps
-in the range -> noisy input (input perturbation) -> prediction target
+`batch_loss` composes them in this order: a latent sample from the stored
+distribution -> noise (offset, multires) -> timesteps in the range -> noisy
+input (input perturbation) -> the UNet's prediction -> prediction target
 (epsilon or v) -> element-wise loss (L2 / L1 / Huber / smooth-L1 with its c
 schedule) -> per-sample mean (masked: divided by the mask's area) -> per-sample
 weights (min-SNR gamma, debiased estimation, v scaled like epsilon, prior-preservation) -> batch mean.
@@ -149,3 +150,37 @@ def v_pred_like_noise_pred_weight(snr_t: torch.Tensor) -> torch.Tensor:
 def prior_weight(is_reg: torch.Tensor, weight: float) -> torch.Tensor:
     """Regularisation (prior-preservation) samples count `weight`, the others 1."""
     return torch.where(is_reg, torch.full(is_reg.shape, float(weight)), torch.ones(is_reg.shape))
+
+
+def batch_loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torch.Generator, device, fixed: bool):
+    """One batch's loss, composed of the functions above in the order of this module's docstring.
+
+    fixed: an evaluation batch (no input perturbation).
+    """
+    x0 = (b["mean"] + b["std"] * torch.randn(b["mean"].shape, generator=gen) - b["shift"]) * b["scale"]
+    noise = torch.randn(x0.shape, generator=gen)
+    if p.noise_offset or p.adaptive_noise_scale:
+        noise = offset_noise(noise, x0, p.noise_offset, gen, random_strength=p.noise_offset_random_strength,
+                             adaptive_scale=p.adaptive_noise_scale)
+    if p.multires_noise_iterations:
+        noise = multires_noise(noise, gen, p.multires_noise_iterations, p.multires_noise_discount)
+    t = sample_timesteps(x0.shape[0], p.min_timestep, p.max_timestep, gen)
+    input_noise = perturbed(noise, p.input_perturbation, gen) if p.input_perturbation and not fixed else noise
+    x0, noise, input_noise, t = x0.to(device), noise.to(device), input_noise.to(device), t.to(device)
+    noisy = add_noise(x0, input_noise, t, alphas_cumprod)
+    pred = unet(noisy, t, b["embeds"].to(device), added_cond_kwargs={
+        "text_embeds": b["pooled"].to(device), "time_ids": b["time_ids"].to(device)}).sample.float()
+    tgt = target(x0, noise, t, alphas_cumprod, prediction_type)
+    c = huber_c(t.cpu(), p.huber_schedule, p.huber_c, alphas_cumprod.cpu()) if p.loss_type in ("huber", "smooth_l1") else None
+    per_sample = per_sample_mean(elementwise_loss(pred, tgt, p.loss_type, c), b["mask"])
+    weight = torch.ones(x0.shape[0])
+    snr_t = snr(alphas_cumprod, t).cpu()
+    if p.min_snr_gamma:
+        weight = weight * min_snr_weight(snr_t, p.min_snr_gamma, prediction_type)
+    if p.debiased_estimation:
+        weight = weight * debiased_weight(snr_t, prediction_type)
+    if p.scale_v_pred_loss_like_noise_pred and prediction_type == "v_prediction":
+        weight = weight * v_pred_like_noise_pred_weight(snr_t)
+    if p.prior_loss_weight != 1.0:
+        weight = weight * prior_weight(b["is_reg"], p.prior_loss_weight)
+    return (per_sample * weight.to(per_sample.device)).mean()

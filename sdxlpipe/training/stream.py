@@ -1,28 +1,24 @@
-"""Training data streamed from the store: each batch's payloads are read when the batch is due.
+"""Training data streamed from the store: `BatchSource` reads batch i of a run when it is due.
 
 Recipe for batch i: the plan names its samples (`data.BatchPlan`), `batches.pick`
 makes their seeded choices and so names the store items it needs,
 `Store.locate` gives each item's (shard, offset, length, xxh3) (for 16
-batches at a time: one lookup has a fixed cost), each item's safetensors
-header is read, then one preadv puts its tensors' bytes straight into their
-slots of the batch, and the xxh3 runs over exactly the bytes read. The
-micro-conditioning comes from `batches.conditioning`, the function the
-in-memory path (`batches.assemble`) uses, so the tensors are equal.
+batches at a time: one lookup has a fixed cost), and `slots.read_item` reads
+each item's tensors straight into their slots of the batch, checked by xxh3.
+The micro-conditioning comes from `batches.conditioning`.
 
 Batches are delivered in the stored dtype (fp16: half the bytes to copy, to
 pin and to send to a GPU); the loop makes them fp32 (`batches.as_float`).
-`Feed` reads ahead in `loader_workers` threads of the training process, at
-most workers x prefetch batches: preadv and the tensor copies release the GIL,
-and nothing crosses a process boundary (worker processes handed a 4.5 MB
-batch over shared memory at ~16 batches/s on a 2-core VM; decision 39). A
-remote store's shards come through the local `ShardCache`; a thread fetches
-the shards of the coming batches ahead, in plan order, within the cache's
-byte limit, and an item whose shard is not cached yet is read by a range
-request, so the first batch never waits for whole shards. Memory holds the
-table, the plan and a few batches, never the dataset.
+`feed.Feed` reads ahead in `loader_workers` threads of the training process:
+preadv and the tensor copies release the GIL, and nothing crosses a process
+boundary (worker processes handed a 4.5 MB batch over shared memory at ~16
+batches/s on a 2-core VM; decision 39). A remote store's shards come through
+the local `ShardCache`, and an item whose shard is not cached yet is read by
+a range request, so the first batch never waits for whole shards. Memory
+holds the table, the plan and a few batches, never the dataset.
 
 Damage (docs/decisions.md 31): an item failing its checksum, truncated, or in
-a vanished shard makes the reader hand the batch back marked damaged; `take`
+a vanished shard makes the reader hand the batch back marked damaged; `recover`
 reads the item through `Store.read` (every copy is checked, bad ones are
 marked in the store). An intact copy is used; with none, the run stops with
 `CacheDamaged` naming the item, and the pipeline runner recomputes it
@@ -32,22 +28,15 @@ several processes, `agree_on_damage` makes every process stop with that error.
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import os
 import threading
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import torch
-import xxhash
 
 from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.cache_format.shard_cache import ShardCache, default_directory
-from sdxlpipe.training.batches import conditioning, decode_latent, decode_text, pick  # noqa: F401 (tests use the decoders)
+from sdxlpipe.training.batches import conditioning, pick
+from sdxlpipe.training.slots import FileShard, RemoteShard, Slots, read_item
 
 LATENTS, TEXTS = "vae_encode", "text_encode"
 # The store field each stage writes its payload to (stages/vae_encode.py, text_encode.py FIELD): naming
@@ -144,7 +133,7 @@ class BatchSource:
                 locs[stage] = list(zip(todo, self._locate(stage, todo)))
         else:
             rows, picks, fills, locs = prepared
-        slots = _Slots(len(picks), self.pin_memory, masks=self.p.masked_loss)
+        slots = Slots(len(picks), self.pin_memory, masks=self.p.masked_loss, meta_stage=LATENTS)
         damaged = []
         for stage, items in fills.items():
             by_shard: dict[str, list] = {}
@@ -163,7 +152,7 @@ class BatchSource:
                 done = 0
                 try:
                     for done, loc in enumerate(in_shard):
-                        why = _read_item(shard, loc, stage, items[loc.item_key], slots)
+                        why = read_item(shard, loc, stage, items[loc.item_key], slots)
                         if why:
                             damaged.append((stage, loc.item_key, shard_id, why))
                 except FileNotFoundError:  # a remote shard that vanished
@@ -181,14 +170,14 @@ class BatchSource:
         """A shard to read items from: the store's own file, a cached copy, or (not cached yet) ranges of
         the remote file, so a batch never waits for whole shards it needs a few items of."""
         if self.cache is None:
-            return _FileShard(os.path.join(self.store.root, "shards", stage, f"{shard_id}.tar"))
+            return FileShard(self.store.shard_path(stage, shard_id))
         path = self.cache.peek(shard_id)
         if path is not None:
             try:
-                return _FileShard(str(path))
+                return FileShard(str(path))
             except FileNotFoundError:
                 pass  # evicted between the look and the open
-        return _RemoteShard(self.cache, stage, shard_id)
+        return RemoteShard(self.cache, stage, shard_id)
 
     def recover(self, result: dict, fixed: bool = False) -> dict:
         """The batch, after reading its unusable items through the store; CacheDamaged if any has no intact copy."""
@@ -212,198 +201,6 @@ class BatchSource:
     def batch(self, index: int, fixed: bool = False) -> dict:
         """Batch i, read in this process (the fixed evaluation batches)."""
         return self.recover(self.read(index, fixed), fixed)
-
-
-# Payload tensor name -> batch field (latents: mean, std, optional mask; texts: the two embeddings).
-BATCH_FIELDS = {"mean": "mean", "std": "std", "prompt_embeds": "embeds", "pooled_prompt_embeds": "pooled"}
-REQUIRED = {LATENTS: ("mean", "std"), TEXTS: ("embeds", "pooled")}
-# safetensors dtype names -> torch dtypes an item is read straight into its slots in; others are decoded whole.
-VIEW_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-               "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-               "BOOL": torch.bool}
-# Batches planned and located together (`BatchSource.prepare`): 16 cut the per-batch lookup cost ~4x
-# and hold a few KB.
-PREPARE_BATCHES = 16
-# Bytes read first of each item: its safetensors length prefix and header (~200-300 bytes for ours);
-# a longer header takes a second read.
-HEADER_READ = 512
-
-
-class _Slots:
-    """A batch's tensors, allocated on the first item's shapes and filled slot by slot."""
-
-    def __init__(self, size: int, pin_memory: bool, masks: bool):
-        self.size, self.pin_memory, self.masks = size, pin_memory, masks
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.mask_of: dict[int, torch.Tensor] = {}  # position -> its stored mask
-        self.meta: dict[str, dict] = {}  # latent key -> safetensors metadata
-
-    def slot(self, field: str, pos: int, shape: tuple, dtype) -> torch.Tensor | None:
-        """The batch slot of `field` at position `pos`; None when the shape or dtype differs from the batch's."""
-        t = self.tensors.get(field)
-        if t is None:
-            t = self.tensors[field] = torch.empty((self.size, *shape), dtype=dtype, pin_memory=self.pin_memory)
-        elif tuple(t.shape[1:]) != shape or t.dtype != dtype:
-            return None
-        return t[pos]
-
-    def fill(self, stage: str, key: str, positions: list[int], tensors: dict, meta: dict) -> None:
-        """Copy a decoded payload into its slots (items that are not read straight into them)."""
-        for name, t in tensors.items():
-            if name == "mask":
-                self.mask_of.update(dict.fromkeys(positions, t))
-            elif name in BATCH_FIELDS:
-                for pos in positions:
-                    slot = self.slot(BATCH_FIELDS[name], pos, tuple(t.shape), t.dtype)
-                    if slot is None and tuple(self.tensors[BATCH_FIELDS[name]].shape[1:]) != tuple(t.shape):
-                        raise ValueError(f"cached {stage} item {key}: {name} has shape {tuple(t.shape)}, other "
-                                         f"items of its batch {tuple(self.tensors[BATCH_FIELDS[name]].shape[1:])}")
-                    (slot if slot is not None else self.tensors[BATCH_FIELDS[name]][pos]).copy_(t)
-        if stage == LATENTS:
-            self.meta[key] = meta
-
-    def batch(self, first_latent: str) -> dict:
-        meta = self.meta[first_latent]
-        mask = None
-        if self.masks:  # fp32, as `assemble` makes it: a stored mask where there is one, else ones
-            mean = self.tensors["mean"]
-            mask = torch.ones((self.size, 1, *mean.shape[2:]), dtype=torch.float32, pin_memory=self.pin_memory)
-            for pos, m in self.mask_of.items():
-                mask[pos].copy_(m.reshape(mask.shape[1:]))
-        return {"mean": self.tensors["mean"], "std": self.tensors["std"],
-                "embeds": self.tensors.get("embeds"), "pooled": self.tensors.get("pooled"), "mask": mask,
-                "scale": float(meta.get("scaling_factor", "1.0")),
-                "shift": float(meta.get("shift_factor", "0.0") or 0.0)}
-
-
-def _read_item(shard, loc, stage: str, positions: list[int], slots: _Slots) -> str | None:
-    """Read one item into its batch slots and check its xxh3; why it is unusable, or None.
-
-    The common case: the header is read first, then one preadv puts each tensor's bytes straight
-    into its slot (or a scratch buffer: masks, names the batch does not use), and the hash runs over
-    exactly the bytes read. Anything unusual (a long header, shapes unlike the batch's) reads the
-    payload whole and decodes it.
-    """
-    head = bytearray(min(HEADER_READ, loc.length))
-    got = shard.readinto([head], loc.offset)
-    if got != len(head):
-        return f"truncated: {got} of {loc.length} bytes"
-    size = int.from_bytes(head[:8], "little") if len(head) >= 8 else loc.length
-    plan = _layout(head, size, loc.length, positions[0], slots) if 8 + size <= len(head) else None
-    if plan is None:
-        return _read_whole(shard, loc, stage, positions, slots)
-    dests, fields, masks, meta = plan
-    got = shard.readinto(dests, loc.offset + 8 + size) if dests else 0
-    want = loc.length - 8 - size
-    if got != want:
-        return f"truncated: {8 + size + got} of {loc.length} bytes"
-    digest = xxhash.xxh3_128(memoryview(head)[:8 + size])
-    for d in dests:
-        digest.update(d)
-    if digest.hexdigest() != loc.xxh3:
-        return "checksum mismatch"
-    for field in fields:  # the same item used twice in the batch
-        for pos in positions[1:]:
-            slots.tensors[field][pos].copy_(slots.tensors[field][positions[0]])
-    for buf, dtype, shape in masks:
-        slots.mask_of.update(dict.fromkeys(positions, torch.frombuffer(buf, dtype=dtype).reshape(shape)
-                                           if buf.nbytes else torch.empty(shape, dtype=dtype)))
-    if stage == LATENTS:
-        slots.meta[loc.item_key] = meta
-    return None
-
-
-def _layout(head: bytearray, size: int, length: int, pos: int, slots: _Slots):
-    """Where each tensor of the payload goes: ([writable buffers in data order], [batch fields filled],
-    [(mask buffer, dtype, shape)], metadata); None when the header is not one this reads straight into slots."""
-    parsed = _parse_header(bytes(head[8:8 + size]))
-    if parsed is None or 8 + size + parsed[2] != length:
-        return None
-    entries, meta, _ = parsed
-    dests, fields, masks = [], [], []
-    for name, dtype, shape, nbytes in entries:
-        field = BATCH_FIELDS.get(name)
-        if field is not None:
-            slot = slots.slot(field, pos, shape, dtype)
-            if slot is None:
-                return None
-            dests.append(slot.reshape(-1).view(torch.uint8).numpy())
-            fields.append(field)
-        else:
-            buf = np.empty(nbytes, np.uint8)
-            dests.append(buf)
-            if name == "mask":
-                masks.append((buf, dtype, shape))
-    return [d for d in dests if d.nbytes], fields, masks, meta
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_header(text: bytes):
-    """A safetensors header's tensors in data order [(name, dtype, shape, bytes)], metadata and data length;
-    None unless every tensor has a known dtype and they tile the data exactly.
-
-    Cached: the items of one run share a handful of headers (same shapes, same metadata).
-    """
-    try:
-        header = json.loads(text)
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            return None
-        entries, end = [], 0
-        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype, (lo, hi), shape = VIEW_DTYPES[spec["dtype"]], spec["data_offsets"], tuple(spec["shape"])
-            if not all(type(d) is int and d >= 0 for d in shape) or lo != end or hi - lo != math.prod(shape) * dtype.itemsize:
-                return None
-            entries.append((name, dtype, shape, hi - lo))
-            end = hi
-        return entries, meta, end
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return None
-
-
-def _read_whole(shard, loc, stage: str, positions: list[int], slots: _Slots) -> str | None:
-    data = bytearray(loc.length)
-    got = shard.readinto([data], loc.offset)
-    if got != loc.length:
-        return f"truncated: {got} of {loc.length} bytes"
-    if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
-        return "checksum mismatch"
-    slots.fill(stage, loc.item_key, positions, *decode_tensors(bytes(data), "pt"))
-    return None
-
-
-class _FileShard:
-    """A shard file on this machine (a local store's, or the shard cache's copy)."""
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def readinto(self, buffers: list, offset: int) -> int:
-        return os.preadv(self.fd, buffers, offset)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class _RemoteShard:
-    """A remote shard not in the cache yet: each read is a range request."""
-
-    def __init__(self, cache: ShardCache, stage: str, shard_id: str):
-        self.cache, self.stage, self.shard_id = cache, stage, shard_id
-
-    def readinto(self, buffers: list, offset: int) -> int:
-        size = sum(memoryview(b).nbytes for b in buffers)
-        data = memoryview(self.cache.read_range(self.stage, self.shard_id, offset, offset + size))
-        at = 0
-        for b in buffers:
-            view = memoryview(b).cast("B")
-            part = data[at:at + view.nbytes]
-            view[:len(part)] = part
-            at += len(part)
-        return at
-
-    def close(self) -> None:
-        pass
 
 
 def _run_keys(table: pa.Table, stages) -> dict[str, list[str]]:
@@ -430,102 +227,6 @@ def _damaged(url: str, lost: dict[str, list]) -> CacheDamaged:
     error.hint = ("`sdxlpipe run encode` recomputes them, and `sdxlpipe run train` then resumes from the last "
                   "checkpoint (`sdxlpipe run train` alone does both)")
     return error
-
-
-class Feed:
-    """This process's batches, in order, read ahead by `workers` reader threads; `take(i)` returns batch i.
-
-    At most workers x prefetch batches are read ahead. With 0 workers `take` reads the batch itself.
-    """
-
-    def __init__(self, source: BatchSource, indices: range, workers: int, prefetch: int):
-        self.source, self.indices = source, indices
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sdxlpipe-reader") if workers else None
-        self._limit = workers * prefetch
-        self._ahead: deque[Future] = deque()
-        self._submitted = 0  # positions handed to the readers so far
-        self._consumed = 0
-        self._moved = threading.Condition()
-        self._stop = False
-        self._thread = None
-        if source.cache is not None and len(indices):
-            self._thread = threading.Thread(target=self._fetch_ahead, name="sdxlpipe-shard-prefetch", daemon=True)
-            self._thread.start()
-        self._read_ahead()
-
-    def _prepare(self, position: int) -> None:
-        if position % PREPARE_BATCHES == 0:
-            self.source.prepare(self.indices[position:position + PREPARE_BATCHES])
-
-    def _read_ahead(self) -> None:
-        while self._pool is not None and self._submitted < len(self.indices) and len(self._ahead) < self._limit:
-            self._prepare(self._submitted)
-            self._ahead.append(self._pool.submit(self.source.read, self.indices[self._submitted]))
-            self._submitted += 1
-
-    def take(self, index: int) -> dict:
-        if self._pool is None:
-            self._prepare(self._consumed)
-            result = self.source.read(self.indices[self._consumed])
-        else:
-            future = self._ahead.popleft()
-            self._read_ahead()  # keep the readers busy while this one is waited for
-            result = future.result()
-        if result["index"] != index:
-            raise RuntimeError(f"the loader delivered batch {result['index']} where batch {index} was due")
-        with self._moved:
-            self._consumed += 1
-            self._moved.notify_all()
-        return self.source.recover(result)
-
-    def _fetch_ahead(self) -> None:
-        """Fetch the shards of the coming batches in plan order, holding at most the cache's limit ahead."""
-        cache, window = self.source.cache, deque()  # window: (position, shard ids) of fetched batches not yet taken
-        held, refs = {}, Counter()  # shard id -> bytes, and how many window batches use it
-        for position, index in enumerate(self.indices):
-            if position < self._consumed:
-                continue  # already read (by ranges): fetching its shards now would only fetch them twice
-            with self._moved:
-                while True:
-                    while window and window[0][0] < self._consumed:
-                        for shard_id in window.popleft()[1]:
-                            refs[shard_id] -= 1
-                            if not refs[shard_id]:
-                                del held[shard_id], refs[shard_id]
-                    if self._stop:
-                        return
-                    if sum(held.values()) < cache.limit_bytes or not window:
-                        break
-                    self._moved.wait(timeout=1.0)
-            ids = []
-            try:
-                for stage, shard_id in self.source.shards(index):
-                    path = cache.get(stage, shard_id, keep=frozenset(held))
-                    if path is not None:
-                        held[shard_id] = path.stat().st_size
-                        refs[shard_id] += 1
-                        ids.append(shard_id)
-            except Exception:  # the reader meets the same error when the batch is due, and reports it there
-                return
-            window.append((position, ids))
-
-    def __enter__(self) -> "Feed":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with self._moved:
-            self._stop = True
-            self._moved.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)  # a reader finishes the batch it is on
-        if self.source.cache is not None and self.source.cache.directory.is_dir():
-            # The window fetched ahead may pass the limit by a batch's shards; nothing is held now.
-            self.source.cache.evict()
 
 
 def agree_on_damage(damage: CacheDamaged | None, device) -> CacheDamaged | None:
@@ -555,10 +256,3 @@ def agree_on_damage(damage: CacheDamaged | None, device) -> CacheDamaged | None:
 def open_source(table: pa.Table, store, p, plan, device="cpu") -> BatchSource:
     """Batches for a run on `device`: in pinned memory for a CUDA device, so they copy to it asynchronously."""
     return BatchSource(table, store, p, plan, shard_cache(store, p), pin_memory=torch.device(device).type == "cuda")
-
-
-def open_feed(source: BatchSource, p, *, start_step: int, max_steps: int, world: int, rank: int, device) -> Feed:
-    """This process's feed of batches s*N*A + a*N + r (decisions.md 12) for steps start_step..max_steps-1."""
-    per_step = p.gradient_accumulation_steps * world
-    indices = range(start_step * per_step + rank, max_steps * per_step, world)
-    return Feed(source, indices, p.loader_workers, prefetch=p.loader_prefetch)

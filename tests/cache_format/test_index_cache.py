@@ -100,7 +100,7 @@ def test_a_damaged_or_outdated_cache_file_is_rebuilt_from_the_store(tmp_path, pa
 def test_a_stage_of_empty_fragments_is_cached_as_empty(tmp_path, monkeypatch, cache):
     import pyarrow.parquet as pq
 
-    from sdxlpipe.cache_format.index import GROUPED_SCHEMA
+    from sdxlpipe.cache_format.grammar import GROUPED_SCHEMA
 
     root = tmp_path / "store"
     open_store(str(root))

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdxlpipe.cache_format import open_store
-from sdxlpipe.cache_format.index import GROUPED_SCHEMA, to_parquet
+from sdxlpipe.cache_format.grammar import GROUPED_SCHEMA, to_parquet
 
 FIELD = "latent.safetensors"
 

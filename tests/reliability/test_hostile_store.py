@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from sdxlpipe.cache_format import StoreError, decode_tensors, encode_json, encode_tensors, open_store
-from sdxlpipe.cache_format.index import GROUPED_SCHEMA, to_parquet
+from sdxlpipe.cache_format.grammar import GROUPED_SCHEMA, to_parquet
 
 FIELD = "latent.safetensors"
 KEY = "0" * 31 + "1"

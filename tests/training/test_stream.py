@@ -27,8 +27,9 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import as_float, assemble, load_cached, pick
+from sdxlpipe.training.batches import as_float, assemble, decode_latent, decode_text, load_cached, pick
 from sdxlpipe.training.data import BatchPlan
+from sdxlpipe.training.feed import open_feed
 from tests.training.conftest import build_samples, make_context, params, run_train
 
 # Small shards, so a few samples spread over many of them (a text payload here is ~15 KB).
@@ -81,7 +82,7 @@ def test_streamed_batches_equal_the_in_memory_batches_in_the_same_order(tmp_path
 
     source = stream.open_source(table, ctx.store, p, plan)
     # Rank 1 of 2 processes, resumed at step 1, over three epochs: batches 5, 7, ..., 23.
-    with stream.open_feed(source, p, start_step=1, max_steps=6, world=2, rank=1, device="cpu") as feed:
+    with open_feed(source, p, start_step=1, max_steps=6, world=2, rank=1, device="cpu") as feed:
         assert list(feed.indices) == list(range(5, 24, 2))
         for index in feed.indices:
             assert_same_batch(feed.take(index), in_memory(index, False))
@@ -105,12 +106,12 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     source = stream.open_source(table, ctx.store, p, plan)  # batches are located ahead: at the first copy
     flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
     rows = table.to_pylist()
-    with stream.open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
+    with open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
         for index in feed.indices:
             epoch, members = plan.batch_at(index)
             got = feed.take(index)
-            texts = {k: stream.decode_text(ctx.store.read("text_encode", k)) for k in {r["text_key"] for r in rows}}
-            latents = {r["latent_key"]: stream.decode_latent(ctx.store.read("vae_encode", r["latent_key"])) for r in rows}
+            texts = {k: decode_text(ctx.store.read("text_encode", k)) for k in {r["text_key"] for r in rows}}
+            latents = {r["latent_key"]: decode_latent(ctx.store.read("vae_encode", r["latent_key"])) for r in rows}
             assert_same_batch(got, assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, False))
     fresh = open_store(ctx.store.root)
     assert fresh.locate("text_encode", [key])[0].shard_id != victim.shard_id  # the bad copy is marked
@@ -131,7 +132,7 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     else:
         tar.unlink()
     with pytest.raises(CacheDamaged) as e:
-        with stream.open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
+        with open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
             for index in feed.indices:
                 feed.take(index)
     assert e.value.items == {"text_encode": [key]}

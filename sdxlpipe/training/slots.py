@@ -1,0 +1,212 @@
+"""One store item read straight into its slots of a batch, checked by xxh3.
+
+`read_item` reads an item's safetensors header first, then one preadv puts
+each tensor's bytes straight into its slot of the batch (`Slots`, allocated on
+the first item's shapes, in the stored dtype) or a scratch buffer (masks,
+names the batch does not use), and the xxh3 runs over exactly the bytes read.
+Anything unusual (a long header, shapes unlike the batch's) reads the payload
+whole and decodes it. A shard is a local file (`FileShard`: the store's own,
+or the shard cache's copy) or a remote one read by ranges (`RemoteShard`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import xxhash
+
+from sdxlpipe.cache_format import decode_tensors
+from sdxlpipe.cache_format.shard_cache import ShardCache
+
+# Payload tensor name -> batch field (latents: mean, std, optional mask; texts: the two embeddings).
+BATCH_FIELDS = {"mean": "mean", "std": "std", "prompt_embeds": "embeds", "pooled_prompt_embeds": "pooled"}
+# safetensors dtype names -> torch dtypes an item is read straight into its slots in; others are decoded whole.
+VIEW_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+               "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+               "BOOL": torch.bool}
+# Bytes read first of each item: its safetensors length prefix and header (~200-300 bytes for ours);
+# a longer header takes a second read.
+HEADER_READ = 512
+
+
+class Slots:
+    """A batch's tensors, allocated on the first item's shapes and filled slot by slot."""
+
+    def __init__(self, size: int, pin_memory: bool, masks: bool, meta_stage: str):
+        """meta_stage: the stage whose items' metadata the batch carries (the latents' scaling factor)."""
+        self.size, self.pin_memory, self.masks, self.meta_stage = size, pin_memory, masks, meta_stage
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.mask_of: dict[int, torch.Tensor] = {}  # position -> its stored mask
+        self.meta: dict[str, dict] = {}  # latent key -> safetensors metadata
+
+    def slot(self, field: str, pos: int, shape: tuple, dtype) -> torch.Tensor | None:
+        """The batch slot of `field` at position `pos`; None when the shape or dtype differs from the batch's."""
+        t = self.tensors.get(field)
+        if t is None:
+            t = self.tensors[field] = torch.empty((self.size, *shape), dtype=dtype, pin_memory=self.pin_memory)
+        elif tuple(t.shape[1:]) != shape or t.dtype != dtype:
+            return None
+        return t[pos]
+
+    def fill(self, stage: str, key: str, positions: list[int], tensors: dict, meta: dict) -> None:
+        """Copy a decoded payload into its slots (items that are not read straight into them)."""
+        for name, t in tensors.items():
+            if name == "mask":
+                self.mask_of.update(dict.fromkeys(positions, t))
+            elif name in BATCH_FIELDS:
+                for pos in positions:
+                    slot = self.slot(BATCH_FIELDS[name], pos, tuple(t.shape), t.dtype)
+                    if slot is None and tuple(self.tensors[BATCH_FIELDS[name]].shape[1:]) != tuple(t.shape):
+                        raise ValueError(f"cached {stage} item {key}: {name} has shape {tuple(t.shape)}, other "
+                                         f"items of its batch {tuple(self.tensors[BATCH_FIELDS[name]].shape[1:])}")
+                    (slot if slot is not None else self.tensors[BATCH_FIELDS[name]][pos]).copy_(t)
+        if stage == self.meta_stage:
+            self.meta[key] = meta
+
+    def batch(self, first_latent: str) -> dict:
+        meta = self.meta[first_latent]
+        mask = None
+        if self.masks:  # fp32, as `assemble` makes it: a stored mask where there is one, else ones
+            mean = self.tensors["mean"]
+            mask = torch.ones((self.size, 1, *mean.shape[2:]), dtype=torch.float32, pin_memory=self.pin_memory)
+            for pos, m in self.mask_of.items():
+                mask[pos].copy_(m.reshape(mask.shape[1:]))
+        return {"mean": self.tensors["mean"], "std": self.tensors["std"],
+                "embeds": self.tensors.get("embeds"), "pooled": self.tensors.get("pooled"), "mask": mask,
+                "scale": float(meta.get("scaling_factor", "1.0")),
+                "shift": float(meta.get("shift_factor", "0.0") or 0.0)}
+
+
+def read_item(shard, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
+    """Read one item into its batch slots and check its xxh3; why it is unusable, or None.
+
+    The common case: the header is read first, then one preadv puts each tensor's bytes straight
+    into its slot (or a scratch buffer: masks, names the batch does not use), and the hash runs over
+    exactly the bytes read. Anything unusual (a long header, shapes unlike the batch's) reads the
+    payload whole and decodes it.
+    """
+    head = bytearray(min(HEADER_READ, loc.length))
+    got = shard.readinto([head], loc.offset)
+    if got != len(head):
+        return f"truncated: {got} of {loc.length} bytes"
+    size = int.from_bytes(head[:8], "little") if len(head) >= 8 else loc.length
+    plan = _layout(head, size, loc.length, positions[0], slots) if 8 + size <= len(head) else None
+    if plan is None:
+        return _read_whole(shard, loc, stage, positions, slots)
+    dests, fields, masks, meta = plan
+    got = shard.readinto(dests, loc.offset + 8 + size) if dests else 0
+    want = loc.length - 8 - size
+    if got != want:
+        return f"truncated: {8 + size + got} of {loc.length} bytes"
+    digest = xxhash.xxh3_128(memoryview(head)[:8 + size])
+    for d in dests:
+        digest.update(d)
+    if digest.hexdigest() != loc.xxh3:
+        return "checksum mismatch"
+    for field in fields:  # the same item used twice in the batch
+        for pos in positions[1:]:
+            slots.tensors[field][pos].copy_(slots.tensors[field][positions[0]])
+    for buf, dtype, shape in masks:
+        slots.mask_of.update(dict.fromkeys(positions, torch.frombuffer(buf, dtype=dtype).reshape(shape)
+                                           if buf.nbytes else torch.empty(shape, dtype=dtype)))
+    if stage == slots.meta_stage:
+        slots.meta[loc.item_key] = meta
+    return None
+
+
+def _layout(head: bytearray, size: int, length: int, pos: int, slots: Slots):
+    """Where each tensor of the payload goes: ([writable buffers in data order], [batch fields filled],
+    [(mask buffer, dtype, shape)], metadata); None when the header is not one this reads straight into slots."""
+    parsed = _parse_header(bytes(head[8:8 + size]))
+    if parsed is None or 8 + size + parsed[2] != length:
+        return None
+    entries, meta, _ = parsed
+    dests, fields, masks = [], [], []
+    for name, dtype, shape, nbytes in entries:
+        field = BATCH_FIELDS.get(name)
+        if field is not None:
+            slot = slots.slot(field, pos, shape, dtype)
+            if slot is None:
+                return None
+            dests.append(slot.reshape(-1).view(torch.uint8).numpy())
+            fields.append(field)
+        else:
+            buf = np.empty(nbytes, np.uint8)
+            dests.append(buf)
+            if name == "mask":
+                masks.append((buf, dtype, shape))
+    return [d for d in dests if d.nbytes], fields, masks, meta
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_header(text: bytes):
+    """A safetensors header's tensors in data order [(name, dtype, shape, bytes)], metadata and data length;
+    None unless every tensor has a known dtype and they tile the data exactly.
+
+    Cached: the items of one run share a handful of headers (same shapes, same metadata).
+    """
+    try:
+        header = json.loads(text)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            return None
+        entries, end = [], 0
+        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype, (lo, hi), shape = VIEW_DTYPES[spec["dtype"]], spec["data_offsets"], tuple(spec["shape"])
+            if not all(type(d) is int and d >= 0 for d in shape) or lo != end or hi - lo != math.prod(shape) * dtype.itemsize:
+                return None
+            entries.append((name, dtype, shape, hi - lo))
+            end = hi
+        return entries, meta, end
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _read_whole(shard, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
+    data = bytearray(loc.length)
+    got = shard.readinto([data], loc.offset)
+    if got != loc.length:
+        return f"truncated: {got} of {loc.length} bytes"
+    if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
+        return "checksum mismatch"
+    slots.fill(stage, loc.item_key, positions, *decode_tensors(bytes(data), "pt"))
+    return None
+
+
+class FileShard:
+    """A shard file on this machine (a local store's, or the shard cache's copy)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def readinto(self, buffers: list, offset: int) -> int:
+        return os.preadv(self.fd, buffers, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RemoteShard:
+    """A remote shard not in the cache yet: each read is a range request."""
+
+    def __init__(self, cache: ShardCache, stage: str, shard_id: str):
+        self.cache, self.stage, self.shard_id = cache, stage, shard_id
+
+    def readinto(self, buffers: list, offset: int) -> int:
+        size = sum(memoryview(b).nbytes for b in buffers)
+        data = memoryview(self.cache.read_range(self.stage, self.shard_id, offset, offset + size))
+        at = 0
+        for b in buffers:
+            view = memoryview(b).cast("B")
+            part = data[at:at + view.nbytes]
+            view[:len(part)] = part
+            at += len(part)
+        return at
+
+    def close(self) -> None:
+        pass
