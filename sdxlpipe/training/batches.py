@@ -87,7 +87,8 @@ def as_float(batch: dict) -> dict:
     Streamed batches arrive in the stored dtype (half the bytes to copy, and to a GPU); the
     training loop calls this on each.
     """
-    return {k: v.float() if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
+    # Always a copy (an fp32 payload too): the loop hands the read buffers back to the feed right after.
+    return {k: v.to(torch.float32, copy=True) if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
 
 
 def decode_latent(data: bytes) -> dict:

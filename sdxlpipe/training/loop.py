@@ -113,6 +113,7 @@ class Run:
     start: int = 0  # the step this run starts at: the newest checkpoint's (resume.restore)
     history: dict = field(default_factory=lambda: {"losses": [], "eval_loss_before": None})
     feed: Any = None  # this process's batches, while the steps run (feed.Feed)
+    loader_wait: float = 0.0  # seconds the steps waited for their batches (this session)
     logs: Any = None  # log.jsonl and TensorBoard (validation.Logs)
 
     @property
@@ -342,7 +343,7 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
     batch, damage = None, None
     try:
         # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
-        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else run.feed.take(index))
+        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else _take(run, index))
     except CacheDamaged as e:
         damage = e
     if not fixed:  # every process reads the same fixed batches, so meets the same damage there
@@ -359,6 +360,17 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
                                                               **run.data.text_settings)
         return losses.batch_loss(run.model.unet, batch, run.p, run.noise.alphas_cumprod, run.noise.prediction_type,
                                  gen, run.device, fixed)
+
+
+def _take(run: Run, index: int) -> dict:
+    """Batch `index` from the feed, its payloads copied out (`as_float` always copies) so its buffers go back
+    to the feed's ring at once; the seconds the loop waited for it are counted (`done.json`)."""
+    began = time.perf_counter()
+    batch = run.feed.take(index)
+    run.loader_wait += time.perf_counter() - began
+    floats = as_float(batch)
+    run.feed.release(index)
+    return floats
 
 
 def eval_loss(run: Run) -> float:
@@ -432,6 +444,8 @@ def _finish(run: Run, seconds: float) -> dict:
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(run),
         "processes": run.world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": run.model.checkpointing,
         "torch_threads": torch.get_num_threads(),
+        # The steps' share of `seconds` spent waiting for batches: above a few % the loader is what limits the run.
+        "loader_wait_seconds": round(run.loader_wait, 3),
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(run.model.bare),
     }
