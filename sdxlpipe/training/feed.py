@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
 
+from sdxlpipe.training.slots import Buffers
+
 if TYPE_CHECKING:
     from sdxlpipe.training.stream import BatchSource
 
@@ -28,7 +30,7 @@ PREPARE_BATCHES = 16
 
 
 class Ring:
-    """Byte buffers of released batches ({field: flat uint8 tensor}), for the next reads to reuse.
+    """The buffers of released batches (`slots.Buffers`), for the next reads to reuse.
 
     Never blocks: with none free a read gets new buffers (a caller that never releases reads as before),
     and buffers beyond `capacity` are dropped.
@@ -37,13 +39,13 @@ class Ring:
     def __init__(self, capacity: int):
         self._free: Queue = Queue(maxsize=capacity)
 
-    def get(self) -> dict:
+    def get(self) -> Buffers:
         try:
             return self._free.get_nowait()
         except Empty:
-            return {}
+            return Buffers()
 
-    def put(self, buffers: dict) -> None:
+    def put(self, buffers: Buffers) -> None:
         try:
             self._free.put_nowait(buffers)
         except Full:
@@ -63,7 +65,7 @@ class Feed:
         self._limit = workers * prefetch
         # Batches alive at once: those read ahead, one more submitted while the loop holds one, that one.
         self._ring = Ring(self._limit + 2)
-        self._lent: dict[int, dict] = {}  # batch index -> the buffers under the batch the loop holds
+        self._lent: dict[int, Buffers] = {}  # batch index -> the buffers under the batch the loop holds
         self._ahead: deque[Future] = deque()
         self._submitted = 0  # positions handed to the readers so far
         self._consumed = 0
@@ -109,7 +111,7 @@ class Feed:
         """Batch `index`'s buffers back to the ring: its tensors will be overwritten by a coming batch, so the
         caller must hold no reference to them (the loop releases after `as_float` copied them)."""
         buffers = self._lent.pop(index, None)
-        if buffers:
+        if buffers is not None:
             self._ring.put(buffers)
 
     def _fetch_ahead(self) -> None:

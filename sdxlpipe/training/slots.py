@@ -35,18 +35,27 @@ VIEW_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float3
 HEADER_READ = 512
 
 
+class Buffers:
+    """The byte buffers under a batch's tensors ({field: flat uint8 tensor}) and the tensor and numpy views
+    made of them, by (field, batch size, shape, dtype): what the feed's ring hands from batch to batch."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+
+
 class Slots:
     """A batch's tensors, shaped on the first item's shapes and filled slot by slot.
 
-    `buffers` ({field: flat uint8 tensor}, from the feed's ring) back the batch's tensors when large
-    enough; a field without one gets a new buffer. `buffers` then holds every buffer the batch uses, for
-    the feed to reuse once the loop is done with the batch.
+    `buffers` (from the feed's ring) back the batch's tensors when large enough, through views made once
+    per shape; a field without one gets a new buffer. `buffers` then holds every buffer the batch uses,
+    for the feed to reuse once the loop is done with the batch.
     """
 
-    def __init__(self, size: int, pin_memory: bool, masks: bool, meta_stage: str, buffers: dict | None = None):
+    def __init__(self, size: int, pin_memory: bool, masks: bool, meta_stage: str, buffers: Buffers | None = None):
         """meta_stage: the stage whose items' metadata the batch carries (the latents' scaling factor)."""
         self.size, self.pin_memory, self.masks, self.meta_stage = size, pin_memory, masks, meta_stage
-        self.buffers: dict[str, torch.Tensor] = dict(buffers or {})
+        self.buffers = buffers if buffers is not None else Buffers()
         self.tensors: dict[str, torch.Tensor] = {}
         self.rows: dict[str, np.ndarray] = {}  # field -> (size, bytes per sample) uint8 view of its tensor
         self.layout: dict[str, tuple] = {}  # field -> (per-sample shape, dtype) of its tensor
@@ -58,13 +67,19 @@ class Slots:
         differs from the batch's."""
         t = self.tensors.get(field)
         if t is None:
-            nbytes = self.size * math.prod(shape) * dtype.itemsize
-            buf = self.buffers.get(field)
-            if buf is None or buf.numel() < nbytes:
-                buf = self.buffers[field] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-            t = self.tensors[field] = buf[:nbytes].view(dtype).view(self.size, *shape)
-            self.rows[field] = buf[:nbytes].numpy().reshape(self.size, -1)
-            self.layout[field] = (tuple(shape), dtype)
+            shape = tuple(shape)
+            view = self.buffers.views.get((field, self.size, shape, dtype))
+            if view is None:
+                nbytes = self.size * math.prod(shape) * dtype.itemsize
+                buf = self.buffers.flat.get(field)
+                if buf is None or buf.numel() < nbytes:
+                    buf = self.buffers.flat[field] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                    self.buffers.views = {k: v for k, v in self.buffers.views.items() if k[0] != field}
+                view = self.buffers.views[(field, self.size, shape, dtype)] = (
+                    buf[:nbytes].view(dtype).view(self.size, *shape), buf[:nbytes].numpy().reshape(self.size, -1))
+            t = self.tensors[field] = view[0]
+            self.rows[field] = view[1]
+            self.layout[field] = (shape, dtype)
         elif self.layout[field] != (shape, dtype):
             return None
         return t
@@ -80,7 +95,9 @@ class Slots:
 
     def dest(self, field: str, pos: int, shape: tuple, dtype) -> np.ndarray | None:
         """The bytes of that slot, for preadv to read into (a numpy view: cheaper than a tensor's per item)."""
-        return None if self._shape(field, shape, dtype) is None else self.rows[field][pos]
+        if self.layout.get(field) != (shape, dtype) and self._shape(field, shape, dtype) is None:
+            return None
+        return self.rows[field][pos]
 
     def fill(self, stage: str, key: str, positions: list[int], tensors: dict, meta: dict) -> None:
         """Copy a decoded payload into its slots (items that are not read straight into them)."""
@@ -122,15 +139,15 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, header
     which is then checked; a wrong guess reads it again the common way. Anything unusual (a long header,
     shapes unlike the batch's) reads the payload whole and decodes it.
     """
-    guess = headers.get(stage) if headers is not None else None
+    guess, parsed = headers.get(stage, (None, None)) if headers is not None else (None, None)
     if guess is not None and len(guess) < loc.length:
-        shaped = set(slots.tensors)
-        plan = _layout(guess, len(guess) - 8, loc.length, positions[0], slots)
+        shaped = len(slots.tensors)
+        plan = _place(parsed, len(guess), loc.length, positions[0], slots)
         if plan is not None:
             head = bytearray(len(guess))
             if shard.readinto([head, *plan[0]], loc.offset) == loc.length and head == guess:
                 return _check(head, plan, loc, stage, positions, slots)
-        for field in set(slots.tensors) - shaped:  # shaped on the wrong guess: the item's header shapes them
+        for field in list(slots.tensors)[shaped:]:  # shaped on the wrong guess: the item's header shapes them
             slots.unshape(field)
     head = bytearray(min(HEADER_READ, loc.length))
     got = shard.readinto([head], loc.offset)
@@ -147,7 +164,7 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, header
         return f"truncated: {8 + size + got} of {loc.length} bytes"
     why = _check(memoryview(head)[:8 + size], plan, loc, stage, positions, slots)
     if why is None and headers is not None:
-        headers[stage] = bytes(head[:8 + size])
+        headers[stage] = (bytes(head[:8 + size]), _parse_header(bytes(head[8:8 + size])))
     return why
 
 
@@ -174,8 +191,12 @@ def _check(head, plan, loc, stage: str, positions: list[int], slots: Slots) -> s
 def _layout(head: bytes | bytearray, size: int, length: int, pos: int, slots: Slots):
     """Where each tensor of the payload goes: ([writable buffers in data order], [batch fields filled],
     [(mask buffer, dtype, shape)], metadata); None when the header is not one this reads straight into slots."""
-    parsed = _parse_header(bytes(head[8:8 + size]))
-    if parsed is None or 8 + size + parsed[2] != length:
+    return _place(_parse_header(bytes(head[8:8 + size])), 8 + size, length, pos, slots)
+
+
+def _place(parsed, start: int, length: int, pos: int, slots: Slots):
+    """`_layout` of a parsed header whose data starts at byte `start` of the item."""
+    if parsed is None or start + parsed[2] != length:
         return None
     entries, meta, _ = parsed
     dests, fields, masks = [], [], []

@@ -36,7 +36,7 @@ import torch
 from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.cache_format.shard_cache import ShardCache, default_directory
 from sdxlpipe.training.batches import conditioning, pick
-from sdxlpipe.training.slots import FileShard, RemoteShard, Slots, read_item
+from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Slots, read_item
 
 LATENTS, TEXTS = "vae_encode", "text_encode"
 # The store field each stage writes its payload to (stages/vae_encode.py, text_encode.py FIELD): naming
@@ -74,8 +74,10 @@ class BatchSource:
         self._store_lock = threading.Lock()
         self._plan_lock = threading.Lock()
         self._prepared: dict[int, tuple] = {}  # batch index -> (rows, picks, fills, locations), see `prepare`
-        # The last safetensors header read per stage: the next item is read in one preadv on its guess.
-        self._headers: dict[str, bytes] = {}
+        # The last safetensors header read per stage (and its parse): the next item is read in one preadv on it.
+        self._headers: dict[str, tuple] = {}
+        # Each local shard's path, checked once (Store.shard_path checks the id; a batch opens ~2 shards).
+        self._paths: dict[tuple[str, str], str] = {}
 
     def _members(self, index: int) -> tuple[int, list[int]]:
         with self._plan_lock:  # the plan walks epochs lazily; reader and fetch-ahead threads share it
@@ -130,14 +132,13 @@ class BatchSource:
                 locs = {stage: [(k, found[(stage, k)]) for k in items] for stage, items in fills.items()}
                 self._prepared[index] = (rows, picks, fills, locs)
 
-    def read(self, index: int, fixed: bool = False, known: dict | None = None, buffers: dict | None = None) -> dict:
+    def read(self, index: int, fixed: bool = False, known: dict | None = None, buffers: Buffers | None = None) -> dict:
         """Batch i's tensors in their stored dtype, or {"index", "damaged": [(stage, key, shard_id, why)]}.
 
         Each payload's tensors are read straight into their slots of the batch (one preadv per item,
         after its header), and the item's xxh3 is computed over what was read. `known`: payloads
-        already read and checked elsewhere, by (stage, key). `buffers` ({field: flat uint8 tensor}, maybe
-        empty): byte buffers to read into; then the result's "buffers" are the ones under its tensors,
-        for the feed to reuse.
+        already read and checked elsewhere, by (stage, key). `buffers`: buffers to read into (`slots.Buffers`,
+        maybe empty); then the result's "buffers" are the ones under its tensors, for the feed to reuse.
         """
         with self._store_lock:
             prepared = self._prepared.pop(index, None) if not fixed and not known else None
@@ -188,7 +189,10 @@ class BatchSource:
         """A shard to read items from: the store's own file, a cached copy, or (not cached yet) ranges of
         the remote file, so a batch never waits for whole shards it needs a few items of."""
         if self.cache is None:
-            return FileShard(self.store.shard_path(stage, shard_id))
+            path = self._paths.get((stage, shard_id))
+            if path is None:
+                path = self._paths[(stage, shard_id)] = self.store.shard_path(stage, shard_id)
+            return FileShard(path)
         path = self.cache.peek(shard_id)
         if path is not None:
             try:
