@@ -417,7 +417,7 @@ def params(env: Env, network: str, **extra):
 
 
 def compute_dtype(p):
-    from sdxlpipe.training.loop import COMPUTE
+    from sdxlpipe.training.precision import COMPUTE
 
     return COMPUTE[p.mixed_precision]
 
@@ -454,65 +454,61 @@ def set_checkpointing(unet, p, on: bool) -> None:
 
 
 class Trainer:
-    """The train stage's step on a prebuilt UNet: its optimizer (fused into backward where set), loss and
-    clipping, batches from its loader. Mirrors training/loop.py's step for one process."""
+    """The train stage's own step on a UNet built here: training.loop's setup steps (`_noise`,
+    `_optimization`, `_distribute`, `_data`) and per-step ones (`_step`: the loader's batch, the loss,
+    accelerate's backward, clipping, the optimizer or the fused backward; `_record`: the logged loss and
+    gradient norm), batches from the stage's loader. Only the model load differs: random weights made on
+    the device instead of a checkpoint read and cast on the CPU."""
 
     def __init__(self, env: Env, unet, p) -> None:
-        from sdxlpipe.models.loading import load_noise_scheduler
-        from sdxlpipe.training import optimizers
-
-        self.env, self.unet, self.p = env, unet, p
-        self.optimizer = optimizers.build_optimizer(optimizers.param_groups(unet, p), p)
-        self.fused = optimizers.fuse_into_backward(self.optimizer, p.max_grad_norm) if p.fused_backward else None
-        self.trainable = [q for q in unet.parameters() if q.requires_grad]
-        scheduler = load_noise_scheduler("tiny")  # SDXL base's schedule (the tiny stack copies it)
-        self.alphas = scheduler.alphas_cumprod.to(env.device)
-
-    def steps(self, batch_size: int, model=None) -> dict:
-        """warmup + timed steps at `batch_size`; s/step, samples/s, loader wait share, the last loss."""
         import pyarrow.parquet as pq
-        import torch
 
-        from sdxlpipe.cache_format import open_store
-        from sdxlpipe.training import loop, stream
-        from sdxlpipe.training.batches import as_float
-        from sdxlpipe.training.data import BatchPlan
+        from sdxlpipe.training import loop, precision
+
+        self.env, self.p = env, p
+        self.ctx = hand_context(env, env.work / "loop", env.work / "train-store", "train", Clock())
+        self.accelerator, self.scaler = precision.accelerate(p, env.device)
+        self.table = pq.read_table(env.work / "train-table.parquet")
+        self.noise = loop._noise(p, self.ctx, self.accelerator.device)
+        self.model = loop.Model(unet, unet, {}, checkpointing=False)
+        self.opt = loop._optimization(self.model, p, 1_000_000)
+        self.distributed = False
+
+    @property
+    def unet(self):
+        return self.model.bare
+
+    def steps(self, batch_size: int) -> dict:
+        """warmup + timed steps at `batch_size`; s/step, samples/s, loader wait share, the first step's
+        seconds (compiling, autotuning), the last loss."""
+        from sdxlpipe.training import loop, validation
+        from sdxlpipe.training.feed import open_feed
 
         env, p = self.env, dataclasses.replace(self.p, batch_size=batch_size)
-        model = self.unet if model is None else model
-        table = pq.read_table(env.work / "train-table.parquet")
-        plan = BatchPlan([(env.scale.size, env.scale.size)] * table.num_rows, [1] * table.num_rows, batch_size, p.seed)
-        source = stream.open_source(table, open_store(str(env.work / "train-store"), create=False), p, plan, env.device)
         n = env.scale.warmup + env.scale.steps
-        device = torch.device(env.device)
-        compute = compute_dtype(p)
-        waited, began, first = 0.0, None, None
-        with stream.open_feed(source, p, start_step=0, max_steps=n, world=1, rank=0, device=device) as feed:
-            for i, index in enumerate(feed.indices):
-                if i == env.scale.warmup:
+        data = loop._data(self.table, p, self.ctx, 1, self.accelerator.device)
+        run = loop.Run(p, self.ctx, env.work / "loop" / "run", n, self.accelerator, self.scaler, data, self.noise,
+                       self.model, self.opt)
+        if not self.distributed:  # accelerate wraps the model and optimizer once
+            loop._distribute(run)
+            self.distributed = True
+        run.logs = validation.Logs(run.run_dir / "logs", False)
+        run.feed = open_feed(data.source, p, start_step=0, max_steps=n, world=1, rank=0, device=run.device)
+        began = first = time.perf_counter()
+        with run.feed:
+            for step in range(n):
+                if step == env.scale.warmup:
                     sync(env)
+                    first = time.perf_counter() - first
                     reset_peak(env)
-                    began, waited = time.perf_counter(), 0.0
-                t = time.perf_counter()
-                batch = as_float(feed.take(index))
-                waited += time.perf_counter() - t
-                gen = torch.Generator().manual_seed(p.seed * 1_000_003 + index)
-                with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-                    loss = loop._loss(model, batch, p, self.alphas, "epsilon", gen, device, False)
-                loss.backward()
-                if self.fused is not None:
-                    self.fused.take_norm()
-                else:
-                    torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                value = float(loss)  # the loop syncs here too (its logged loss)
-                if i == 0:
-                    first = time.perf_counter() - t
+                    began, run.loader_wait = time.perf_counter(), 0.0
+                loss, grad_norm = loop._step(run, step)
+                loop._record(run, step + 1, loss, grad_norm, began, lambda n=1, **fields: None)
         sync(env)
+        run.logs.close()
         seconds = (time.perf_counter() - began) / env.scale.steps
         return {"unit": "s/step", "value": seconds, "samples_s": batch_size / seconds,
-                "loader_wait": waited / (seconds * env.scale.steps), "first_step_s": first, "loss": value,
+                "loader_wait": run.loader_wait / (seconds * env.scale.steps), "first_step_s": first, "loss": loss,
                 **peak(env)}
 
 
@@ -857,7 +853,9 @@ def options_section(env: Env) -> None:
         return row
 
     def channels_last():
-        holder["unet"].to(memory_format=torch.channels_last)
+        from sdxlpipe.training.loop import speed_ups
+
+        speed_ups(holder["unet"], dataclasses.replace(p, channels_last=True))  # train.channels_last
         try:
             return versus(holder["trainer"].steps(batch))
         finally:
@@ -885,8 +883,6 @@ def options_section(env: Env) -> None:
 
 
 def compile_section(env: Env) -> None:
-    import torch
-
     batch = max(env.scale.batches)
     p = params(env, "lora16-bf16", gradient_checkpointing=True)
     holder: dict = {}
@@ -904,8 +900,10 @@ def compile_section(env: Env) -> None:
     def compiled():
         if env.scale.smoke:
             raise Skip("the smoke run does not compile: dynamo alone traces the tiny UNet for minutes on a CPU")
-        model = torch.compile(holder["unet"])
-        row = holder["trainer"].steps(batch, model=model)
+        from sdxlpipe.training.loop import speed_ups
+
+        speed_ups(holder["unet"], dataclasses.replace(p, compile=True))  # train.compile: the UNet compiled in place
+        row = holder["trainer"].steps(batch)
         row["note"] = (f"first step (compiling) {row['first_step_s']:.1f} s; "
                        f"{base['value'] / row['value']:.2f}x eager's speed")
         return row

@@ -238,6 +238,7 @@ def _model(p, ctx, device) -> Model:
     unet.to(device)
     unet.train()
     checkpointing = networks.gradient_checkpointing(unet, p)  # on for SDXL-sized UNets unless set
+    speed_ups(unet, p)
     stack: dict = {}
     if p.train_text_encoder:
         stack = loading.load_text_stack(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
@@ -253,6 +254,18 @@ def _model(p, ctx, device) -> Model:
                 stack[name].to(device)
                 stack[name].train()
     return Model(unet, unet, stack, checkpointing)
+
+
+def speed_ups(unet, p) -> None:
+    """The UNet channels-last and its forward compiled, when set (decision 65): other kernels, the same math.
+
+    `Module.compile` compiles in place: the module, its parameters and state-dict names stay as they are,
+    so accelerate, checkpoints and EMA see the UNet they always did.
+    """
+    if p.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if p.compile:
+        unet.compile()
 
 
 def _optimization(model: Model, p, max_steps: int) -> Optimization:
@@ -446,6 +459,10 @@ def _finish(run: Run, seconds: float) -> dict:
         "torch_threads": torch.get_num_threads(),
         # The steps' share of `seconds` spent waiting for batches: above a few % the loader is what limits the run.
         "loader_wait_seconds": round(run.loader_wait, 3),
+        # What the speed-ups really did to the UNet (decision 65): its first convolution's memory layout, compiled.
+        "unet_layout": ("channels_last" if run.model.bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                        and not run.model.bare.conv_in.weight.is_contiguous() else "contiguous"),
+        "unet_compiled": getattr(run.model.bare, "_compiled_call_impl", None) is not None,
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(run.model.bare),
     }

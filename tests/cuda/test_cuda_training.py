@@ -3,7 +3,8 @@
 On a machine without CUDA every test here is skipped (tests/conftest.py), and counted as skipped.
 Covered: bf16 autocast (accelerate's) with bf16 frozen weights and validation images; fp8 frozen
 weights; full_fp16 with the loss scaler; 8-bit AdamW (bitsandbytes, skipped without it); the fused
-Adafactor backward pass; gradient checkpointing; pinned-memory batches; NCCL across two GPUs.
+Adafactor backward pass; gradient checkpointing; train.compile and train.channels_last; pinned-memory
+batches; NCCL across two GPUs (skipped with fewer).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ RUNS = {
     "full_bf16_fused": {**FULL, "fused_backward": True},
     "full_bf16": FULL,
     "adamw8bit": {**BF16, "optimizer": "adamw8bit"},
+    "compiled": {**BF16, "gradient_checkpointing": False, "compile": True},
+    "channels_last": {**BF16, "gradient_checkpointing": False, "channels_last": True},
 }
 # fp16 in a process of its own: the loop builds accelerate with mixed_precision "no" for it (decision 43).
 FP16_RUNS = {"full_fp16": {**SMALL, "network": "full", "mixed_precision": "fp16", "full_fp16": True,
@@ -121,6 +124,17 @@ def test_fused_adafactor_backward_steps_like_the_ordinary_step_on_the_gpu(bf16_r
 def test_8bit_adamw_trains_a_lora(bf16_runs):
     record = done(bf16_runs, "adamw8bit")  # skipped where bitsandbytes is not installed
     assert record["eval_loss_after"] < record["eval_loss_before"], record
+
+
+@pytest.mark.parametrize("name, layout, compiled", [("compiled", "contiguous", True),
+                                                    ("channels_last", "channels_last", False)])
+def test_compile_and_channels_last_train_to_the_plain_runs_losses(bf16_runs, name, layout, compiled):
+    record, plain = done(bf16_runs, name), done(bf16_runs, "bf16")
+    assert (record["unet_layout"], record["unet_compiled"]) == (layout, compiled)
+    # Other kernels, the same arithmetic up to rounding.
+    assert record["eval_loss_before"] == pytest.approx(plain["eval_loss_before"], rel=1e-2)
+    assert record["eval_loss_after"] == pytest.approx(plain["eval_loss_after"], rel=5e-2)
+    assert record["eval_loss_after"] < 0.95 * record["eval_loss_before"], record
 
 
 def test_full_fp16_trains_fp16_weights_through_the_loss_scaler_on_the_gpu(tmp_path):
