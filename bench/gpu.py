@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -166,12 +167,16 @@ def sync(env: Env) -> None:
         torch.cuda.synchronize()
 
 
-def reset_peak(env: Env) -> None:
+def reset_peak(env: Env, empty: bool = True) -> None:
+    """Peak memory counted from here. empty: the allocator's cache freed first, so reserved memory shows what
+    this case needs, not the last one's cache (not between warm-up and timed steps: the timed steps would
+    pay cudaMalloc again)."""
     if env.cuda:
         import torch
 
-        gc.collect()
-        torch.cuda.empty_cache()  # reserved memory then shows what this case needs, not the last one's cache
+        if empty:
+            gc.collect()
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -214,8 +219,11 @@ class GpuBusy:
         self.proc = None
         if not env.cuda or not shutil.which("nvidia-smi"):
             return
+        gpu = smi_id()
+        if gpu is None:
+            return
         self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                      "-lms", "100", "-i", gpu_id()], stdout=subprocess.PIPE,
+                                      "-lms", "100", "-i", gpu], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -231,11 +239,25 @@ class GpuBusy:
         return sum(inside) / len(inside) / 100 if inside else None
 
 
-def gpu_id() -> str:
-    """The CUDA device's id as nvidia-smi takes it (its UUID: CUDA_VISIBLE_DEVICES renumbers the index)."""
+@functools.cache
+def smi_id() -> str | None:
+    """The id nvidia-smi knows torch's cuda:0 by (its UUID: CUDA_VISIBLE_DEVICES renumbers indices), or None
+    when nvidia-smi is missing or knows none of the candidates."""
     import torch
 
-    return f"GPU-{torch.cuda.get_device_properties(0).uuid}"
+    if not shutil.which("nvidia-smi"):
+        return None
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    for candidate in dict.fromkeys((uuid if uuid.startswith("GPU-") else f"GPU-{uuid}", uuid, visible)):
+        try:
+            probe = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", candidate],
+                                   capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if probe.returncode == 0 and probe.stdout.strip():
+            return candidate
+    return None
 
 
 def context_gib() -> float:
@@ -265,8 +287,11 @@ def setup(env: Env) -> None:
 
 
 def nvidia_smi(field: str) -> str | None:
+    gpu = smi_id()
+    if gpu is None:
+        return None
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", gpu_id()],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", gpu],
                              capture_output=True, text=True, timeout=30)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -316,10 +341,18 @@ def write_model(env: Env) -> dict:
         shutil.rmtree(env.model)
     cfg = configs(env)
     torch.manual_seed(0)
-    with torch.device(env.device):  # random init on the GPU: seconds, not minutes
-        AutoencoderKL.from_config(cfg["vae"]).save_pretrained(env.model / "vae")
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            cls(CLIPTextConfig(**cfg[name])).half().save_pretrained(env.model / name)
+    for device in dict.fromkeys((env.device, "cpu")):  # random init on the GPU: seconds; the CPU if that fails
+        try:
+            with torch.device(device):
+                AutoencoderKL.from_config(cfg["vae"]).save_pretrained(env.model / "vae")
+                for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+                    cls(CLIPTextConfig(**cfg[name])).half().save_pretrained(env.model / name)
+            break
+        except Exception:  # noqa: BLE001
+            if device == "cpu":
+                raise
+            traceback.print_exc()
+            print(f"writing the random models on {device} failed; on the CPU instead", file=sys.stderr)
     for name in ("tokenizer", "tokenizer_2", "scheduler"):
         build_tiny_component(name).save_pretrained(env.model / name)
     (env.model / "unet").mkdir()
@@ -494,13 +527,14 @@ class Trainer:
             self.distributed = True
         run.logs = validation.Logs(run.run_dir / "logs", False)
         run.feed = open_feed(data.source, p, start_step=0, max_steps=n, world=1, rank=0, device=run.device)
+        free(env)  # the last case's cached blocks: this one's warm-up grows the allocator's pool again
         began = first = time.perf_counter()
         with run.feed:
             for step in range(n):
                 if step == env.scale.warmup:
                     sync(env)
                     first = time.perf_counter() - first
-                    reset_peak(env)
+                    reset_peak(env, empty=False)
                     began, run.loader_wait = time.perf_counter(), 0.0
                 loss, grad_norm = loop._step(run, step)
                 loop._record(run, step + 1, loss, grad_norm, began, lambda n=1, **fields: None)
@@ -569,11 +603,12 @@ def bare_steps(env: Env, unet, p, batch_size: int) -> dict:
         opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     latents, _, embeds, cond = random_batch(env, batch_size)
+    free(env)
     began = None
     for i in range(env.scale.warmup + env.scale.steps):
         if i == env.scale.warmup:
             sync(env)
-            reset_peak(env)
+            reset_peak(env, empty=False)
             began = time.perf_counter()
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch_size,), device=device)
