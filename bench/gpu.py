@@ -4,7 +4,7 @@
     python bench/gpu.py --smoke --out smoke.json   # CPU, tiny model, 2 steps a case (the test suite runs it)
     python bench/gpu.py --only train,vae           # some sections
 
-The models are SDXL base's architectures (sdxlpipe/models/sdxl_config.py) with random weights, written
+The models are SDXL base's architectures (tests/models/sdxl_unet.py) with random weights, written
 once as a diffusers folder in --dir (the UNet's 5 GB only when the `stage` section runs); the
 tokenizers are the tiny stack's (SDXL's BPE vocabulary is a download; prompts still fill 77 tokens).
 Speed and memory do not depend on the weights' values. Sections, in the order they run:
@@ -317,14 +317,14 @@ def usable_cores() -> int:
 
 
 def configs(env: Env) -> dict:
-    from sdxlpipe.models import sdxl_config
+    from tests.models.sdxl_unet import SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, SDXL_VAE
     from sdxlpipe.models.tiny_config import tiny_configs
 
     tiny = tiny_configs()
     if env.scale.smoke:
         return {name: tiny[name] for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
-    return {"unet": dict(sdxl_config.SDXL_UNET), "vae": dict(sdxl_config.SDXL_VAE),
-            "text_encoder": dict(sdxl_config.SDXL_TEXT_ENCODER), "text_encoder_2": dict(sdxl_config.SDXL_TEXT_ENCODER_2)}
+    return {"unet": dict(SDXL_UNET), "vae": dict(SDXL_VAE), "text_encoder": dict(SDXL_TEXT_ENCODER),
+            "text_encoder_2": dict(SDXL_TEXT_ENCODER_2)}
 
 
 def write_model(env: Env) -> dict:

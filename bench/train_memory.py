@@ -5,7 +5,7 @@
     nice -n 10 python bench/train_memory.py --size 1024 --steps 1 --cases lora8-fp8
     python bench/train_memory.py --unet-scale 16 --size 256,512,1024 --cases lora8-bf16   # activation growth, fast
 
-The UNet is SDXL base's (sdxlpipe/models/sdxl_config.py) with made-up weights (a constant per tensor): no
+The UNet is SDXL base's (tests/models/sdxl_unet.py) with made-up weights (a constant per tensor): no
 download, and memory does not depend on the values. Each case builds it, gives it the network and precision the train stage would
 (`training.networks.attach` / `set_precision`, `training.optimizers`, gradient checkpointing on as the stage
 does for SDXL-sized UNets), and runs real steps of the stage's loss (`training.losses.batch_loss`) on random cached
@@ -123,7 +123,7 @@ def settings(name: str, cases: dict):
 def unet_config(scale: int) -> dict:
     """SDXL base's UNet config, its channels divided by `scale` (1, 2, 4, 8 or 16; 1: the real one). Blocks,
     transformer depths and head counts stay, so activations keep their layout and grow with the pixels alike."""
-    from sdxlpipe.models.sdxl_config import SDXL_UNET
+    from tests.models.sdxl_unet import SDXL_UNET
 
     if scale == 1:
         return dict(SDXL_UNET)

@@ -20,7 +20,7 @@ each in a fresh process so peak RSS is its own:
 - file://: the same store behind a `file://` URL, read through the local
   shard cache, cold (empty cache) and warm (second run);
 - train RSS: the train stage itself (tiny UNet, 256 px latents, 4 steps) on N
-  and 8N samples, and for comparison the old path (`batches.load_cached`,
+  and 8N samples, and for comparison the old path (`tests/training/reference_batches.load_cached`,
   every payload in RAM) on the same stores.
 
 mosaicml-streaming (the peer for streaming) is not measured: no release
@@ -195,7 +195,7 @@ def child_train(root: Path, n: int, old_path: bool) -> dict:
     table = build_samples(ctx, n, size=256)
     base = peak_mib()
     if old_path:
-        from sdxlpipe.training.batches import load_cached
+        from tests.training.reference_batches import load_cached
 
         ctx.store.refresh()
         latents, texts = load_cached(table.to_pylist(), ctx)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from sdxlpipe.cli_common import DEFAULT_CONFIG, ConfigOpt, JsonOpt, check_store, setup, stderr_console
 from sdxlpipe.errors import UserError
+from sdxlpipe.store_cli import store_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="SDXL fine-tuning as content-cached stages.")
 model_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain an artifact store.")
 import_app = typer.Typer(no_args_is_help=True, help="Turn another trainer's dataset config into an sdxlpipe config.")
 app.add_typer(model_app, name="model")
 app.add_typer(store_app, name="store")
@@ -31,24 +31,6 @@ app.add_typer(import_app, name="import")
 from sdxlpipe.lora.cli import lora_app  # noqa: E402
 
 app.add_typer(lora_app, name="lora")
-
-ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="the config file")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
-DEFAULT_CONFIG = Path("sdxlpipe.toml")
-
-
-def _stderr() -> Console:
-    # soft_wrap: a path in a message stays on one line, whole for copy-paste and grep in logs.
-    return Console(stderr=True, soft_wrap=True)
-
-
-def _setup(debug_console: Console, quiet: bool = False, verbose: bool = False) -> None:
-    from sdxlpipe.pipeline.progress import setup_logging
-
-    # transformers warns that CLIPImageProcessor wants torchvision: harmless for us.
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    setup_logging(debug_console, debug=verbose or bool(os.environ.get("SDXLPIPE_DEBUG")), quiet=quiet)
 
 
 def _parse_shards(text: str | None) -> tuple[int, int] | None:
@@ -63,22 +45,6 @@ def _parse_shards(text: str | None) -> tuple[int, int] | None:
         raise UserError(f"--shards {text}: need 1 <= K <= N (K counts from 1)",
                         f"on {max(n, 2)} machines run --shards 1/{max(n, 2)} ... --shards {max(n, 2)}/{max(n, 2)}")
     return k - 1, n
-
-
-def _check_store(url: str, must_exist: bool, flag: str) -> None:
-    """A local store path that is a file, or (when it must exist) no store at all: one clear error.
-
-    `flag` is where the user set it (`--store`, `[store] url in sdxlpipe.toml`), so the hint names it.
-    """
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    if fs.isfile(root):
-        raise UserError(f"the store {url} is a file, not a folder",
-                        f"point {flag} at a folder (a new one starts an empty store)")
-    if must_exist and not fs.isfile(root.rstrip("/") + "/FORMAT"):
-        raise UserError(f"no sdxlpipe store at {url}" + ("" if fs.exists(root) else " (it does not exist)"),
-                        f"check {flag}; a store is made by `sdxlpipe run encode` or as the target of `sdxlpipe store pull`")
 
 
 @app.command()
@@ -102,22 +68,18 @@ def run(
     (e.g. train with no samples) or, with --strict, when an input was rejected;
     2 for a config or input mistake (an Error: line and a Hint:).
     """
-    if target == "all" and shards is None and engine in ("local", "ray") and _single_process():
-        # The no-op fast path: nothing the last complete run read or wrote has changed (pipeline/noop.py).
-        from sdxlpipe.pipeline.noop import answer
-
-        recorded = answer(config, set_)
-        if recorded is not None:
-            _print_run_report(recorded, as_json, strict, config)
-            return
+    if target == "all" and shards is None and engine in ("local", "ray") and _answer_from_record(
+            "run", config, set_, as_json, strict):
+        return
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline import noop
-    from sdxlpipe.pipeline.graph import STAGE_NAMES, stages_for
+    from sdxlpipe.pipeline.graph import stages_for
+    from sdxlpipe.stages import STAGE_NAMES
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.pipeline.runner import run_pipeline
 
-    console = _stderr()
-    _setup(console, quiet=quiet, verbose=verbose)
+    console = stderr_console()
+    setup(console, quiet=quiet, verbose=verbose)
     try:
         stages_for(target)
     except KeyError:
@@ -135,7 +97,7 @@ def run(
 
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r} is not known", f"use one of: {', '.join(ENGINES)}")
-    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
     # Under accelerate launch / torchrun every process runs; only rank 0 shows progress.
     main_process = int(os.environ.get("RANK", "0")) == 0
     # What a complete run reads, walked before it starts: the record of a no-op (pipeline/noop.py).
@@ -180,7 +142,7 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
                   f"`sdxlpipe inspect -c {config}` shows the dataset and its rejected files", markup=False)
         raise typer.Exit(1)
     if failed_strict:
-        _stderr().print("Error: --strict: input files were rejected (listed above)", markup=False)
+        stderr_console().print("Error: --strict: input files were rejected (listed above)", markup=False)
         raise typer.Exit(1)
 
 
@@ -197,20 +159,14 @@ def status(
     anything must be computed or a run would fail, e.g. train asked for fewer
     steps than its finished run has); 2 for a config mistake.
     """
-    from sdxlpipe.pipeline.noop import answer, as_status
-    from sdxlpipe.pipeline.status import format_status
-
-    recorded = answer(config, set_)  # nothing changed since the last complete run (pipeline/noop.py)
-    if recorded is not None:
-        result = as_status(recorded)
-        print(json.dumps(result, indent=2) if as_json else format_status(result))
+    if _answer_from_record("status", config, set_, as_json):
         return
     from sdxlpipe.config import load_config
-    from sdxlpipe.pipeline.status import status as compute_status
+    from sdxlpipe.pipeline.status import format_status, status as compute_status
 
-    _setup(_stderr())
+    setup(stderr_console())
     cfg = load_config(config, set_)
-    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
     result = compute_status(cfg)
     print(json.dumps(result, indent=2) if as_json else format_status(result))
     if check and not result["up_to_date"]:
@@ -255,7 +211,7 @@ def init(
     if output.exists() and not force:
         raise UserError(f"{output} already exists", "pass --force to overwrite it, or -o NEW.toml")
     path, sources = write_config(folder, output, model)
-    err = _stderr()
+    err = stderr_console()
     for s in sources:
         for where, reason in s.rejected:
             err.print(f"left out: {where}: {reason}", markup=False, highlight=False)
@@ -278,9 +234,9 @@ def inspect(
     from sdxlpipe.config import load_config
     from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset, plot_buckets
 
-    _setup(_stderr())
+    setup(stderr_console())
     cfg = load_config(config)
-    _check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
     result = inspect_dataset(cfg, batch_size)
     if plot is not None:
         result["plot"] = str(plot_buckets(result, plot).absolute())
@@ -305,7 +261,7 @@ def import_kohya(
     from sdxlpipe.cache_format.shards import default_mode, write_atomic
 
     write_atomic(output, text.encode("utf-8"), mode=default_mode())  # --force must not leave half a config
-    err = _stderr()
+    err = stderr_console()
     for note in notes:
         err.print(f"not mapped: {note}", markup=False, highlight=False)
     print(f"wrote {output}" + (f" ({len(notes)} option(s) not mapped, listed in its header)" if notes else ""))
@@ -319,115 +275,10 @@ def model_save(
     """Write a built-in model as a diffusers directory."""
     if name != "tiny":
         raise UserError(f"no built-in model {name!r}", "the built-in model is `tiny`: sdxlpipe model save tiny DIR")
-    _setup(_stderr())
+    setup(stderr_console())
     from sdxlpipe.models.tiny import save_tiny
 
     print(save_tiny(directory))
-
-
-def _store_from(config: Path, url: str | None):
-    from sdxlpipe.cache_format import open_store
-
-    if url:
-        _check_store(url, must_exist=True, flag="--store")
-        return open_store(url, create=False)
-    from sdxlpipe.config import load_config
-
-    url = load_config(config).store_url
-    _check_store(url, must_exist=True, flag=f"[store] url in {config} (or pass --store)")
-    return open_store(url, create=False)
-
-
-StoreOpt = Annotated[Optional[str], typer.Option("--store", help="a store path or URL (default: the config's)")]
-SrcArg = Annotated[str, typer.Argument(help="the store to copy from (path or URL)")]
-DstArg = Annotated[str, typer.Argument(help="the store to copy into (created if new)")]
-
-
-@store_app.command("verify")
-def store_verify(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every shard and item; list what is damaged (exit 1 if any)."""
-    _setup(_stderr())
-    problems = _store_from(config, store).verify()
-    if as_json:
-        print(json.dumps({"problems": problems}, indent=2))
-    else:
-        for p in problems:
-            print(f"{p['stage']}/{p['shard_id']}: {p.get('item_key') or 'shard'}: {p['problem']}")
-        print("store is clean" if not problems else f"{len(problems)} problem(s): the next run recomputes the damaged items")
-    if problems:
-        raise typer.Exit(1)
-
-
-@store_app.command("gc")
-def store_gc(
-    config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed")] = False,
-    grace: Annotated[float, typer.Option(help="keep unreferenced shards younger than this many seconds (writers may still be indexing them)")] = 3600,
-) -> None:
-    """Remove shards that no index references."""
-    _setup(_stderr())
-    for path in _store_from(config, store).gc(dry_run=dry_run, grace_seconds=grace):
-        print(("would remove " if dry_run else "removed ") + path)
-
-
-@store_app.command("compact")
-def store_compact(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None) -> None:
-    """Merge each stage's index fragments into one."""
-    _setup(_stderr())
-    print(json.dumps(_store_from(config, store).compact(), indent=2))
-
-
-def _copy_store(src: str, dst: str, as_json: bool) -> None:
-    from sdxlpipe.cache_format import open_store
-
-    _setup(_stderr())
-    _check_store(src, must_exist=True, flag="SRC (the first argument)")
-    _check_store(dst, must_exist=False, flag="DST (the second argument)")
-    source = open_store(src, create=False)
-    report = source.copy_missing_to(open_store(dst, create=True))
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        for stage, c in report.items():
-            print(f"{stage:12} {c['items']:>8} items copied {c['shards']:>5} shards {c['bytes'] / 1e6:>10.1f} MB"
-                  + (f"  {len(c['damaged'])} damaged, not copied" if c["damaged"] else ""))
-    if any(c["damaged"] for c in report.values()):
-        raise typer.Exit(1)
-
-
-@store_app.command("push")
-def store_push(
-    src: SrcArg,
-    dst: DstArg,
-    as_json: JsonOpt = False,
-) -> None:
-    """Copy the items DST lacks from SRC, checking every shard's hash on the way."""
-    _copy_store(src, dst, as_json)
-
-
-@store_app.command("pull")
-def store_pull(
-    src: SrcArg,
-    dst: DstArg,
-    as_json: JsonOpt = False,
-) -> None:
-    """Copy the items DST lacks from SRC (same as push; the name says which side you are on)."""
-    _copy_store(src, dst, as_json)
-
-
-@store_app.command("du")
-def store_du(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Bytes per stage."""
-    _setup(_stderr())
-    usage = _store_from(config, store).du()
-    if as_json:
-        print(json.dumps(usage, indent=2))
-        return
-    for stage, u in usage["stages"].items():
-        print(f"{stage:12} {u['items']:>8} items {u['shards']:>5} shards {u['bytes'] / 1e6:>10.1f} MB")
-        for group, nbytes in sorted(u.get("groups", {}).items()):
-            print(f"  {group or '(no fingerprint recorded)'}: {nbytes / 1e6:.1f} MB of items")
-    print(f"{'total':12} {usage['bytes'] / 1e6:>32.1f} MB")
 
 
 def _noop_before_typer(argv: list[str]) -> int | None:
@@ -437,7 +288,7 @@ def _noop_before_typer(argv: list[str]) -> int | None:
     Returns the exit code, or None when typer must run: any other command, flag or spelling
     (`--config=x`, `--shards`, `--engine`, `--help`), or no record that answers.
     """
-    if not argv or argv[0] not in ("run", "status") or not _single_process():
+    if not argv or argv[0] not in ("run", "status"):
         return None
     command, rest = argv[0], argv[1:]
     flags = {"run": {"--json", "--strict", "-q", "--quiet", "-v", "--verbose"}, "status": {"--json", "--check"}}[command]
@@ -461,23 +312,34 @@ def _noop_before_typer(argv: list[str]) -> int | None:
             return None
     if command == "run" and target not in (None, "all"):
         return None
+    try:
+        answered = _answer_from_record(command, config, overrides or None, "--json" in seen, "--strict" in seen)
+    except typer.Exit as e:
+        return e.exit_code
+    return 0 if answered else None
+
+
+def _answer_from_record(command: str, config: Path, overrides: list[str] | None, as_json: bool,
+                        strict: bool = False) -> bool:
+    """Answer `run all` or `status` from the no-op record (pipeline/noop.py) when nothing the last complete
+    run read or wrote has changed: print what the command prints (typer.Exit(1) where `run` would exit 1)
+    and return True; False when the record does not answer. The one place the record is tried, before typer
+    parses (`_noop_before_typer`) or, for other spellings, in the commands."""
+    if command == "run" and not _single_process():
+        return False  # under accelerate launch / torchrun the processes must run together
     from sdxlpipe.pipeline.noop import answer, as_status
 
-    recorded = answer(config, overrides or None)
+    recorded = answer(config, overrides)
     if recorded is None:
-        return None
-    as_json = "--json" in seen
+        return False
     if command == "status":
         from sdxlpipe.pipeline.status import format_status
 
         result = as_status(recorded)
         print(json.dumps(result, indent=2) if as_json else format_status(result))
-        return 0
-    try:
-        _print_run_report(recorded, as_json, "--strict" in seen, config)
-    except typer.Exit as e:
-        return e.exit_code
-    return 0
+    else:
+        _print_run_report(recorded, as_json, strict, config)
+    return True
 
 
 def main() -> None:

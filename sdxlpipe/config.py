@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sdxlpipe.errors import ConfigError, UserError
-from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module
+from sdxlpipe.stages import STAGE_NAMES, stage_module
 
 DEFAULT_CONFIG = "sdxlpipe.toml"
 # `.sdxlpipe/` beside the config: local to one checkout, never shared.

@@ -68,10 +68,15 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def read_parquet_bytes(data: bytes, dictionary: tuple[str, ...] = ()) -> pa.Table:
-    """dictionary: columns to read as dictionary arrays (see CODED)."""
+    """dictionary: columns to read as dictionary arrays (see CODED), where the file has them."""
     # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset (0.5 s) on every no-op run.
     # use_threads=False: fragments are small and are read many at once on our own threads.
-    return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None).read(use_threads=False)
+    except KeyError:  # pyarrow's answer to a dictionary column the file lacks: `group` is optional
+        names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
+        present = [c for c in dictionary if c in names]
+        return pq.ParquetFile(pa.BufferReader(data), read_dictionary=present or None).read(use_threads=False)
 
 
 
@@ -161,8 +166,11 @@ def plain_name(text) -> bool:
     return bool(text) and not any(c in text for c in "/\\\0") and not text.startswith(".")
 
 
-def _hex_rows(column, chars: bool = True) -> np.ndarray:
-    """Per row of a string column: is it 32 lowercase hex digits? (One pass over the bytes.)"""
+def _hex_rows(column, chars: bool | str = True) -> np.ndarray:
+    """Per row of a string column: is it 32 lowercase hex digits? (One pass over the bytes.)
+
+    chars False: 32 bytes of anything; "ascii": 32 ASCII characters (one compare per byte).
+    """
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
     if n == 0:
@@ -172,7 +180,11 @@ def _hex_rows(column, chars: bool = True) -> np.ndarray:
     if arr.null_count:
         ok &= as_numpy(arr.is_valid())
     start, end = int(offsets[0]), int(offsets[-1])
-    if chars and end > start:
+    if chars == "ascii" and end > start:
+        data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
+        wrong = np.flatnonzero(data >= 128) + start
+        ok[np.searchsorted(offsets, wrong, "right") - 1] = False
+    elif chars and end > start:
         data = np.frombuffer(arr.buffers()[2], np.uint8, end - start, start)
         if not _all_hex(data):
             wrong = np.flatnonzero(~_hex_bytes(data)) + start
@@ -180,11 +192,30 @@ def _hex_rows(column, chars: bool = True) -> np.ndarray:
     return ok
 
 
+def type_problem(table: pa.Table, text: tuple[str, ...], integers: tuple[str, ...] = ()) -> str | None:
+    """Why a column of `table` breaks the README's types, or None: text columns are parquet UTF-8
+    (Arrow string or large_string, dictionary-encoded or not; an all-null column may be typed null),
+    integer columns any integer type. A cast would take more (numbers from text, floats, booleans),
+    and a row read that way would not be what its writer meant."""
+    for name in table.column_names:
+        kind = table.schema.field(name).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if name in text and not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            return f"column {name} is of type {kind}, not text"
+        if name in integers and not (pa.types.is_integer(kind) or pa.types.is_null(kind)):
+            return f"column {name} is of type {kind}, not an integer"
+    return None
+
+
 def prepare(table: pa.Table) -> tuple[pa.Table | None, str | None]:
     """A fragment's table in READ_SCHEMA (group "" when absent), or None and why not."""
     lacking = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     if lacking:
         return None, f"columns {lacking} missing"
+    wrong = type_problem(table, ("item_key", "field", "shard_id", "xxh3", "group"), ("offset", "length"))
+    if wrong:
+        return None, wrong
     if "group" not in table.column_names:
         table = table.append_column("group", pa.nulls(table.num_rows, _DICT))
     table = table.select(READ_SCHEMA.names)
@@ -216,8 +247,10 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
     shards = table.column("shard_id").combine_chunks()
     fail(~np.append(_hex_rows(shards.dictionary), False)[dict_codes(shards)],
          f"column shard_id holds a value that is not {HEX_LEN} lowercase hex digits")
-    # A checksum is only ever compared with a digest, never used as a name: its length suffices.
-    fail(~_hex_rows(table.column("xxh3"), chars=False), f"column xxh3 holds a value that is not {HEX_LEN} characters")
+    # A checksum is only ever compared with a digest, never used as a name: its length suffices,
+    # in ASCII (it becomes a str; hex would cost ~10x the pass over the bytes).
+    fail(~_hex_rows(table.column("xxh3"), chars="ascii"),
+         f"column xxh3 holds a value that is not {HEX_LEN} ASCII characters")
     for col in ("offset", "length"):
         values = table.column(col).combine_chunks()
         bad = as_numpy(values) < 0  # null slots hold anything: they fail on their own below
@@ -225,10 +258,28 @@ def check_rows(table: pa.Table, frag: np.ndarray) -> tuple[np.ndarray, dict[int,
             bad |= ~as_numpy(values.is_valid())
         fail(bad, f"column {col} holds a null or negative value")
     fields = table.column("field").combine_chunks()
-    wrong = np.array([not plain_name(f) for f in fields.dictionary.to_pylist()] + [True], bool)  # last: null
+    wrong = np.array([not plain_name(f) for f in texts(fields.dictionary)] + [True], bool)  # last: null
     fail(wrong[dict_codes(fields)], "column field holds a null or a name that is not a plain member name "
                        "(no '/', '\\', leading '.')")
+    groups = table.column("group").combine_chunks()
+    if len(groups.dictionary):
+        wrong = np.array([g is None for g in texts(groups.dictionary)] + [False], bool)  # last: null, allowed
+        fail(wrong[dict_codes(groups)], "column group holds a value that is not UTF-8 text")
     return ok, why
+
+
+def texts(arr: pa.Array) -> list:
+    """A string array's values as str; None where the bytes are not UTF-8 (parquet does not check)."""
+    try:
+        return arr.to_pylist()
+    except UnicodeDecodeError:  # a damaged or crafted file: each such value fails its rule
+        out = []
+        for i in range(len(arr)):
+            try:
+                out.append(arr[i].as_py())
+            except UnicodeDecodeError:
+                out.append(None)
+        return out
 
 
 def dict_codes(arr: pa.DictionaryArray) -> np.ndarray:
@@ -244,10 +295,16 @@ def check_markers(table: pa.Table) -> tuple[list | None, str | None]:
     lacking = [n for n in BAD_SCHEMA.names if n not in table.column_names]
     if lacking:
         return None, f"columns {lacking} missing"
+    wrong = type_problem(table, BAD_SCHEMA.names)
+    if wrong:
+        return None, wrong
+    table = table.select(BAD_SCHEMA.names)
+    if table.schema != BAD_SCHEMA:  # dictionary-encoded, large_string or all-null text: as plain strings
+        table = table.cast(BAD_SCHEMA)
     for col in ("item_key", "shard_id"):
         if hex_column(table.column(col)) is None:
             return None, f"column {col} holds a value that is not {HEX_LEN} lowercase hex digits"
-    fragments = table.column("fragment").to_pylist()
+    fragments = texts(table.column("fragment").combine_chunks())
     if not all(plain_name(f) for f in fragments):
         return None, "column fragment holds a path, not a fragment's file name"
     return list(zip(table.column("item_key").to_pylist(), table.column("shard_id").to_pylist(), fragments)), None

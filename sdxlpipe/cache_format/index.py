@@ -646,5 +646,5 @@ def _parse(data: bytes | str, dictionary: tuple[str, ...] = ()) -> tuple[pa.Tabl
         return None, data
     try:
         return read_parquet_bytes(data, dictionary), None
-    except (OSError, pa.ArrowException) as e:
+    except Exception as e:  # noqa: BLE001 - bytes already read: whatever the parser meets, they are unusable
         return None, f"{type(e).__name__}: {e}"

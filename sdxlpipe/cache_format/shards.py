@@ -220,6 +220,34 @@ def manifest(stage: str, shard_id: str, nbytes: int, members: list[dict]) -> dic
     }
 
 
+def manifest_problem(doc, stage: str, shard_id: str) -> str | None:
+    """What keeps `doc` from being shard `shard_id`'s manifest as README.md ("Manifest") has it,
+    or None. Other keys are allowed: a later writer may add some."""
+    if not isinstance(doc, dict):
+        return f"is a JSON {type(doc).__name__}, not an object"
+    lacking = [k for k in ("format", "stage", "items", "bytes", "xxh3", "members") if k not in doc]
+    if lacking:
+        return f"lacks {lacking}"
+    if doc["format"] != MANIFEST_FORMAT or isinstance(doc["format"], bool):
+        return f"has format {doc['format']!r}, not {MANIFEST_FORMAT}"
+    if doc["stage"] != stage:
+        return f"names stage {doc['stage']!r}, not {stage!r}"
+    if doc["xxh3"] != shard_id:
+        return f"says xxh3 {doc['xxh3']!r}, not the shard's name"
+    counts = [doc["items"], doc["bytes"]]
+    if not isinstance(doc["members"], list):
+        return "has members that are not a list"
+    for m in doc["members"]:
+        if not isinstance(m, dict) or not {"name", "offset", "length", "xxh3"} <= m.keys():
+            return f"has a member that is not {{name, offset, length, xxh3}}: {str(m)[:80]}"
+        if not isinstance(m["name"], str) or not isinstance(m["xxh3"], str):
+            return f"has a member whose name or xxh3 is not text: {str(m)[:80]}"
+        counts += [m["offset"], m["length"]]
+    if not all(type(n) is int and n >= 0 for n in counts):
+        return "has an items, bytes, offset or length that is not a non-negative integer"
+    return None
+
+
 def _readable_by_all(fd: int) -> None:
     # mkstemp makes 0600 files; a store is often shared between users and machines.
     if os.name == "posix":

@@ -33,6 +33,7 @@ from .shards import (
     check_payload,
     check_stage,
     is_local,
+    manifest_problem,
     member_bytes,
     place_file,
     retry_io,
@@ -101,6 +102,7 @@ class Store:
         # What writers aim a shard at and chunk_size plans for; why 256 MiB: shards.py.
         self.shard_bytes = SHARD_BYTES
         self._stale: set[str] = set()  # stages to list again before the next lookup
+        self.odd_folders: set[str] = set()  # folders under shards/ or index/ that are not stages (see stages)
         # This Store's bad markers, one file per stage for its whole life (a run), rewritten whole.
         self._bad_name = f"{BAD_PREFIX}{secrets.token_hex(8)}.parquet"
         self._bad_rows: dict[str, list[tuple[str, str, str]]] = {}
@@ -130,10 +132,20 @@ class Store:
         return self._path("shards", check_stage(stage), f"{shard_id}.{ext}")
 
     def stages(self) -> list[str]:
-        """The stages this store holds shards or index fragments of."""
+        """The stages this store holds shards or index fragments of.
+
+        A folder whose name is not a stage name (README.md: letters, digits, `_`, `-`; e.g. a
+        `.ipynb_checkpoints` copied along) holds nothing of the store: it is skipped, with a
+        warning the first time, and listed in `odd_folders` for `verify`.
+        """
         names = set(list_names(self.fs, self._path("shards"), dirs_only=True))
         names |= set(list_names(self.fs, self._path("index"), dirs_only=True))
-        return sorted(names)
+        odd = {n for n in names if not n or not all(c.isalnum() or c in "_-" for c in n)}
+        for name in sorted(odd - self.odd_folders):
+            log.warning("store %s: folder %r under shards/ or index/ is not a stage name; ignored",
+                        self.url, name)
+        self.odd_folders |= odd
+        return sorted(names - odd)
 
     # -- index -----------------------------------------------------------------------------
 
@@ -275,11 +287,17 @@ class Store:
         return self.fs.open(self.shard_path(stage, shard_id), "rb")
 
     def read_manifest(self, stage: str, shard_id: str) -> dict:
-        """A shard's manifest; FileNotFoundError when absent, ValueError when not a JSON object.
-        Untrusted like the rest of a store: check `xxh3` against the shard id before use."""
-        doc = decode_json(self.fs.cat_file(self.shard_path(stage, shard_id, "json")))
-        if not isinstance(doc, dict):
-            raise ValueError(f"manifest of shard {shard_id} is a JSON {type(doc).__name__}, not an object")
+        """A shard's manifest; FileNotFoundError when absent, ValueError when it is not one as
+        README.md has it (untrusted like the rest of a store: not JSON, a key missing or of
+        another type, another shard's or stage's)."""
+        data = self.fs.cat_file(self.shard_path(stage, shard_id, "json"))
+        try:
+            doc = decode_json(data)
+        except RecursionError:  # JSON nested deeper than Python's stack: not a manifest either
+            raise ValueError(f"manifest of shard {shard_id} nests too deep to be one") from None
+        problem = manifest_problem(doc, stage, shard_id)
+        if problem:
+            raise ValueError(f"manifest of shard {shard_id} {problem}")
         return doc
 
     def _retrying(self, what: str, attempt):

@@ -83,9 +83,9 @@ def _copy_shard(src, dst, stage: str, shard_id: str, locs: list, log=None) -> tu
             return False, 0
         try:
             doc = src.read_manifest(stage, shard_id)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # lost, or not a manifest as README.md has it
             doc = None
-        if not doc or doc.get("xxh3") != shard_id:  # rebuild a lost manifest from the index rows
+        if not doc or doc["bytes"] != n:  # rebuild it from the index rows
             members = [{"name": f"{k}.{f}", "offset": o, "length": n_, "xxh3": x}
                        for k, f, _, o, n_, x in sorted({l[:6] for l in locs}, key=lambda r: r[3])]
             doc = manifest(stage, shard_id, n, members)

@@ -91,7 +91,7 @@ def survey(path: Path) -> list[Source]:
             raise UserError(f"{path} is neither a folder nor a manifest",
                             "pass a folder of images or tars, or a .jsonl/.csv/.parquet manifest")
         return [_manifest(path)]
-    from sdxlpipe.stages.ingest import looks_like_webdataset
+    from sdxlpipe.datasets.webdataset import looks_like_webdataset
 
     if looks_like_webdataset(path):
         return [_webdataset(path)]

@@ -10,6 +10,7 @@ unchanged tar reads its headers and captions but no image bytes.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,21 @@ from sdxlpipe.datasets.base import IMAGE_EXTENSIONS, Candidate, fallback_caption
 from sdxlpipe.datasets.open_image import tar_source
 from sdxlpipe.datasets.sidecars import caption_from_doc
 from sdxlpipe.errors import UserError
+
+
+def looks_like_webdataset(folder: Path) -> bool:
+    """img2dataset output (`00000.tar` + `00000.parquet` + `00000_stats.json`, or any tar shards):
+    tars at the top and no loose images beside them. Other files (parquet, json, logs) are ignored."""
+    has_tar = False
+    with os.scandir(folder) as entries:  # names only, no stat: a flat folder of a million images stops at once
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if entry.name.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                return False
+            has_tar = has_tar or suffix == ".tar"
+    return has_tar
 
 
 def list_tars(path: Path) -> list[Path]:

@@ -42,3 +42,9 @@ def open_engine(name: str, workers: int) -> Engine:
     from sdxlpipe.errors import UserError
 
     raise UserError(f"--engine {name!r} is not known", f"use one of: {', '.join(ENGINES)}")
+
+
+def run_engine(ctx, workers: int) -> Engine:
+    """The run's engine (`--engine`) with `workers` decode workers: one per run, kept in the stage context,
+    so models and worker pools live on between the encode stages."""
+    return ctx.keep(f"engine/{ctx.engine_name}/{workers}", lambda: open_engine(ctx.engine_name, workers))

@@ -1,4 +1,4 @@
-"""Per-component fingerprints of model weights (DESIGN §3), without importing torch.
+"""Per-component fingerprints of model weights, without importing torch.
 
 Each component (unet, vae, both text encoders, both tokenizers, scheduler)
 gets its own xxh3-128, so a new VAE invalidates latents and nothing else.

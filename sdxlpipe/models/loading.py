@@ -61,14 +61,7 @@ def load_unet_config(spec: str, *, allow_pickle: bool = False, base_dir: Path | 
     """The UNet's config alone (no weights): what module names such as kohya's SGM names derive from."""
     from diffusers import UNet2DConditionModel
 
-    model = _resolve(spec, base_dir, allow_pickle)
-    if model.kind == "file":
-        from sdxlpipe.models.single_file import config_source
-
-        model = config_source(model)
-    if model.kind == "tiny":
-        return dict(tiny.tiny_configs()["unet"])
-    return dict(_from_dir(UNet2DConditionModel.load_config, model, "unet"))
+    return dict(_component_config(spec, "unet", UNet2DConditionModel.load_config, base_dir, allow_pickle))
 
 
 def load_vae(
@@ -117,15 +110,7 @@ def _vae_from_file(file: ModelSpec, base_spec: str, base_dir: Path | None, allow
     # A whole original-layout checkpoint given as the VAE: take its first_stage_model.
     if any(k.startswith("first_stage_model.") for k in state):
         state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
-    base = _resolve(base_spec, base_dir, allow_pickle)
-    if base.kind == "file":
-        from sdxlpipe.models.single_file import config_source
-
-        base = config_source(base)
-    if base.kind == "tiny":
-        config = tiny.tiny_configs()["vae"]
-    else:
-        config = _from_dir(AutoencoderKL.load_config, base, "vae")
+    config = _component_config(base_spec, "vae", AutoencoderKL.load_config, base_dir, allow_pickle)
     if "encoder.down.0.block.0.conv1.weight" in state:  # original (SGM/LDM) layout
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -172,15 +157,7 @@ def load_noise_scheduler(spec: str, *, allow_pickle: bool = False, base_dir: Pat
     """A DDPMScheduler for training noise, with the model's schedule (SDXL's values)."""
     from diffusers import DDPMScheduler
 
-    model = _resolve(spec, base_dir, allow_pickle)
-    if model.kind == "file":
-        from sdxlpipe.models.single_file import config_source
-
-        model = config_source(model)
-    if model.kind == "tiny":
-        config = tiny.tiny_configs()["scheduler"]
-    else:
-        config = _from_dir(DDPMScheduler.load_config, model, "scheduler")
+    config = _component_config(spec, "scheduler", DDPMScheduler.load_config, base_dir, allow_pickle)
     # Sampler-only keys (e.g. Euler's interpolation_type) mean nothing to DDPM.
     accepted = DDPMScheduler.from_config({}).config.keys()
     return DDPMScheduler.from_config({k: v for k, v in dict(config).items() if k in accepted})
@@ -198,11 +175,7 @@ def load_pipeline(
     """A StableDiffusionXLPipeline (for validation images and export checks)."""
     from diffusers import StableDiffusionXLPipeline
 
-    model = _resolve(spec, base_dir, allow_pickle)
-    if model.kind == "file":
-        from sdxlpipe.models.single_file import config_source
-
-        model = config_source(model)
+    model = _configs_of(spec, base_dir, allow_pickle)
     if model.kind == "tiny":
         scheduler = tiny.build_tiny_component("scheduler")
     else:
@@ -217,6 +190,25 @@ def load_pipeline(
 
 def _resolve(spec: str, base_dir: Path | None, allow_pickle: bool) -> ModelSpec:
     return resolve_spec(spec, base_dir, allow_pickle)
+
+
+def _configs_of(spec: str, base_dir: Path | None, allow_pickle: bool) -> ModelSpec:
+    """Where a spec's component configs come from: the spec itself, or for a single file the folder (or
+    tiny) `single_file.config_source` finds."""
+    model = _resolve(spec, base_dir, allow_pickle)
+    if model.kind == "file":
+        from sdxlpipe.models.single_file import config_source
+
+        model = config_source(model)
+    return model
+
+
+def _component_config(spec: str, component: str, load_config, base_dir: Path | None, allow_pickle: bool):
+    """One component's config, no weights: tiny's, or `load_config` on the component's subfolder."""
+    model = _configs_of(spec, base_dir, allow_pickle)
+    if model.kind == "tiny":
+        return tiny.tiny_configs()[component]
+    return _from_dir(load_config, model, component)
 
 
 def _from_file(model: ModelSpec, name: str):

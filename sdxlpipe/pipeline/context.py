@@ -8,7 +8,7 @@ stage with nothing to compute never imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sdxlpipe.cache_format import Store
 from sdxlpipe.config import Config
@@ -38,7 +38,7 @@ class Models:
         self._fingerprints: dict[str, str] | None = None
 
     def fingerprints(self) -> dict[str, str]:
-        """xxh3 of each component's weights; needs no torch (DESIGN §3)."""
+        """xxh3 of each component's weights (models/fingerprints.py); needs no torch."""
         if self._fingerprints is None:
             from sdxlpipe.models.fingerprints import model_fingerprints
 
@@ -106,8 +106,6 @@ class Context:
     reporter: Reporter
     models: Models
     dry_run: bool = False
-    # Caption sidecar texts by file stat (ingest), so a rerun opens no caption file; None: read them.
-    sidecars: ContentMemo | None = None
     # (k, n): compute only items whose key falls in partition k of n.
     partition: tuple[int, int] | None = None
     stage: str = ""
@@ -118,21 +116,20 @@ class Context:
     outputs: dict[str, Any] = field(default_factory=dict)
     # Store items found damaged during this run, per stage (recomputed; reported in --json).
     damaged: dict[str, set[str]] = field(default_factory=dict)
-    _engines: dict[str, Any] = field(default_factory=dict)
+    # What stages keep for the whole run, by name (`keep`); each is closed when the run ends.
+    kept: dict[str, Any] = field(default_factory=dict)
 
-    def engine(self, workers: int):
-        """The run's encode engine (one per run: models and worker pools are kept between stages)."""
-        from sdxlpipe.engines import open_engine
-
-        key = f"{self.engine_name}/{workers}"
-        if key not in self._engines:
-            self._engines[key] = open_engine(self.engine_name, workers)
-        return self._engines[key]
+    def keep(self, name: str, make: Callable[[], Any]) -> Any:
+        """`make()` once per run for `name`, then the same object for later stages (the encode engines:
+        models and worker pools are kept between stages); its `close()` is called when the run ends."""
+        if name not in self.kept:
+            self.kept[name] = make()
+        return self.kept[name]
 
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
-        self._engines.clear()
+        for thing in self.kept.values():
+            thing.close()
+        self.kept.clear()
 
     @property
     def log(self):

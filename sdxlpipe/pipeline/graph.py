@@ -1,16 +1,13 @@
-"""The stage graph: the only place that knows the stages' order.
+"""The stage graph: `run STAGE` brings its upstream up to date first, the way `make` does.
 
-Stages never import each other; `run STAGE` brings its upstream up to date
-first, the way `make` does. Stage modules import no model library at top
-level, so loading the graph costs no torch import.
+The stages and their order come from the registry (`sdxlpipe.stages`). Stage
+modules import no model library at top level, so loading the graph costs no
+torch import.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
-STAGE_NAMES = ("ingest", "caption", "bucket", "vae_encode", "text_encode", "train", "export")
+from sdxlpipe.stages import STAGE_NAMES
 
 # What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
 # variants and the empty caption), vae_encode latents (flipped ones too), not images. Here, not in
@@ -19,10 +16,6 @@ ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", 
 
 # Targets that name more than one stage.
 ALIASES = {"all": "export", "encode": "text_encode"}
-
-
-def stage_module(name: str) -> ModuleType:
-    return importlib.import_module(f"sdxlpipe.stages.{name}")
 
 
 def stages_for(target: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Content hashes of source files, memoized by file stat (DESIGN §3).
+"""Content hashes of source files, memoized by file stat.
 
 The memo maps an absolute path to (size, mtime_ns, ctime_ns, inode) and the
 xxh3-128 of the bytes. A no-op rerun answers every file from `os.stat` and

@@ -1,7 +1,7 @@
 """Item keys: xxh3-128 of the canonical JSON of everything that shapes an item.
 
 A key document never holds a path, a timestamp, a learning rate that does not
-shape the item, or an output directory (DESIGN §3). The document itself is
+shape the item, or an output directory. The document itself is
 kept beside the key where a stage wants `status` to explain a change.
 """
 

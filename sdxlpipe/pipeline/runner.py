@@ -16,7 +16,8 @@ import pyarrow as pa
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.config import Config
 from sdxlpipe.pipeline.context import Context, Models, StageStats
-from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module, stages_for
+from sdxlpipe.pipeline.graph import stages_for
+from sdxlpipe.stages import STAGE_NAMES, stage_module
 from sdxlpipe.pipeline.hashing import ContentMemo
 from sdxlpipe.pipeline.noop import forget as forget_noop_record
 from sdxlpipe.pipeline.progress import Reporter
@@ -57,13 +58,10 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
     if not dry_run:
         forget_noop_record(workspace.root)  # this run may write: the last run's no-op record no longer holds
     memo = ContentMemo(workspace.memo_path)
-    from sdxlpipe.datasets.sidecars import read_sidecar
-
-    sidecars = ContentMemo(workspace.sidecar_memo_path, compute=read_sidecar, column="text")
     ctx = Context(
         config=config, store=open_store(config.store_url, create=not dry_run, missing_ok=dry_run), workspace=workspace, memo=memo,
         reporter=reporter or Reporter(enabled=False), models=Models(config, memo),
-        dry_run=dry_run, partition=partition, engine_name=engine, sidecars=sidecars,
+        dry_run=dry_run, partition=partition, engine_name=engine,
     )
     names = stages_for(target)
     inputs: dict[str, pa.Table] = {}

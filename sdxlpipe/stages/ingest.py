@@ -82,6 +82,7 @@ def source_kind(s: Source) -> str:
     if s.kind != "auto":
         return s.kind
     from sdxlpipe.datasets.manifest import MANIFEST_EXTENSIONS
+    from sdxlpipe.datasets.webdataset import looks_like_webdataset
 
     path = Path(s.path)
     if path.suffix.lower() in MANIFEST_EXTENSIONS:
@@ -91,25 +92,6 @@ def source_kind(s: Source) -> str:
     if path.is_dir() and looks_like_webdataset(path):
         return "webdataset"
     return "folder"
-
-
-def looks_like_webdataset(folder: Path) -> bool:
-    """img2dataset output (`00000.tar` + `00000.parquet` + `00000_stats.json`, or any tar shards):
-    tars at the top and no loose images beside them. Other files (parquet, json, logs) are ignored."""
-    import os
-
-    from sdxlpipe.datasets.base import IMAGE_EXTENSIONS
-
-    has_tar = False
-    with os.scandir(folder) as entries:  # names only, no stat: a flat folder of a million images stops at once
-        for entry in entries:
-            suffix = os.path.splitext(entry.name)[1].lower()
-            if entry.name.startswith("."):
-                continue
-            if suffix in IMAGE_EXTENSIONS:
-                return False
-            has_tar = has_tar or suffix == ".tar"
-    return has_tar
 
 
 SCHEMA = pa.schema([
@@ -151,6 +133,8 @@ def candidates(source: Source, tar_hash, read_sidecar=None) -> Iterator[tuple[ob
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     from sdxlpipe.datasets.open_image import ImageInfo, probe_image, read_source_bytes
+    from sdxlpipe.datasets.sidecars import read_sidecar
+    from sdxlpipe.pipeline.hashing import ContentMemo
     from sdxlpipe.pipeline.keys import xxh3_hex
 
     previous = ctx.previous_table("ingest")
@@ -160,6 +144,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
     seen: dict[str, str] = {}
     read_bytes = 0
+    # Caption sidecar texts by file stat, so a rerun opens no caption file.
+    sidecars = ContentMemo(ctx.workspace.sidecar_memo_path, compute=read_sidecar, column="text")
 
     def reject(c, digest, reason, container_hash):
         ctx.reject(c.display, reason)
@@ -170,7 +156,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     with ctx.reporter.track("ingest", None) as advance:
         for source in params.sources:
             listed = 0
-            for c, container_hash in candidates(source, ctx.memo.hash_file, ctx.sidecars and ctx.sidecars.get):
+            for c, container_hash in candidates(source, ctx.memo.hash_file, sidecars.get):
                 listed += 1
                 if listed % PROGRESS_EVERY == 0:
                     advance(PROGRESS_EVERY)
@@ -225,8 +211,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                              "to take repeats and class tokens from their names", source.path)
     if not ctx.dry_run:  # `status` writes nothing, not even the hash memo
         ctx.memo.save()
-        if ctx.sidecars is not None:
-            ctx.sidecars.save()
+        sidecars.save()
     ctx.log.debug("ingest probed %d image(s)", read_bytes)
     rejected_table = pa.table(rejected, schema=REJECTED_SCHEMA)
     # An equal table is not rewritten: a no-op run writes nothing (decision 35).

@@ -100,7 +100,9 @@ def _chunks(texts: list[str], key_of: dict[str, str], total: int, params: Params
 
 
 def _encode(texts: list[str], key_of: dict[str, str], params: Params, ctx) -> None:
-    engine = ctx.engine(0)
+    from sdxlpipe.engines import run_engine
+
+    engine = run_engine(ctx, 0)
     chunks = _chunks(texts, key_of, len(key_of), params, ctx.store)
     make_worker = functools.partial(TextWorker, ctx.models.loader("text", portable=engine.name != "local"),
                                     params.max_token_length, params.clip_skip)

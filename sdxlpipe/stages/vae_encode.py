@@ -184,9 +184,10 @@ def _chunks(jobs: list[dict], rows, keys, params: Params, store) -> list[list[di
 
 def _encode(chunks: list[list[dict]], params: Params, ctx) -> set[str]:
     """Encode and store the chunks, one shard each; return the keys that failed."""
+    from sdxlpipe.engines import run_engine
     from sdxlpipe.engines.images import load_job
 
-    engine = ctx.engine(params.workers)
+    engine = run_engine(ctx, params.workers)
     failed: set[str] = set()
     total = sum(bool(j["key"]) + bool(j["flip_key"]) for c in chunks for j in c)
     group = "vae:" + ctx.models.fingerprints()["vae"]  # `store du` counts bytes per VAE

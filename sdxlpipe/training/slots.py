@@ -117,7 +117,7 @@ class Slots:
     def batch(self, first_latent: str) -> dict:
         meta = self.meta[first_latent]
         mask = None
-        if self.masks:  # fp32, as `assemble` makes it: a stored mask where there is one, else ones
+        if self.masks:  # fp32: a stored mask where there is one, else ones
             mean = self.tensors["mean"]
             mask = torch.ones((self.size, 1, *mean.shape[2:]), dtype=torch.float32, pin_memory=self.pin_memory)
             for pos, m in self.mask_of.items():

@@ -42,7 +42,7 @@ LATENTS, TEXTS = "vae_encode", "text_encode"
 # The store field each stage writes its payload to (stages/vae_encode.py, text_encode.py FIELD): naming
 # it lets `Store.locate` answer a batch's keys with one vectorised lookup.
 FIELDS = {LATENTS: "latent.safetensors", TEXTS: "text.safetensors"}
-# The table columns `batches.pick` and `batches.assemble` read.
+# The table columns `batches.pick` and `batches.conditioning` read.
 ROW_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "caption",
                "caption_variants", "is_reg", "width", "height", "resize_w", "crop_top", "crop_left",
                "bucket_w", "bucket_h")

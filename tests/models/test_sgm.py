@@ -7,23 +7,7 @@ import pytest
 import torch
 
 from sdxlpipe.models.sgm import sgm_unet_name
-
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the layout)
-SDXL_UNET = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
-    layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
-    sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
-)
-
-
-def sdxl_unet_on_meta():
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(SDXL_UNET)
+from tests.models.sdxl_unet import SDXL_UNET, sdxl_unet_on_meta
 
 
 def to_sgm_and_back(unet) -> tuple[dict, dict]:

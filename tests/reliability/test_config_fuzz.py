@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdxlpipe.pipeline.graph import STAGE_NAMES, stage_module
+from sdxlpipe.stages import STAGE_NAMES, stage_module
 from tests.datasets.files import image_bytes, write
 
 # Range checks the stages make (`check`), as (table, key, a strategy of refused values).

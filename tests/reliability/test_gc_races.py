@@ -87,3 +87,51 @@ def test_gc_still_removes_old_temp_files_and_unreferenced_shards(tmp_path, paylo
 
     assert len(removed) == 3 and not stray.exists()
     assert list(Path(root, "shards", "vae").iterdir()) == []
+
+
+def _unindexed_old_shard(root: str, payloads: dict) -> tuple[Path, bytes]:
+    """A store whose one shard is old and no fragment references: gc's first look deletes it.
+    Returns the shard and the fragment bytes that referenced it."""
+    _write(root, payloads)
+    (fragment,) = Path(root, "index", "vae").glob("*.parquet")
+    rows = fragment.read_bytes()
+    fragment.unlink()
+    for old in Path(root, "shards", "vae").iterdir():
+        os.utime(old, (TWO_HOURS_AGO, TWO_HOURS_AGO))
+    (shard,) = Path(root, "shards", "vae").glob("*.tar")
+    return shard, rows
+
+
+def test_a_shard_placed_again_but_not_yet_indexed_while_gc_runs_is_kept(tmp_path, payloads):
+    """Only the age check before the delete protects it: no fragment names it yet."""
+    root = str(tmp_path / "store")
+    shard, _ = _unindexed_old_shard(root, payloads)
+    data = shard.read_bytes()
+
+    def place_again():  # a writer's step 2 (the same items again): temp file, rename; its fragment comes later
+        part = Path(root, "tmp", "shard-again.tar.part")
+        part.write_bytes(data)
+        os.replace(part, shard)
+
+    store = open_store(root)
+    store.fs = _CommitsDuringGC(place_again)
+    removed = store.gc(grace_seconds=3600)
+
+    assert shard.exists() and shard.read_bytes() == data
+    assert str(shard) not in removed
+
+
+def test_an_old_shard_indexed_while_gc_runs_is_kept(tmp_path, payloads):
+    """Only the reference check before the delete protects it: the shard's own time still says old
+    (as on a store whose clock runs behind gc's)."""
+    root = str(tmp_path / "store")
+    shard, rows = _unindexed_old_shard(root, payloads)
+    fragment = Path(root, "index", "vae", "committed-meanwhile.parquet")
+
+    store = open_store(root)
+    store.fs = _CommitsDuringGC(lambda: fragment.write_bytes(rows))
+    removed = store.gc(grace_seconds=3600)
+
+    assert shard.exists() and str(shard) not in removed
+    reader = open_store(root)
+    assert dict(reader.read_many("vae", payloads, FIELD)) == payloads

@@ -1,7 +1,7 @@
 """A training workspace built by hand: random cached latents and text embeddings in a real store.
 
 The train stage reads only the store and the table, so these tests do not
-depend on the encode stages; the table has every column of DESIGN §2 the
+depend on the encode stages; the table has every column the
 train stage reads (flip keys, caption variants, the empty caption, masks,
 regularisation rows) when asked for.
 """

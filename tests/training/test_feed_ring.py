@@ -7,7 +7,8 @@ import pyarrow as pa
 import torch
 
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import as_float, assemble, load_cached
+from sdxlpipe.training.batches import as_float
+from tests.training.reference_batches import assemble, load_cached
 from sdxlpipe.training.data import BatchPlan
 from sdxlpipe.training.feed import open_feed
 from tests.training.conftest import build_samples, make_context, params, run_train

@@ -27,7 +27,8 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.cache_format.shard_cache import ShardCache
 from sdxlpipe.pipeline.keys import xxh3_hex
 from sdxlpipe.training import stream
-from sdxlpipe.training.batches import as_float, assemble, decode_latent, decode_text, load_cached, pick
+from sdxlpipe.training.batches import as_float, pick
+from tests.training.reference_batches import assemble, decode_latent, decode_text, load_cached
 from sdxlpipe.training.data import BatchPlan
 from sdxlpipe.training.feed import open_feed
 from tests.training.conftest import build_samples, make_context, params, run_train
@@ -64,6 +65,22 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def tensor_byte(store, stage: str, loc) -> int:
+    """The offset in its shard of the last byte of an item's tensor data: flipped, the payload still
+    parses (only the checksum can tell), unlike a byte of its safetensors header."""
+    payload = store.read(stage, loc.item_key)
+    header_end = 8 + int.from_bytes(payload[:8], "little")
+    assert header_end < loc.length - 1
+    return loc.offset + loc.length - 1
+
+
+def header_byte(store, stage: str, loc) -> int:
+    """The offset in its shard of a byte inside an item's safetensors JSON header."""
+    payload = store.read(stage, loc.item_key)
+    assert 8 < 100 < 8 + int.from_bytes(payload[:8], "little")
+    return loc.offset + 100
 
 
 @pytest.mark.parametrize("text_encoder", [False, True], ids=["cached-text", "train-text-encoder"])
@@ -104,7 +121,8 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     victim = ctx.store.locate("text_encode", [key])[0]  # the copy read first
     plan = plan_of(table, p)
     source = stream.open_source(table, ctx.store, p, plan)  # batches are located ahead: at the first copy
-    flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
+    flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar",
+              tensor_byte(ctx.store, "text_encode", victim))
     rows = table.to_pylist()
     with open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
         for index in feed.indices:
@@ -118,7 +136,7 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     assert fresh.damaged("text_encode", [key]) == []  # and the item is still present
 
 
-@pytest.mark.parametrize("damage", ["checksum", "vanished shard"])
+@pytest.mark.parametrize("damage", ["header byte", "tensor byte", "vanished shard"])
 def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tmp_path, damage):
     ctx = make_context(tmp_path / "ws")
     table = build_samples(ctx, 6, shard_bytes=SHARD_BYTES)
@@ -127,10 +145,10 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     victim = ctx.store.locate("text_encode", [key])[0]
     source = stream.open_source(table, ctx.store, p, plan_of(table, p))
     tar = Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar"
-    if damage == "checksum":
-        flip_byte(tar, victim.offset + 100)
-    else:
+    if damage == "vanished shard":
         tar.unlink()
+    else:
+        flip_byte(tar, (header_byte if damage == "header byte" else tensor_byte)(ctx.store, "text_encode", victim))
     with pytest.raises(CacheDamaged) as e:
         with open_feed(source, p, start_step=0, max_steps=6, world=1, rank=0, device="cpu") as feed:
             for index in feed.indices:
@@ -138,7 +156,7 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     assert e.value.items == {"text_encode": [key]}
     message = str(e.value)
     assert key in message and victim.shard_id in message
-    assert ("checksum mismatch" if damage == "checksum" else "shard file missing") in message
+    assert ("shard file missing" if damage == "vanished shard" else "checksum mismatch") in message
     assert "sdxlpipe run encode" in message
     # Marked in the store: the next run's encode recomputes it.
     assert open_store(ctx.store.root).damaged("text_encode", [key]) == [key]
@@ -205,7 +223,8 @@ def test_damage_found_mid_run_stops_it_after_a_checkpoint_and_the_rewritten_item
     assert index > 0
     victim = ctx.store.locate("vae_encode", [key])[0]
     payload = ctx.store.read("vae_encode", key)
-    flip_byte(Path(ctx.store.root) / "shards" / "vae_encode" / f"{victim.shard_id}.tar", victim.offset + 100)
+    flip_byte(Path(ctx.store.root) / "shards" / "vae_encode" / f"{victim.shard_id}.tar",
+              tensor_byte(ctx.store, "vae_encode", victim))
     with pytest.raises(CacheDamaged) as e:
         run_train(ctx, table, p)
     assert e.value.items == {"vae_encode": [key]}

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from sdxlpipe.models.tiny import build_tiny_component, save_tiny
 from sdxlpipe.training import losses, networks, validation
+from tests.models import sdxl_unet
 from tests.training.conftest import build_samples, make_context, params, run_train
 
 
@@ -142,12 +143,7 @@ def test_lora_init_is_kaiming_uniform_with_a_zero_b_as_kohya_and_peft():
 
 @pytest.fixture(scope="module")
 def sdxl_unet_on_meta():
-    from diffusers import UNet2DConditionModel
-
-    from sdxlpipe.models.sdxl_config import SDXL_UNET
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(SDXL_UNET)
+    return sdxl_unet.sdxl_unet_on_meta()
 
 
 @pytest.mark.parametrize("preset, modules, size", [("kohya", 722, 42_557_440), ("attention", 560, 23_224_320)])

@@ -73,6 +73,41 @@ def test_block_dims_give_each_block_its_rank_and_zero_leaves_it_out():
     assert all(k.startswith(("down_blocks.1.attentions.0.", "up_blocks.0.attentions.1.")) for k in ranks)
 
 
+def test_each_module_trains_at_its_own_blocks_alpha_over_rank():
+    """Per-block alphas (and the convolutions' own) act in the forward pass the training runs,
+    not only in what export writes: each adapted module adds alpha_b / rank_b * B(A(x))."""
+    unet = build_tiny_component("unet").requires_grad_(False)
+    dims = [2 + b % 3 for b in range(23)]  # ranks 2-4 and alphas that differ in every block
+    alphas = [0.5 + b for b in range(23)]
+    p = params(block_dims=tuple(dims), block_alphas=tuple(alphas), alpha=8.0,
+               conv_rank=4, conv_alpha=1.0, conv_block_dims=tuple(dims[::-1]), conv_block_alphas=tuple(alphas[::-1]))
+    networks.attach(unet, p)
+    unet.eval()
+    layers = unet.config.layers_per_block
+    g = torch.Generator().manual_seed(0)
+    seen = {"linear": set(), "conv": set()}
+    for name, module in unet.named_modules():
+        if networks.ADAPTER not in getattr(module, "lora_A", {}):
+            continue
+        down, up = module.lora_A[networks.ADAPTER], module.lora_B[networks.ADAPTER]
+        with torch.no_grad():
+            up.weight.copy_(torch.randn(up.weight.shape, generator=g))  # B starts at zero: no delta to see
+        b = networks.block_index(name, layers)
+        if isinstance(module.base_layer, torch.nn.Conv2d):
+            kind, rank, alpha = "conv", dims[::-1][b], alphas[::-1][b]
+            x = torch.randn(1, module.base_layer.in_channels, 8, 8, generator=g)
+        else:
+            kind, rank, alpha = "linear", dims[b], alphas[b]
+            x = torch.randn(3, module.base_layer.in_features, generator=g)
+        assert down.weight.shape[0] == rank, name
+        with torch.no_grad():
+            delta = module(x) - module.base_layer(x)
+            want = alpha / rank * up(down(x))
+        assert torch.allclose(delta, want, rtol=1e-4, atol=1e-5), (name, alpha, rank)
+        seen[kind].add(b)
+    assert len(seen["linear"]) > 3 and len(seen["conv"]) > 3, seen  # many blocks, so many alphas, checked
+
+
 def test_block_lrs_and_lora_plus_set_each_groups_rate():
     unet = build_tiny_component("unet").requires_grad_(False)
     lrs = [1e-4] * 23

@@ -1,5 +1,8 @@
 """A run killed with SIGKILL resumes and ends exactly where an unbroken run ends.
 
+The slow test kills a real process; the fast one resumes in-process from a checkpoint of an
+unbroken run (its later checkpoints removed) with the LR schedule, EMA and dropout on.
+
 Exactness covers the optimizer, the LR schedule, EMA, gradient accumulation
 and clipping, LoRA dropout (the global RNG), and every seeded per-sample
 choice: flips, caption variants, caption dropout, regularisation draws.
@@ -8,6 +11,7 @@ choice: flips, caption variants, caption dropout, regularisation draws.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from tests.training.conftest import SMALL, build_samples, make_context
+from tests.training.conftest import SMALL, build_samples, make_context, params, run_train
 
 SETTINGS = {
     **SMALL, "max_steps": 8, "save_every_steps": 2, "conv_rank": 4, "dropout": 0.1,
@@ -83,6 +87,34 @@ def test_sigkilled_run_resumes_to_the_same_weights_ema_and_loss_curve(tmp_path):
 
     (wa, ea, la), (wb, eb, lb) = final(tmp_path / "whole", 8), final(broken_root, 8)
     assert la == lb and len(la) == 8
+    assert wa.keys() == wb.keys() and ea.keys() == eb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert any(not torch.equal(wa[k], ea[k]) for k in wa), "EMA weights should differ from the raw weights"
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_bit_equal_with_lr_schedule_ema_and_dropout(tmp_path):
+    """The fast, in-process version: the unbroken run's later checkpoints and done marker are removed,
+    as if it had stopped after step 2, and the run again ends with the same weights, EMA and losses.
+
+    Each setting below only resumes exactly if its state does: the LR schedule (restarts and warmup
+    straddle step 2), EMA, and LoRA dropout (the global RNG, seeded per micro-batch).
+    """
+    ctx = make_context(tmp_path / "ws")
+    table = build_samples(ctx, 4)
+    p = params(max_steps=4, save_every_steps=2, max_checkpoints=2, dropout=0.2, ema_decay=0.8,
+               lr_scheduler="cosine_with_restarts", lr_cycles=2, lr_warmup=0.25, learning_rate=1e-2,
+               gradient_accumulation_steps=2, conv_rank=4)
+    done = run_train(ctx, table, p)
+    run_dir = Path(done["outputs"]["checkpoint"]).parent.parent
+    unbroken = final(ctx.workspace.root.parent, 4)
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+    (run_dir / "done.json").unlink()
+
+    run_train(ctx, table, p)
+
+    (wa, ea, la), (wb, eb, lb) = unbroken, final(ctx.workspace.root.parent, 4)
+    assert la == lb and len(la) == 4
     assert wa.keys() == wb.keys() and ea.keys() == eb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)

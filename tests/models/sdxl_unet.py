@@ -1,9 +1,9 @@
 """SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/,
 text_encoder_2/ config.json), torch-free.
 
-For what needs the real architecture but not its weights: parameter and
-LoRA counts on the meta device, bench/train_memory.py's random-weight UNet
-and bench/gpu.py's random-weight SDXL stack.
+For what needs the real architecture but not its weights: tests on the meta
+device (SGM names, LoRA counts), bench/train_memory.py's made-up-weight UNet and
+bench/gpu.py's random-weight SDXL stack (UNet, VAE, both text encoders).
 """
 
 from __future__ import annotations
@@ -81,3 +81,12 @@ SDXL_TEXT_ENCODER_2 = {
     "num_hidden_layers": 32,
     "projection_dim": 1280,
 }
+
+
+def sdxl_unet_on_meta():
+    """SDXL base's UNet on the meta device: its real layout, no memory, no weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(SDXL_UNET)
