@@ -107,6 +107,7 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
     import torch
 
     from sdxlpipe.cache_format import open_store
+    from sdxlpipe.stages import load_stages
     from sdxlpipe.stages.train import Params
     from sdxlpipe.training import stream
     from sdxlpipe.training.batches import as_float
@@ -119,7 +120,7 @@ def child_loader(root: Path, batches: int, url: str | None, cache: str | None, w
     store = open_store(url or str(root / "store"), create=False)
     p = dataclasses.replace(Params(), batch_size=4, loader_workers=workers, shard_cache_dir=cache or "")
     plan = BatchPlan([(1024, 1024)] * table.num_rows, [1] * table.num_rows, 4, 0)
-    source = stream.open_source(table, store, p, plan)
+    source = stream.open_source(table, store, p, plan, stages=load_stages())
     with open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
         first = None
         for index in feed.indices:

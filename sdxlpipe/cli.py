@@ -74,14 +74,14 @@ def run(
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline import noop
     from sdxlpipe.pipeline.graph import stages_for
-    from sdxlpipe.stages import STAGE_NAMES
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.pipeline.runner import run_pipeline
+    from sdxlpipe.stages import STAGE_NAMES, load_stages
 
     console = stderr_console()
     setup(console, quiet=quiet, verbose=verbose)
     try:
-        stages_for(target)
+        chosen = stages_for(target, load_stages())
     except KeyError:
         import difflib
 
@@ -89,7 +89,7 @@ def run(
         raise UserError(f"unknown stage {target!r}" + (f"; did you mean {close[0]}?" if close else ""),
                         f"use all, encode or one of: {', '.join(STAGE_NAMES)}")
     partition = _parse_shards(shards)
-    if partition is not None and "train" in stages_for(target):
+    if partition is not None and "train" in chosen:
         raise UserError(f"--shards splits the encode stages only, not `run {target}`",
                         "run `sdxlpipe run encode --shards K/N` on each machine, then `sdxlpipe run all` on one")
     cfg = load_config(config, set_)
@@ -117,8 +117,6 @@ def _single_process() -> bool:
 
 def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -> None:
     """The run's results on stdout; exit 1 for a failed stage or, with --strict, a rejected file."""
-    from sdxlpipe.pipeline.graph import ITEM_NAMES
-
     # Duplicates are listed for a person to see, but they lose no sample: not an error.
     failed_strict = strict and any("duplicate_of" not in r for r in report["rejected"])
     failed = report["failed_stages"]
@@ -126,7 +124,7 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
         print(json.dumps(report, indent=2))
     else:
         for name, s in report["stages"].items():
-            print(f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['computed']:>7} computed  {s['reused']:>7} reused"
+            print(f"{name:12} {s['items']:>7} {s['units']:8} {s['computed']:>7} computed  {s['reused']:>7} reused"
                   + (f"  {s['failed']} failed" if s["failed"] else "") + f"  {s['seconds']:.1f}s"
                   + (f"  ({'; '.join(s['reasons'])})" if name in failed and s["reasons"] else ""))
         for r in report["rejected"]:

@@ -15,10 +15,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import ModuleType
+from typing import Any, Literal, Sequence
 
 from sdxlpipe.errors import ConfigError, UserError
-from sdxlpipe.stages import STAGE_NAMES, stage_module
+from sdxlpipe.stages import STAGES, load_stages
 
 DEFAULT_CONFIG = "sdxlpipe.toml"
 # `.sdxlpipe/` beside the config: local to one checkout, never shared.
@@ -36,6 +37,8 @@ class Config:
     store_url: str
     workspace: Path
     params: dict[str, Any] = field(repr=False)
+    # The stages this config runs, name -> module, in pipeline order (sdxlpipe/stages/__init__.py).
+    stages: dict[str, ModuleType] = field(repr=False)
 
     def to_record(self) -> dict[str, Any]:
         """The resolved config as plain JSON, for run records and checkpoints."""
@@ -47,11 +50,15 @@ class Config:
 
 
 # Top-level keys outside the stage tables. `sources` belongs to ingest.
-_TOP = {"model", "vae", "allow_pickle", "device", "store", "sources", *STAGE_NAMES}
+_TOP = {"model", "vae", "allow_pickle", "device", "store", "sources"}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None, stages: Sequence[str] = STAGES) -> Config:
+    """The config at `path` with `--set` overrides, validated against the Params of `stages` (module names, in
+    pipeline order: sdxlpipe's own unless a program runs another list)."""
     path = Path(path)
+    modules = load_stages(stages)
+    top = _TOP | set(modules)
     if not path.exists():
         raise UserError(
             f"config file not found: {path}",
@@ -74,8 +81,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     base = path.parent.absolute()
 
     for key in raw:
-        if key not in _TOP:
-            problems.append((key, unknown_key(key, _TOP)))
+        if key not in top:
+            problems.append((key, unknown_key(key, top)))
 
     model = raw.get("model", "tiny")
     if not isinstance(model, str) or not model:
@@ -106,14 +113,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             store_url = _resolve_url(str(store["url"]), base)
 
     params: dict[str, Any] = {}
-    for name in STAGE_NAMES:
+    for name, module in modules.items():
         table = raw.get(name, {})
         if name == "ingest" and "sources" in raw:
             table = {**table, "sources": raw["sources"]}
         if not isinstance(table, dict):
             problems.append((name, f"must be a table: [{name}]"))
             table = {}
-        module = stage_module(name)
         params[name] = _build(module.Params, table, name, base, problems)
         if params[name] is not None and hasattr(module, "check"):
             problems.extend(module.check(params[name]))
@@ -123,7 +129,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return Config(
         path=path.absolute(), base_dir=base, model=_resolve_model(model, base), vae=vae and _resolve_model(vae, base),
         allow_pickle=allow_pickle, device=device, store_url=store_url,
-        workspace=base / WORKSPACE_DIR, params=params,
+        workspace=base / WORKSPACE_DIR, params=params, stages=modules,
     )
 
 
@@ -261,3 +267,18 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         return [_to_plain(x) for x in obj]
     return obj
+
+
+def path_settings(params: Any) -> list[tuple[str, dict]]:
+    """Every path setting's value in a stage's Params (nested tables and lists too), with its field's
+    metadata, in field order; unset ones ("" or None) left out."""
+    found: list[tuple[str, dict]] = []
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.metadata.get("path"):
+            if value:
+                found.append((value, dict(f.metadata)))
+        for item in value if isinstance(value, tuple) else (value,):
+            if dataclasses.is_dataclass(item):
+                found += path_settings(item)
+    return found

@@ -48,3 +48,15 @@ def test_missing_config_names_the_file_and_the_fix(tmp_path):
     proc = cli("run", "all", "-c", str(tmp_path / "nope.toml"), check=False)
     assert proc.returncode == 2
     assert "nope.toml" in proc.stderr and "sdxlpipe init" in proc.stderr
+
+
+def test_weights_on_some_sources_only_are_refused_by_name(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    cfg = tmp_path / "sdxlpipe.toml"
+    cfg.write_text('[[sources]]\npath = "a"\nweight = 2.0\n[[sources]]\npath = "b"\nmax_samples = -1\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    text = str(e.value)
+    assert "sources[1].weight" in text and "every [[sources]] entry or on none" in text
+    assert "sources[1].max_samples" in text

@@ -1,26 +1,29 @@
 """The stage graph: `run STAGE` brings its upstream up to date first, the way `make` does.
 
-The stages and their order come from the registry (`sdxlpipe.stages`). Stage
-modules import no model library at top level, so loading the graph costs no
-torch import.
+The stages and their order are the config's (`Config.stages`, from the
+registry in `sdxlpipe/stages/__init__.py`). Stage modules import no model
+library at top level, so loading the graph costs no torch import.
 """
 
 from __future__ import annotations
 
-from sdxlpipe.stages import STAGE_NAMES
+from types import ModuleType
 
-# What a stage's `items` are, for people: text_encode counts distinct texts (captions, their
-# variants and the empty caption), vae_encode latents (flipped ones too), not images. Here, not in
-# progress.py, so the no-op fast path prints a report without importing rich.progress.
-ITEM_NAMES = {"vae_encode": "latents", "text_encode": "texts", "train": "runs", "export": "exports"}
+from sdxlpipe.stages import declared
 
-# Targets that name more than one stage.
-ALIASES = {"all": "export", "encode": "text_encode"}
+# Targets that name more than one stage: `all`, every stage; `encode`, every stage up to the last
+# one with store items (the encodings training reads).
+ALIASES = ("all", "encode")
 
 
-def stages_for(target: str) -> list[str]:
-    """Every stage up to and including `target`, in order."""
-    last = ALIASES.get(target, target)
-    if last not in STAGE_NAMES:
+def stages_for(target: str, stages: dict[str, ModuleType]) -> list[str]:
+    """Every stage up to and including `target`, in order; KeyError for a target that is not one."""
+    names = list(stages)
+    if target == "all":
+        return names
+    if target == "encode":
+        stored = [i for i, module in enumerate(stages.values()) if declared(module, "STORE_COLUMNS")]
+        return names[: stored[-1] + 1] if stored else []
+    if target not in names:
         raise KeyError(target)
-    return list(STAGE_NAMES[: STAGE_NAMES.index(last) + 1])
+    return names[: names.index(target) + 1]

@@ -97,3 +97,14 @@ def partition_of(key: str, count: int) -> int:
     Keys are uniform hex, so the top 64 bits split evenly.
     """
     return int(key[:16], 16) % count
+
+
+def keys_in_columns(table, columns: Sequence[str]) -> list[str]:
+    """Every store key the table's `columns` name (list columns flattened, nulls and "" left out), each
+    once, in order: the items of a stage's STORE_COLUMNS a run relies on. Absent columns name none."""
+    found: dict[str, None] = {}
+    for column in columns:
+        if column in table.column_names:
+            for value in table.column(column).to_pylist():
+                found.update(dict.fromkeys(v for v in (value if isinstance(value, list) else [value]) if v))
+    return list(found)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the record's layout or what it covers changes: an old record is then ignored.
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the report's stages say what their items are (`units`)
 # Hidden (a dot name) so the workspace walk never sees it, and ingest never lists it.
 RECORD_NAME = ".noop.json"
 # git's racy rule, with room for coarse clocks (FAT, some network file systems: 2 s): a file
@@ -66,7 +66,8 @@ def answer(config_path: Path, overrides: list[str] | None) -> dict[str, Any] | N
 def as_status(report: dict[str, Any]) -> dict[str, Any]:
     """The `status` answer a no-op report stands for (the shape `pipeline.status.status` returns)."""
     # A record is written only after a complete run that failed nothing, so nothing "cannot run".
-    stages = {name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": 0, "cannot_run": 0, "reasons": []}
+    stages = {name: {"items": s["items"], "units": s["units"], "up_to_date": s["reused"], "to_compute": 0,
+                     "cannot_run": 0, "reasons": []}
               for name, s in report["stages"].items()}
     return {"stages": stages, "rejected": report["rejected"], "up_to_date": True}
 
@@ -80,24 +81,31 @@ def forget(workspace: Path) -> None:
 
 
 def watch_inputs(config) -> list[list] | None:
-    """What a run of `config` reads, as walk entries; None when the fast path cannot cover it."""
-    import sdxlpipe
-    from sdxlpipe.stages.ingest import source_kind
+    """What a run of `config` reads, as walk entries; None when the fast path cannot cover it.
 
-    watch: list[list] = [["tree", str(Path(sdxlpipe.__file__).parent), False]]
+    Each stage's path settings (Params fields marked `path`) are watched, whatever the stage: a file by its
+    stat, a folder by its tree (`follow_links`: through links). One marked `written` is an output.
+    """
+    import sdxlpipe
+    from sdxlpipe.config import path_settings
+    from sdxlpipe.stages import declared
+
+    code = Path(sdxlpipe.__file__).parent
+    watch: list[list] = [["tree", str(code), False]]
     # Installed packages by name (an upgrade renames its dist-info): the tiny model's weights
     # depend on torch's and diffusers' versions, and code paths on every library's.
     watch += [["list", p] for p in sorted({p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)})]
-    for source in config.params["ingest"].sources:
-        kind = source_kind(source)
-        if kind == "manifest":
+    # A stage module from outside sdxlpipe (a program's own stage): its code is an input too.
+    watch += [["file", m.__file__] for m in config.stages.values() if not Path(m.__file__).is_relative_to(code)]
+    for name, module in config.stages.items():
+        params = config.params[name]
+        unlisted = declared(module, "reads_unlisted_files")
+        if unlisted is not None and unlisted(params):
             return None
-        watch.append(["tree" if Path(source.path).is_dir() else "file", str(Path(source.path).absolute()), False])
-    captioner = config.params["caption"].captioner.model
-    if captioner:  # a local model directory: its captions are store items keyed by its files
-        watch.append(["tree", str(Path(captioner).absolute()), True])
-    if config.params["train"].network_weights:
-        watch.append(["file", str(Path(config.params["train"].network_weights).absolute())])
+        for value, meta in path_settings(params):
+            if not meta.get("written"):
+                path = Path(value).absolute()
+                watch.append(["tree" if path.is_dir() else "file", str(path), bool(meta.get("follow_links"))])
     for spec in (config.model, config.vae):
         if spec:
             entries = _model_entries(spec, config)
@@ -108,14 +116,17 @@ def watch_inputs(config) -> list[list] | None:
 
 
 def watch_outputs(config) -> list[list] | None:
-    """What a run leaves that a later no-op relies on: the workspace, a local store, the exports."""
+    """What a run leaves that a later no-op relies on: the workspace, a local store, the `written` path settings."""
+    from sdxlpipe.config import path_settings
+
     store = config.store_url[len("file://"):] if config.store_url.startswith("file://") else config.store_url
     if "://" in store:
         return None  # a remote store changes without a trace here
     watch = [["tree", str(config.workspace), False]]
     if not Path(store).absolute().is_relative_to(config.workspace):
         watch.append(["tree", str(Path(store).absolute()), False])
-    watch.append(["tree", str(Path(config.params["export"].output_dir).absolute()), False])
+    watch += [["tree", str(Path(value).absolute()), False] for name in config.stages
+              for value, meta in path_settings(config.params[name]) if meta.get("written")]
     return watch
 
 

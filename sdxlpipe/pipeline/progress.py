@@ -33,9 +33,6 @@ LINE_SECONDS = 10.0
 # ... and at every 5% of the work, so short stages still show their counts.
 LINE_FRACTION = 0.05
 
-# What one unit of work is called in a log line, per tracked task (default: item).
-UNITS = {"train": "step"}
-
 
 def setup_logging(console: Console, debug: bool = False, quiet: bool = False) -> None:
     """Called once by the CLI: sdxlpipe's loggers print on stderr.
@@ -63,16 +60,17 @@ class Reporter:
         self.bars = enabled and self.console.is_terminal
 
     @contextmanager
-    def track(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    def track(self, description: str, total: int | None, unit: str = "item") -> Iterator[Callable[..., None]]:
         """Yield `advance(n=1, **fields)`: a bar on a terminal, log lines elsewhere, nothing when disabled.
 
         `total=None`: not known in advance (ingest walking a folder); counts and rate, no ETA.
+        `unit`: what one unit of work is called in a log line ("step": `train step 4/1000`).
         """
         if not self.enabled or (total is not None and total <= 0):
             yield lambda n=1, **fields: None
             return
         if not self.bars:
-            with _log_lines(description, total, self.clock) as advance:
+            with _log_lines(description, total, unit, self.clock) as advance:
                 yield advance
             return
         columns = [
@@ -92,10 +90,10 @@ class Reporter:
 
 
 @contextmanager
-def _log_lines(description: str, total: int | None, clock=time.monotonic) -> Iterator[Callable[..., None]]:
+def _log_lines(description: str, total: int | None, unit: str = "item",
+               clock=time.monotonic) -> Iterator[Callable[..., None]]:
     """Progress as `vae_encode 12/32 items (38%)  3.1 items/s  ETA 6s` lines on the sdxlpipe logger."""
     logger = logging.getLogger(f"sdxlpipe.{description}")
-    unit = UNITS.get(description, "item")
     began = clock()
     # Units between lines, whatever the time; with no total, only the clock sets the pace.
     every = max(1, math.ceil(total * LINE_FRACTION)) if total else math.inf

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,11 +16,13 @@ from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.config import Config
 from sdxlpipe.pipeline.context import Context, Models, StageStats
 from sdxlpipe.pipeline.graph import stages_for
-from sdxlpipe.stages import STAGE_NAMES, stage_module
 from sdxlpipe.pipeline.hashing import ContentMemo
+from sdxlpipe.pipeline.keys import keys_in_columns
 from sdxlpipe.pipeline.noop import forget as forget_noop_record
 from sdxlpipe.pipeline.progress import Reporter
 from sdxlpipe.pipeline.workspace import Workspace
+from sdxlpipe.stages import declared
+
 
 def arrow_without_pandas() -> None:
     """Stop pyarrow from importing pandas (1.4 s) the first time it builds an array.
@@ -63,7 +64,7 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
         reporter=reporter or Reporter(enabled=False), models=Models(config, memo),
         dry_run=dry_run, partition=partition, engine_name=engine,
     )
-    names = stages_for(target)
+    names = stages_for(target, config.stages)
     inputs: dict[str, pa.Table] = {}
     try:
         start, retried = 0, False
@@ -86,7 +87,7 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
 def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], table: pa.Table) -> None:
     for name in names:
         ctx.stage = name
-        module = stage_module(name)
+        module = ctx.config.stages[name]
         began = time.monotonic()
         previous = ctx.workspace.read_table(name)
         inputs[name] = table
@@ -144,27 +145,19 @@ def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, 
 def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set[str]]:
     """Store items the tables rely on whose every copy is marked bad."""
     found: dict[str, set[str]] = {}
-    for stage in STAGE_NAMES:
-        # A stage module declares STORE_COLUMNS: its table columns that hold store keys.
-        columns = getattr(stage_module(stage), "STORE_COLUMNS", ())
+    for stage, module in ctx.config.stages.items():
+        columns = declared(module, "STORE_COLUMNS")
         if not columns:
             continue
         later = [n for n in names if n in inputs and names.index(n) > names.index(stage)] if stage in names else []
         if not later:
             continue
-        table = inputs[later[0]]
-        keys: set[str] = set()
-        for column in columns:
-            if column in table.column_names:
-                for value in table.column(column).to_pylist():
-                    keys.update(v for v in (value if isinstance(value, list) else [value]) if v)
-        found[stage] = set(ctx.store.damaged(stage, keys))
+        found[stage] = set(ctx.store.damaged(stage, keys_in_columns(inputs[later[0]], columns)))
     return found
 
 
 def _settings(ctx: Context, name: str) -> dict[str, Any]:
-    # A stage module declares MODELS: the model parts its items depend on, named in `status`.
-    models = getattr(stage_module(name), "MODELS", ())
+    models = declared(ctx.config.stages[name], "MODELS")
     fingerprints = ctx.models.fingerprints() if models else {}
     return {"params": ctx.config.to_record()[name], "models": {m: fingerprints.get(m) for m in models}}
 
@@ -224,19 +217,17 @@ def _count_changed_rows(stats: StageStats, previous: pa.Table | None, table: pa.
 
 
 def _report(ctx: Context) -> dict[str, Any]:
+    modules = ctx.config.stages
     stages = {
-        name: {"items": s.items, "computed": s.computed, "reused": s.reused, "failed": s.failed,
-               "seconds": s.seconds, "reasons": s.reasons}
+        name: {"items": s.items, "units": declared(modules[name], "ITEMS"), "computed": s.computed,
+               "reused": s.reused, "failed": s.failed, "seconds": s.seconds, "reasons": s.reasons}
         for name, s in ctx.stats.items()
     }
     outputs: dict[str, Any] = {"store": ctx.store.url, "workspace": str(ctx.workspace.root)}
-    export = stages.get("export")
-    if "lora" in ctx.outputs and export is not None and not export["failed"]:
-        # Only files that exist; `written` only those this run wrote (a reused export wrote nothing).
-        outputs["lora"] = [p for p in ctx.outputs["lora"] if Path(p).exists()]
-        outputs["written"] = outputs["lora"] if export["computed"] and not ctx.dry_run else []
-    if "checkpoint" in ctx.outputs.get("train", {}):
-        outputs["checkpoint"] = ctx.outputs["train"]["checkpoint"]
+    for name, s in stages.items():  # what each stage adds: its files, its checkpoint
+        report = declared(modules[name], "report")
+        if report is not None:
+            outputs.update(report(ctx.outputs, s, ctx.dry_run))
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
             "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
             "failed_stages": failed_stages(stages)}

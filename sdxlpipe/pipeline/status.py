@@ -7,9 +7,7 @@ from a model, so it imports no torch.
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdxlpipe.config import Config
@@ -21,8 +19,8 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
     report = run_pipeline(config, target, dry_run=True)
     stages = {
         # cannot_run: items a run would refuse or fail as asked (the reasons say why and what to change).
-        name: {"items": s["items"], "up_to_date": s["reused"], "to_compute": s["computed"], "cannot_run": s["failed"],
-               "reasons": s["reasons"]}
+        name: {"items": s["items"], "units": s["units"], "up_to_date": s["reused"], "to_compute": s["computed"],
+               "cannot_run": s["failed"], "reasons": s["reasons"]}
         for name, s in report["stages"].items()
     }
     return {"stages": stages, "rejected": report["rejected"],
@@ -30,11 +28,9 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
 
 
 def format_status(result: dict[str, Any]) -> str:
-    from sdxlpipe.pipeline.graph import ITEM_NAMES
-
     lines = []
     for name, s in result["stages"].items():
-        line = (f"{name:12} {s['items']:>7} {ITEM_NAMES.get(name, 'images'):8} {s['up_to_date']:>7} up to date"
+        line = (f"{name:12} {s['items']:>7} {s['units']:8} {s['up_to_date']:>7} up to date"
                 f"  {s['to_compute']:>7} to compute")
         if s["cannot_run"]:
             line += f"  {s['cannot_run']} cannot run"

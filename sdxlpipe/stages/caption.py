@@ -21,8 +21,9 @@ OUTPUT_COLUMNS = ("caption", "caption_variants")
 
 @dataclass(frozen=True)
 class Captioner:
-    # A local transformers image-to-text model directory (e.g. BLIP); empty = no captioner.
-    model: str = field(default="", metadata={"path": True})
+    # A local transformers image-to-text model directory (e.g. BLIP); empty = no captioner. follow_links:
+    # a Hub snapshot is a folder of links into blobs/.
+    model: str = field(default="", metadata={"path": True, "follow_links": True})
     # Text the caption starts from (BLIP's conditional captioning); empty for plain captioning.
     prompt: str = ""
     # Longest caption generated, in tokens; 40 covers a BLIP sentence.

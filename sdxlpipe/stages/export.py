@@ -40,6 +40,8 @@ from sdxlpipe.pipeline.keys import item_key
 
 VERSION = 3  # 3: SGM kohya names, kohya's metadata and hashes, per-network formats, full-model files
 OUTPUT_COLUMNS = ()
+# Its one item is the set of exported files.
+ITEMS = "exports"
 # What each network can be written as, its default first.
 NETWORK_FORMATS = {
     "lora": ("kohya", "diffusers"),
@@ -63,8 +65,8 @@ class Params:
     # Precision of the written weights. fp32 keeps exactly what was trained; fp16 halves the files
     # (what most SDXL checkpoints ship as); bf16 keeps fp32's range.
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # Where the files go, relative to the config.
-    output_dir: str = field(default="output", metadata={"path": True})
+    # Where the files go, relative to the config (written: what a run leaves, for the no-op record).
+    output_dir: str = field(default="output", metadata={"path": True, "written": True})
     # File name stem: <name>.safetensors (kohya / single file), <name>.diffusers.safetensors, <name>-pipeline/ ...
     name: str = "lora"
     # After a full fine-tune, also extract a LoRA of this rank (0: don't) as <name>-extracted.safetensors.
@@ -78,6 +80,15 @@ def check(p: Params) -> list[tuple[str, str]]:
     if p.extract_rank < 0:
         problems.append(("export.extract_rank", "must be 0 (no extraction) or a rank such as 32"))
     return problems
+
+
+def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
+    """The exported files for the run report: those that exist; `written`, those this run wrote (a reused
+    export wrote nothing). Nothing when the export failed."""
+    if "lora" not in outputs or stats["failed"]:
+        return {}
+    files = [p for p in outputs["lora"] if Path(p).exists()]
+    return {"lora": files, "written": files if stats["computed"] and not dry_run else []}
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:

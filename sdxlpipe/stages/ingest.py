@@ -18,7 +18,9 @@ from typing import Iterator, Literal
 import pyarrow as pa
 
 VERSION = 2
-# `source` (an absolute path) is left out: a moved dataset is not a changed one.
+# `source` (an absolute path) is left out: a moved dataset is not a changed one. So is `source_index`
+# (the position of the row's [[sources]] entry, which training mixes by): reordering the entries
+# changes no image, and a table from before the column does not count every row as changed.
 OUTPUT_COLUMNS = ("content_hash", "width", "height", "repeats", "subset", "is_reg", "has_alpha",
                   "sidecar_caption", "caption_origin", "default_caption")
 # Files between progress updates: often enough for a person, cheap on a no-op rerun of a million.
@@ -49,6 +51,14 @@ class Source:
     prompt: str = ""
     # Use the file name (underscores as spaces) when there is no caption; off to fall back to `prompt`.
     stem_captions: bool = True
+    # This source's share of every epoch, relative to the other sources' weights (MosaicML streaming's
+    # `proportion`, SimpleTuner's `probability`): set it on every source or on none. An epoch keeps its
+    # length (all sources' images x repeats) and each source fills weight / sum of weights of it, going
+    # through all of its images before repeating one. 0 (unset): every image `repeats` times per epoch.
+    weight: float = 0.0
+    # Train on at most this many of this source's images: a seeded subset, the same for the whole run
+    # (SimpleTuner's max_num_samples). 0: all of them.
+    max_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,22 @@ def check(p: Params) -> list[tuple[str, str]]:
             problems.append((f"{where}.path", f"not a folder (manifests end in .jsonl/.csv/.parquet, shards in .tar): {s.path}"))
         if s.repeats < 1:
             problems.append((f"{where}.repeats", "must be >= 1"))
+        if s.weight < 0:
+            problems.append((f"{where}.weight", "must be > 0 (or 0 on every source: no weighting)"))
+        if s.max_samples < 0:
+            problems.append((f"{where}.max_samples", "must be >= 0 (0: all of the source's images)"))
+    unweighted = [i for i, s in enumerate(p.sources) if s.weight <= 0]
+    if unweighted and len(unweighted) < len(p.sources):
+        problems.append((f"sources[{unweighted[0]}].weight",
+                         "set weight on every [[sources]] entry or on none: a weight is a share relative to the others'"))
     if p.max_pixels < 1:
         problems.append(("ingest.max_pixels", "must be >= 1"))
     return problems
+
+
+def reads_unlisted_files(p: Params) -> bool:
+    """A manifest names image files anywhere, which no path setting lists: the no-op record cannot cover them."""
+    return any(source_kind(s) == "manifest" for s in p.sources)
 
 
 def source_kind(s: Source) -> str:
@@ -99,7 +122,7 @@ SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("repeats", pa.int32()),
     ("subset", pa.string()), ("is_reg", pa.bool_()), ("has_alpha", pa.bool_()),
     ("sidecar_caption", pa.string()), ("caption_origin", pa.string()), ("default_caption", pa.string()),
-    ("container_hash", pa.string()),
+    ("container_hash", pa.string()), ("source_index", pa.int32()),
 ])
 REJECTED_SCHEMA = pa.schema([
     ("path", pa.string()), ("source", pa.string()), ("content_hash", pa.string()),
@@ -154,7 +177,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
 
     # The number of files is not known until every source is listed: progress counts files read.
     with ctx.reporter.track("ingest", None) as advance:
-        for source in params.sources:
+        for index, source in enumerate(params.sources):
             listed = 0
             for c, container_hash in candidates(source, ctx.memo.hash_file, sidecars.get):
                 listed += 1
@@ -193,7 +216,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     "source": c.source, "content_hash": digest, "width": info.width, "height": info.height,
                     "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
                     "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
-                    "default_caption": c.default_caption, "container_hash": container_hash,
+                    "default_caption": c.default_caption, "container_hash": container_hash, "source_index": index,
                 }
                 for name in SCHEMA.names:
                     rows[name].append(values[name])
@@ -201,7 +224,6 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
             if not listed:
                 from sdxlpipe.errors import UserError
 
-                index = params.sources.index(source)
                 raise UserError(f"sources[{index}]: no image files in {source.path} (read as a {source_kind(source)} source)",
                                 "point path at the images; for tar shards or a manifest elsewhere set "
                                 "kind = \"webdataset\" or \"manifest\" in that [[sources]] entry")

@@ -29,6 +29,8 @@ STORE_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
 MODELS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 OUTPUT_COLUMNS = ("text_key", "text_variant_keys", "empty_text_key")
 FIELD = "text.safetensors"
+# Its items are distinct texts: captions, their variants and the empty caption.
+ITEMS = "texts"
 # fp16 bytes per token of SDXL's prompt embeddings (768 + 1280 channels): sizes chunks.
 BYTES_PER_TOKEN = 2048 * 2
 

@@ -25,6 +25,8 @@ from sdxlpipe.pipeline.keys import item_key, xxh3_hex
 VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default targets, max_steps out of the key
 # The model parts this stage's items depend on: `status` names them when their weights change.
 MODELS = ("unet", "scheduler")
+# Its one item is the training run.
+ITEMS = "runs"
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, gradient checkpointing (same math, less
@@ -161,7 +163,8 @@ class Params:
     lr_warmup: float = 0.0
     # Cycles of cosine_with_restarts.
     lr_cycles: int = 1
-    # Micro-batches per optimizer step: a larger effective batch without more memory.
+    # Micro-batches per optimizer step and process: a larger effective batch without more memory. A run
+    # continued on another process count accumulates what keeps processes x this (docs/decisions.md 71).
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this; 1.0 is the common default; 0 clips nothing.
     max_grad_norm: float = 1.0
@@ -319,11 +322,14 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
-def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int = 1) -> dict:
+def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int = 1, sources=()) -> dict:
     """Everything that shapes the trained weights: settings, UNet and scheduler weights, every sample input.
 
-    Each process takes its own batches, so the process count changes the
-    weights too; it enters the key only above 1, keeping one-process keys as they were.
+    With N processes step s trains on the same global batches whatever N is (docs/decisions.md 12), so
+    what shapes the weights is the micro-batches per optimizer step, N x gradient_accumulation_steps: the
+    key holds that product as gradient_accumulation_steps (one process's keys stay as they were), and a
+    run keeps its key on any process count with the same product (decision 71). `sources`: the
+    [[sources]] entries, whose weight and max_samples enter when set (decision 70).
     """
     present = [c for c in SAMPLE_COLUMNS if c in table.column_names]
     cols = table.select(present).to_pydict()
@@ -332,6 +338,7 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # An absent column reads as None: a table from an older run still gets a key.
         lines.append(json.dumps([cols[c][i] if c in cols else None for c in SAMPLE_COLUMNS], separators=(",", ":")))
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_KEY}
+    settings["gradient_accumulation_steps"] = params.gradient_accumulation_steps * processes
     if not settings["full_fp16"]:
         del settings["full_fp16"]  # added after VERSION 3: keys of runs without it stay as they were
     if not length_shapes_schedule(params):
@@ -341,14 +348,25 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
     if params.network_weights:
         # The starting LoRA by its bytes, not its path.
         settings["network_weights"] = hash_file(params.network_weights)
+    mixing = _mixing(table, sources)
     return {
         "stage": "train", "version": VERSION, "params": settings,
         "unet": fp["unet"], "scheduler": fp["scheduler"],
         "samples": xxh3_hex("\n".join(lines)), "sample_count": table.num_rows,
-        **({"processes": processes} if processes > 1 else {}),
+        **({"sources": mixing} if mixing else {}),
         # Trained text encoders start from these weights; cached embeddings already carry them in text_key.
         **({"text_encoders": [fp["text_encoder"], fp["text_encoder_2"]]} if params.train_text_encoder else {}),
     }
+
+
+def _mixing(table: pa.Table, sources) -> dict | None:
+    """The sources' weights and max_samples, and which source each row is from; None when none is set
+    (then the key is what it was before sources could be weighted)."""
+    weights, caps = [s.weight for s in sources], [s.max_samples for s in sources]
+    if not any(weights) and not any(caps):
+        return None
+    rows = table.column("source_index").to_pylist() if "source_index" in table.column_names else []
+    return {"weights": weights, "max_samples": caps, "rows": xxh3_hex(json.dumps(rows, separators=(",", ":")))}
 
 
 def length_shapes_schedule(p: Params) -> bool:
@@ -359,17 +377,15 @@ def length_shapes_schedule(p: Params) -> bool:
     return p.lr_scheduler not in ("constant", "constant_with_warmup") or fractional_warmup
 
 
-def run_steps(table: pa.Table, p: Params, processes: int) -> int:
+def run_steps(table: pa.Table, p: Params, processes: int, sources=()) -> int:
     """Optimizer steps of the run: max_steps, or max_epochs passes over the batches of `table`."""
     if not p.max_epochs:
         return p.max_steps
     import math
 
-    from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.data import plan_of
 
-    cols = table.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in table.column_names]).to_pydict()
-    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], p.batch_size, p.seed,
-                     [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
+    plan = plan_of(table, p.batch_size, p.seed, sources)
     return math.ceil(p.max_epochs * plan.per_epoch / (p.gradient_accumulation_steps * processes))
 
 
@@ -381,14 +397,23 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if params.network_weights and not os.path.isfile(params.network_weights):
         raise UserError(f"train.network_weights: {params.network_weights} is not a file",
                         "give the path of a LoRA .safetensors file (kohya, diffusers or peft format)")
-    doc = key_doc(table, params, ctx.models.fingerprints(), processes)
+    sources = ctx.config.params["ingest"].sources  # their weight and max_samples mix the run
+    doc = key_doc(table, params, ctx.models.fingerprints(), processes, sources)
     key = item_key(doc)
     run_dir = ctx.workspace.train_dir(key)
+    continued = None if checkpoints.latest_step(run_dir) else continued_run(ctx.workspace.root / "train", doc, processes)
+    if continued is not None:
+        # The same run at the same micro-batches per step, this process count accumulating the rest.
+        run_dir, doc, accumulate = continued
+        key = run_dir.name
+        ctx.log.info("continuing run %s on %d process(es) x gradient_accumulation_steps %d: its %d micro-batches "
+                     "per optimizer step", key[:12], processes, accumulate, processes * accumulate)
+        params = dataclasses.replace(params, gradient_accumulation_steps=accumulate)
     ctx.outputs["train"] = {"key": key, "dir": str(run_dir)}
     if table.num_rows == 0:
         ctx.report(items=1, computed=0, reused=0, failed=1, reasons=["no samples to train on"])
         return table
-    steps = run_steps(table, params, processes)
+    steps = run_steps(table, params, processes, sources)
     done = checkpoints.read_done(run_dir)
     if done is not None and done["steps"] == steps:
         ctx.report(items=1, computed=0, reused=1)
@@ -410,18 +435,66 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         reason = f"extending from step {latest} to {steps}"
     else:
         reason = f"resuming from step {latest}" if latest else _why_new(ctx, doc)
+    if continued is not None:
+        reason += f" on {processes} process(es) x {params.gradient_accumulation_steps} micro-batches, as it was trained"
     ctx.report(items=1, computed=1, reused=0, reasons=[reason])
     if ctx.dry_run:
         return table
 
     from sdxlpipe.training.loop import train
 
-    checkpoints.write_json(run_dir / "key.json", doc)
+    if continued is None:  # a continued run keeps the key document it was started with
+        checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
     result = train(table, params, ctx, run_dir, steps)
     ctx.outputs["train"].update(result["outputs"], steps=result["steps"])
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table
+
+
+def continued_run(root, doc: dict, processes: int):
+    """(run dir, key document, gradient_accumulation_steps) of the newest run under `root` with checkpoints
+    that differs from `doc` only in its micro-batches per step, when `processes` divides them; else None.
+
+    So a run started on 2 processes continues on 1 accumulating 2 micro-batches, and one started on 1
+    process accumulating 2 continues on 2, with no edit to the config (docs/decisions.md 71). A run keyed
+    before then (with a `processes` field) is recognised too.
+    """
+    from sdxlpipe.training import checkpoints
+
+    if not root.exists():
+        return None
+    mine = _but_step_size(doc)
+    found = []
+    for path in root.glob("*/key.json"):
+        try:
+            old = json.loads(path.read_text())
+            per_step = int(old["params"]["gradient_accumulation_steps"]) * int(old.get("processes", 1))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run record this version can read
+        latest = checkpoints.latest_step(path.parent)
+        if per_step % processes or not latest or _but_step_size(old) != mine:
+            continue
+        when = (checkpoints.checkpoint_dir(path.parent, latest) / "state.json").stat().st_mtime
+        found.append((when, path.parent.name, path.parent, old, per_step // processes))
+    if not found:
+        return None
+    _, _, run_dir, old, accumulate = max(found)
+    return run_dir, old, accumulate
+
+
+def _but_step_size(doc: dict) -> dict:
+    """A key document without its micro-batches per step (either form), as key.json holds it."""
+    doc = json.loads(json.dumps(doc))
+    doc.pop("processes", None)
+    doc["params"].pop("gradient_accumulation_steps", None)
+    return doc
+
+
+def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
+    """The run's checkpoint for the run report, once there is one."""
+    train = outputs.get("train", {})
+    return {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
 
 
 def _why_new(ctx, doc: dict) -> str:
@@ -432,8 +505,15 @@ def _why_new(ctx, doc: dict) -> str:
         return "no run yet"
     old = json.loads(previous[-1].read_text())
     new = json.loads(json.dumps(doc))  # tuples as the lists key.json holds
-    changed = [f"train.{k}" for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
+    changed = [f"train.{k}" for k in new["params"]
+               if k != "gradient_accumulation_steps" and old.get("params", {}).get(k) != new["params"][k]]
+    before = old.get("params", {}).get("gradient_accumulation_steps", 1) * old.get("processes", 1)
+    if before != new["params"]["gradient_accumulation_steps"]:
+        changed.append(f"micro-batches per step (processes x train.gradient_accumulation_steps) {before} -> "
+                       f"{new['params']['gradient_accumulation_steps']}")
     changed += [k for k in ("unet", "scheduler") if old.get(k) != doc[k]]
+    if old.get("sources") != new.get("sources"):
+        changed.append("the sources' weight, max_samples or rows")
     if old.get("samples") != doc["samples"]:
         before, now = old.get("sample_count"), doc["sample_count"]
         changed.append(f"samples ({before} -> {now} rows)" if before != now else f"the inputs of some of the {now} samples")

@@ -35,6 +35,8 @@ STORE_COLUMNS = ("latent_key", "latent_flip_key")
 MODELS = ("vae",)
 OUTPUT_COLUMNS = ("latent_key", "latent_flip_key")
 FIELD = "latent.safetensors"
+# Its items are latents (flipped ones too), not images.
+ITEMS = "latents"
 # SDXL's VAE downsamples x8 (so does tiny's); the mask is stored at this resolution.
 LATENT_FACTOR = 8
 

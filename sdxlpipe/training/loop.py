@@ -41,7 +41,7 @@ from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import checkpoints, losses, networks, optimizers, precision, resume, stream, threads, validation
 from sdxlpipe.training.batches import as_float
-from sdxlpipe.training.data import BatchPlan
+from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -58,6 +58,7 @@ class Data:
     buckets: list[tuple[int, int]]  # each sample's bucket (the validation images' default size)
     per_step: int  # batches per optimizer step, all processes
     text_settings: dict  # text_encode's settings, to encode captions in the loop as it caches them
+    source_of: list[int] | None  # each sample's [[sources]] entry (the table's source_index), with several
 
 
 @dataclass
@@ -154,7 +155,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     began = time.monotonic()
     run.feed = open_feed(data.source, p, start_step=run.start, max_steps=max_steps, world=run.world, rank=run.rank,
                          device=run.device)
-    with run.feed, ctx.reporter.track("train", max_steps - run.start) as advance:
+    with run.feed, ctx.reporter.track("train", max_steps - run.start, unit="step") as advance:
         for step in range(run.start, max_steps):
             loss, grad_norm = _step(run, step)
             done = step + 1
@@ -199,13 +200,15 @@ def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
     """The batch plan and the source that reads batch i from the store when it is due."""
     # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
-    is_reg = table.column("is_reg").to_pylist() if "is_reg" in table.column_names else [False] * len(buckets)
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    plan = BatchPlan(buckets, table.column("repeats").to_pylist(), p.batch_size, p.seed, [bool(r) for r in is_reg])
-    source = stream.open_source(table, ctx.store, p, plan, device)
-    return Data(plan, source, buckets, p.gradient_accumulation_steps * world, text_settings)
+    plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
+    source = stream.open_source(table, ctx.store, p, plan, device, stages=ctx.config.stages)
+    # Counted at the end for runs that mix sources (a walk over the run's samples, not worth it for one).
+    source_of = table.column("source_index").to_pylist() if "source_index" in table.column_names else None
+    source_of = source_of if source_of and max(source_of) > 0 else None
+    return Data(plan, source, buckets, p.gradient_accumulation_steps * world, text_settings, source_of)
 
 
 def _noise(p, ctx, device) -> Noise:
@@ -466,6 +469,8 @@ def _finish(run: Run, seconds: float) -> dict:
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(run.model.bare),
     }
+    if run.data.source_of is not None:  # what each [[sources]] entry gave the run, so weights can be checked
+        result["samples_per_source"] = run.data.plan.samples_per_source(max_steps * run.data.per_step, run.data.source_of)
     if run.main:
         checkpoints.write_json(run_dir / "done.json", result)
     run.accelerator.wait_for_everyone()

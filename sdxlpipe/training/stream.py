@@ -35,13 +35,11 @@ import torch
 
 from sdxlpipe.cache_format import CacheDamaged, decode_tensors
 from sdxlpipe.cache_format.shard_cache import ShardCache, default_directory
+from sdxlpipe.pipeline.keys import keys_in_columns
+from sdxlpipe.stages import store_fields
 from sdxlpipe.training.batches import conditioning, pick
 from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Slots, read_item
 
-LATENTS, TEXTS = "vae_encode", "text_encode"
-# The store field each stage writes its payload to (stages/vae_encode.py, text_encode.py FIELD): naming
-# it lets `Store.locate` answer a batch's keys with one vectorised lookup.
-FIELDS = {LATENTS: "latent.safetensors", TEXTS: "text.safetensors"}
 # The table columns `batches.pick` and `batches.conditioning` read.
 ROW_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "caption",
                "caption_variants", "is_reg", "width", "height", "resize_w", "crop_top", "crop_left",
@@ -59,12 +57,21 @@ def shard_cache(store, p) -> ShardCache | None:
 class BatchSource:
     """Reads batch i of the run from the store; safe to call from several reader threads at once."""
 
-    def __init__(self, table: pa.Table, store, p, plan, cache: ShardCache | None, pin_memory: bool = False):
+    def __init__(self, table: pa.Table, store, p, plan, cache: ShardCache | None, stages: dict,
+                 pin_memory: bool = False):
+        """stages: the run's stages (`Config.stages`): which of them hold the items the table's key columns
+        name, and in which store field (their STORE_COLUMNS and FIELD)."""
         self.store, self.p, self.plan, self.cache, self.pin_memory = store, p, plan, cache, pin_memory
         # Only the columns a batch reads: taking a batch's rows then costs what those need.
         self.table = table.select([c for c in ROW_COLUMNS if c in table.column_names])
-        self.stages = (LATENTS,) if p.train_text_encoder else (LATENTS, TEXTS)
-        absent = {stage: store.missing(stage, keys) for stage, keys in _run_keys(table, self.stages).items()}
+        where = store_fields(stages)  # table column -> (stage, store field)
+        # The stages `pick`'s latent and text keys are items of; a field each lets `Store.locate` answer a
+        # batch's keys with one vectorised lookup.
+        self.latents, self.texts = where["latent_key"][0], where["text_key"][0]
+        self.fields = {stage: field for stage, field in where.values()}
+        self.stages = (self.latents,) if p.train_text_encoder else (self.latents, self.texts)
+        absent = {stage: store.missing(stage, keys_in_columns(table, [c for c, (s, _) in where.items() if s == stage]))
+                  for stage in self.stages}
         if any(absent.values()):
             # Known before any step: the runner recomputes them and runs the train stage again.
             raise CacheDamaged({s: k for s, k in absent.items() if k},
@@ -97,14 +104,14 @@ class BatchSource:
         picks = pick(rows, members, self.p, epoch, index, fixed)
         fills: dict[str, dict[str, list[int]]] = {stage: {} for stage in self.stages}
         for pos, chosen in enumerate(picks):
-            fills[LATENTS].setdefault(chosen["latent_key"], []).append(pos)
-            if TEXTS in fills and chosen["caption"] is None:
-                fills[TEXTS].setdefault(chosen["text_key"], []).append(pos)
+            fills[self.latents].setdefault(chosen["latent_key"], []).append(pos)
+            if self.texts in fills and chosen["caption"] is None:
+                fills[self.texts].setdefault(chosen["text_key"], []).append(pos)
         return rows, picks, fills
 
     def _locate(self, stage: str, keys: list[str]) -> list:
         with self._store_lock:
-            return self.store.locate(stage, keys, FIELDS[stage])
+            return self.store.locate(stage, keys, self.fields[stage])
 
     def shards(self, index: int) -> list[tuple[str, str]]:
         """(stage, shard id) of every item batch i reads, for fetching ahead."""
@@ -151,7 +158,7 @@ class BatchSource:
                 locs[stage] = list(zip(todo, self._locate(stage, todo)))
         else:
             rows, picks, fills, locs = prepared
-        slots = Slots(len(picks), self.pin_memory, masks=self.p.masked_loss, meta_stage=LATENTS, buffers=buffers)
+        slots = Slots(len(picks), self.pin_memory, masks=self.p.masked_loss, meta_stage=self.latents, buffers=buffers)
         damaged = []
         for stage, items in fills.items():
             by_shard: dict[str, list] = {}
@@ -210,7 +217,7 @@ class BatchSource:
                 if self.cache is not None and shard_id and why != "shard file missing":
                     self.cache.discard(shard_id)  # the local copy may be what is bad
                 with self._store_lock:
-                    data = self.store.read(stage, key, FIELDS[stage])  # checks every copy, marks the bad ones
+                    data = self.store.read(stage, key, self.fields[stage])  # checks every copy, marks the bad ones
                 if data is None:
                     lost.setdefault(stage, []).append((key, shard_id, why))
                 else:
@@ -223,20 +230,6 @@ class BatchSource:
     def batch(self, index: int, fixed: bool = False) -> dict:
         """Batch i, read in this process (the fixed evaluation batches), in buffers of its own."""
         return self.recover(self.read(index, fixed), fixed)
-
-
-def _run_keys(table: pa.Table, stages) -> dict[str, list[str]]:
-    """Every store item the run may read: latents and flipped latents; texts, their variants, the empty one."""
-    columns = {LATENTS: ("latent_key", "latent_flip_key"),
-               TEXTS: ("text_key", "text_variant_keys", "empty_text_key")}
-    keys: dict[str, dict] = {}
-    for stage in stages:
-        found = keys.setdefault(stage, {})
-        for column in columns[stage]:
-            if column in table.column_names:
-                for value in table.column(column).to_pylist():
-                    found.update(dict.fromkeys(v for v in (value if isinstance(value, list) else [value]) if v))
-    return {stage: list(found) for stage, found in keys.items()}
 
 
 def _damaged(url: str, lost: dict[str, list]) -> CacheDamaged:
@@ -275,6 +268,8 @@ def agree_on_damage(damage: CacheDamaged | None, device) -> CacheDamaged | None:
     return error
 
 
-def open_source(table: pa.Table, store, p, plan, device="cpu") -> BatchSource:
-    """Batches for a run on `device`: in pinned memory for a CUDA device, so they copy to it asynchronously."""
-    return BatchSource(table, store, p, plan, shard_cache(store, p), pin_memory=torch.device(device).type == "cuda")
+def open_source(table: pa.Table, store, p, plan, device="cpu", *, stages: dict) -> BatchSource:
+    """Batches for a run of `stages` on `device`: in pinned memory for a CUDA device, so they copy to it
+    asynchronously."""
+    return BatchSource(table, store, p, plan, shard_cache(store, p), stages,
+                       pin_memory=torch.device(device).type == "cuda")

@@ -21,7 +21,8 @@ from sdxlpipe.pipeline import noop
 from sdxlpipe.pipeline.runner import run_pipeline
 
 PAST = time.time() - 120  # files as a user's would be: not written in the last seconds (the racy rule)
-REPORT = {"stages": {"ingest": {"items": 3, "computed": 3, "reused": 0, "failed": 0, "seconds": 1.5, "reasons": []}},
+REPORT = {"stages": {"ingest": {"items": 3, "units": "images", "computed": 3, "reused": 0, "failed": 0,
+                                "seconds": 1.5, "reasons": []}},
           "rejected": [], "outputs": {"lora": [], "written": []}, "models_loaded": ["vae"], "damaged": {},
           "failed_stages": []}
 
@@ -87,8 +88,8 @@ def project(tmp_path: Path) -> Path:
 
 def test_the_record_answers_a_no_op_with_nothing_computed(project):
     answer = noop.answer(project, [])
-    assert answer["stages"]["ingest"] == {"items": 3, "computed": 0, "reused": 3, "failed": 0, "seconds": 0.0,
-                                          "reasons": []}
+    assert answer["stages"]["ingest"] == {"items": 3, "units": "images", "computed": 0, "reused": 3, "failed": 0,
+                                          "seconds": 0.0, "reasons": []}
     assert answer["models_loaded"] == [] and answer["outputs"]["written"] == []
     assert noop.as_status(answer)["up_to_date"]
 
@@ -139,7 +140,7 @@ def test_the_record_does_not_answer_other_overrides_a_damaged_record_or_another_
     monkeypatch.undo()
     record = noop.record_path(project)
     text = record.read_text()
-    record.write_text(text.replace('"version": 1', '"version": 0'))
+    record.write_text(text.replace(f'"version": {noop.RECORD_VERSION}', '"version": 0'))
     assert noop.answer(project, []) is None
     record.write_text(text[: len(text) // 2])
     assert noop.answer(project, []) is None

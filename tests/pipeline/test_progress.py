@@ -53,7 +53,7 @@ def test_a_quick_stage_logs_a_line_every_5_percent_with_counts(log_file):
 def test_a_slow_stage_logs_every_10_seconds_and_train_shows_step_loss_lr_and_s_per_step(log_file):
     setup_logging(log_file)
     clock = Clock()
-    with Reporter(log_file, clock=clock).track("train", 1000) as advance:
+    with Reporter(log_file, clock=clock).track("train", 1000, unit="step") as advance:
         for step in range(30):
             clock.now += 2.5  # a CPU step: 30 steps are 3% of the run, 75 s
             advance(1, loss=f"{1 / (step + 1):.4f}", lr="1.00e-04", it_s="0.40")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdxlpipe.stages import STAGE_NAMES, stage_module
+from sdxlpipe.stages import STAGE_NAMES, load_stages
 from tests.datasets.files import image_bytes, write
 
 # Range checks the stages make (`check`), as (table, key, a strategy of refused values).
@@ -54,7 +54,7 @@ def _wrong_values(hint) -> list:
 def _schema() -> list[tuple[str, str, object]]:
     fields = []
     for stage in STAGE_NAMES:
-        for name, hint in _fields(stage_module(stage).Params).items():
+        for name, hint in _fields(load_stages()[stage].Params).items():
             if _wrong_values(hint):
                 fields.append((stage, name, hint))
     return fields
@@ -78,7 +78,7 @@ def mistakes(draw):
         return None, draw(IDENT.filter(lambda k: k not in known)), draw(st.integers() | st.text(max_size=5))
     if kind == "unknown_key":
         stage = draw(st.sampled_from(STAGE_NAMES))
-        known = set(_fields(stage_module(stage).Params))
+        known = set(_fields(load_stages()[stage].Params))
         return stage, draw(IDENT.filter(lambda k: k not in known)), 1
     return None, "sources", [{"path": draw(st.sampled_from(["no-such-folder", "/no/such/abs/folder"]))}]
 

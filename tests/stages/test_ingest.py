@@ -54,3 +54,33 @@ def test_exif_rotated_image_reports_its_upright_size(tmp_path):
 
     row = pq.read_table(table).to_pylist()[0]
     assert (row["width"], row["height"]) == (40, 80)
+
+
+def test_rows_name_their_source_and_the_column_changes_no_count(tmp_path):
+    """Each row carries the position of its [[sources]] entry (training mixes by it); a table written
+    before the column existed, or entries put in another order, count no row as changed."""
+    import pyarrow.parquet as pq
+
+    for name, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
+        (tmp_path / name).mkdir()
+        for k in range(2 if name == "a" else 1):
+            (tmp_path / name / f"{k}.png").write_bytes(_png(colour=(colour[0], colour[1], k)))
+    cfg_path = tmp_path / "sdxlpipe.toml"
+
+    def run(order):
+        cfg_path.write_text('model = "tiny"\n' + "".join(f'[[sources]]\npath = "{n}"\n' for n in order))
+        cfg = load_config(cfg_path)
+        report = run_pipeline(cfg, "ingest")
+        rows = pq.read_table(cfg.workspace / "tables" / "ingest.parquet").to_pylist()
+        return report["stages"]["ingest"], {(r["subset"], r["source_index"]) for r in rows}
+
+    stats, rows = run("ab")
+    assert rows == {("a", 0), ("b", 1)} and stats["computed"] == 3
+    table_path = tmp_path / ".sdxlpipe" / "tables" / "ingest.parquet"
+    old = pq.read_table(table_path)
+    pq.write_table(old.drop_columns(["source_index"]), table_path)  # as an older sdxlpipe wrote it
+    stats, rows = run("ab")
+    assert stats["computed"] == 0 and stats["reused"] == 3, stats
+    assert "source_index" in pq.read_table(table_path).column_names
+    stats, rows = run("ba")
+    assert rows == {("a", 1), ("b", 0)} and stats["computed"] == 0

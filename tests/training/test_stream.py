@@ -97,7 +97,7 @@ def test_streamed_batches_equal_the_in_memory_batches_in_the_same_order(tmp_path
         epoch, members = plan.batch_at(index)
         return assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, fixed)
 
-    source = stream.open_source(table, ctx.store, p, plan)
+    source = stream.open_source(table, ctx.store, p, plan, stages=ctx.config.stages)
     # Rank 1 of 2 processes, resumed at step 1, over three epochs: batches 5, 7, ..., 23.
     with open_feed(source, p, start_step=1, max_steps=6, world=2, rank=1, device="cpu") as feed:
         assert list(feed.indices) == list(range(5, 24, 2))
@@ -120,7 +120,8 @@ def test_a_damaged_item_is_read_from_its_intact_copy_and_marked_bad(tmp_path):
     ctx.store.refresh()
     victim = ctx.store.locate("text_encode", [key])[0]  # the copy read first
     plan = plan_of(table, p)
-    source = stream.open_source(table, ctx.store, p, plan)  # batches are located ahead: at the first copy
+    # Batches are located ahead: at the first copy.
+    source = stream.open_source(table, ctx.store, p, plan, stages=ctx.config.stages)
     flip_byte(Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar",
               tensor_byte(ctx.store, "text_encode", victim))
     rows = table.to_pylist()
@@ -143,7 +144,7 @@ def test_a_damaged_item_without_a_copy_stops_the_run_naming_it_and_the_repair(tm
     p = params(loader_workers=2)
     key = xxh3_hex("t4")
     victim = ctx.store.locate("text_encode", [key])[0]
-    source = stream.open_source(table, ctx.store, p, plan_of(table, p))
+    source = stream.open_source(table, ctx.store, p, plan_of(table, p), stages=ctx.config.stages)
     tar = Path(ctx.store.root) / "shards" / "text_encode" / f"{victim.shard_id}.tar"
     if damage == "vanished shard":
         tar.unlink()
@@ -274,7 +275,7 @@ def test_a_batch_of_a_remote_store_is_read_by_ranges_before_its_shards_are_cache
         p = params(**RUN, shard_cache_dir=str(tmp_path / "cache"))
         rows, plan = table.to_pylist(), plan_of(table, p)
         latents, texts = load_cached(rows, ctx)
-        source = stream.open_source(table, ctx.store, p, plan)
+        source = stream.open_source(table, ctx.store, p, plan, stages=ctx.config.stages)
         for index in range(3):  # no feed, so nothing fetches whole shards
             epoch, members = plan.batch_at(index)
             want = assemble([rows[i] for i in members], members, latents, texts, p, epoch, index, False)
