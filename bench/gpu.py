@@ -198,7 +198,7 @@ class Clock:
         self.marks: dict[str, list[tuple[float, int]]] = {}
 
     @contextlib.contextmanager
-    def track(self, description: str, total):
+    def track(self, description: str, total, **options):
         marks = self.marks.setdefault(description, [])
         yield lambda n=1, **fields: marks.append((time.monotonic(), n))
 

@@ -156,7 +156,7 @@ def test_batches_for_a_gpu_arrive_in_pinned_memory_and_reach_it(tmp_path):
     table = build_samples(ctx, 4)
     p = params(loader_workers=2)
     plan = BatchPlan([(64, 64)] * 4, [1] * 4, p.batch_size, p.seed)
-    source = stream.open_source(table, ctx.store, p, plan, DEVICE)
+    source = stream.open_source(table, ctx.store, p, plan, DEVICE, stages=ctx.config.stages)
     with stream.open_feed(source, p, start_step=0, max_steps=2, world=1, rank=0, device=DEVICE) as feed:
         for index in feed.indices:
             batch = feed.take(index)

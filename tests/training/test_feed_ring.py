@@ -21,7 +21,7 @@ def plan_of(table, p) -> BatchPlan:
 
 
 def feed_of(ctx, table, p, steps: int):
-    source = stream.open_source(table, ctx.store, p, plan_of(table, p))
+    source = stream.open_source(table, ctx.store, p, plan_of(table, p), stages=ctx.config.stages)
     return open_feed(source, p, start_step=0, max_steps=steps, world=1, rank=0, device="cpu")
 
 
