@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 
-def stage_seconds(root: Path, steps: int, batch: int, size: int, loader_workers: int = 2) -> float:
+def stage_seconds(root: Path, steps: int, batch: int, size: int, loader_workers: int = 2, reporter=None) -> float:
     from sdxlpipe.cache_format import encode_tensors, open_store
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.context import Context, Models
@@ -42,7 +42,7 @@ def stage_seconds(root: Path, steps: int, batch: int, size: int, loader_workers:
     ws = Workspace(config.workspace)
     memo = ContentMemo(ws.memo_path)
     ctx = Context(config=config, store=open_store(config.store_url), workspace=ws, memo=memo,
-                  reporter=Reporter(enabled=False), models=Models(config, memo), stage="train")
+                  reporter=reporter or Reporter(enabled=False), models=Models(config, memo), stage="train")
     g = torch.Generator().manual_seed(0)
     side = size // 8
     rows = []

@@ -2,8 +2,8 @@
 
 The rule: the cores this process may run on (its CPU affinity, capped by a
 cgroup CPU quota: a container's `--cpus`), shared among the training
-processes of this machine, less one core per reader thread of the loader;
-at least one. Torch's own default is every physical core of the machine, so
+processes of this machine, less one core per reader thread of the loader
+and at least one for everything else; at least one thread. Torch's own default is every physical core of the machine, so
 its OpenMP team and the reader threads (and, under accelerate or torchrun,
 the other processes) ask for more cores than exist; a spinning OpenMP team
 that loses a core to another thread waits for it at every barrier, which is
@@ -34,8 +34,10 @@ def usable_cores(affinity: set[int] | None = None, cgroup_root: str | Path = "/s
 
 
 def torch_threads(cores: int, readers: int, local_processes: int = 1) -> int:
-    """The rule: this process's share of the cores, less one per reader thread, at least 1."""
-    return max(1, cores // max(1, local_processes) - max(0, readers))
+    """The rule: this process's share of the cores, less one per reader thread and at least one for the rest
+    (the readers, the loop's Python, other processes: with 0 readers on a loaded 2-core machine, 2 threads
+    made a tiny step 28x slower than 1), at least 1."""
+    return max(1, cores // max(1, local_processes) - max(1, readers))
 
 
 def apply(readers: int, current: int, env: dict | None = None, cores: int | None = None) -> int | None:
