@@ -129,9 +129,14 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
                   + (f"  ({'; '.join(s['reasons'])})" if name in failed and s["reasons"] else ""))
         for r in report["rejected"]:
             print(f"rejected: {r['path']}: {r['reason']}")
+        best = report["outputs"].get("best_validation")
+        if best:
+            print(f"lowest validation loss: {best['val_loss']:.4f} at step {best['step']}"
+                  + (f" ({best['checkpoint']})" if best.get("checkpoint") else " (checkpoint not kept)"))
         written = set(report["outputs"].get("written", []))
         for path in report["outputs"].get("lora", []):
-            print(f"wrote {path}" if path in written else f"up to date: {path}")
+            note = report["outputs"].get("lora_for", {}).get(path)
+            print(("wrote " if path in written else "up to date: ") + path + (f"  ({note})" if note else ""))
     if failed:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),
@@ -225,22 +230,54 @@ def init(
 def inspect(
     config: ConfigOpt = DEFAULT_CONFIG,
     batch_size: Annotated[Optional[int], typer.Option(help="batch size for the short-batch count (default: train.batch_size)")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the bucket histogram into this PNG")] = None,
+    plot: Annotated[bool, typer.Option("--plot", help="also write the report (`sdxlpipe report`) and print its Dataset page: bucket histogram, captions, tags, every image")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The dataset before training: sources, rejected files, buckets, caption lengths, top tags."""
     from sdxlpipe.config import load_config
-    from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset, plot_buckets
+    from sdxlpipe.datasets.inspect import format_inspect, inspect_dataset
 
     setup(stderr_console())
     cfg = load_config(config)
     check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
-    result = inspect_dataset(cfg, batch_size)
-    if plot is not None:
-        result["plot"] = str(plot_buckets(result, plot).absolute())
+    if plot:
+        from sdxlpipe.pipeline.progress import Reporter
+        from sdxlpipe.report.build import build_report
+
+        built = build_report(cfg, reporter=Reporter(stderr_console()), batch_size=batch_size)
+        result = {**built["inspect"], "plot": built["path"]}
+    else:
+        result = inspect_dataset(cfg, batch_size)
     print(json.dumps(result, indent=2) if as_json else format_inspect(result))
-    if plot is not None and not as_json:
+    if plot and not as_json:
         print(f"wrote {result['plot']}")
+
+
+@app.command()
+def report(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the site's folder (default: .sdxlpipe/report beside the config)")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="open the Dataset page in a web browser")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the report: a static site (Dataset, Runs, Store) that opens from file:// with no server; print its path."""
+    from sdxlpipe.config import load_config
+    from sdxlpipe.pipeline.progress import Reporter
+    from sdxlpipe.report.build import build_report
+
+    console = stderr_console()
+    setup(console)
+    cfg = load_config(config)
+    check_store(cfg.store_url, must_exist=False, flag=f"[store] url in {config}")
+    if output is not None and output.exists() and not output.is_dir():
+        raise UserError(f"-o {output} is a file, not a folder", "give a folder for the site (a new one is created)")
+    result = build_report(cfg, output, reporter=Reporter(console))
+    result.pop("inspect")  # `inspect --json` prints it
+    print(json.dumps(result, indent=2) if as_json else result["path"])
+    if open_:
+        import webbrowser
+
+        webbrowser.open(Path(result["path"]).as_uri())
 
 
 @import_app.command("kohya")

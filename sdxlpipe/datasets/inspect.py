@@ -3,7 +3,9 @@
 Runs the data stages (ingest, caption, bucket: cheap, cached like `run`),
 then summarises: samples per source, rejected files, buckets with counts
 and the short batches a batch size leaves, caption length and token counts
-(how many captions pass the 75-token window), and the top tags.
+(how many captions pass the 75-token window), and the top tags. The same
+numbers, drawn, with every image, are the report's Dataset page
+(`sdxlpipe report`, or `inspect --plot`).
 """
 
 from __future__ import annotations
@@ -21,26 +23,31 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
     from sdxlpipe.datasets.tags import split_tags
     from sdxlpipe.pipeline.runner import run_pipeline
     from sdxlpipe.pipeline.workspace import Workspace
+    from sdxlpipe.training.holdout import COLUMN, held_out_mask
 
     report = run_pipeline(config, "bucket")
     table = Workspace(config.workspace).read_table("bucket")
     rows = table.to_pylist() if table is not None else []
     if batch_size is None:
         batch_size = getattr(config.params.get("train"), "batch_size", 1) or 1
+    # Held-out items (validation) are listed but do not train: the buckets and samples per epoch leave them out.
+    split = getattr(config.params.get("train"), "validation_split", 0.0)
+    held = held_out_mask(table, split) if table is not None else []
+    trains = [r for r, h in zip(rows, held) if not h]
     separator = getattr(config.params.get("caption"), "separator", ",")
 
     sources: dict[str, dict] = {}
-    for r in rows:
+    for r, h in zip(rows, held):
         s = sources.setdefault(r["subset"], {"images": 0, "samples_per_epoch": 0, "is_reg": r["is_reg"],
-                                             "caption_from": Counter()})
+                                             "validation": bool(r.get(COLUMN)), "caption_from": Counter()})
         s["images"] += 1
-        s["samples_per_epoch"] += r["repeats"]
+        s["samples_per_epoch"] += 0 if h else r["repeats"]
         s["caption_from"][r.get("caption_origin") or "none"] += 1
     for s in sources.values():
         s["caption_from"] = dict(s["caption_from"])
 
     per_bucket: dict[tuple[int, int], list[int]] = {}
-    for r in rows:
+    for r in trains:
         counts = per_bucket.setdefault((r["bucket_w"], r["bucket_h"]), [0, 0])
         counts[0] += 1
         counts[1] += r["repeats"]
@@ -55,7 +62,11 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
     tokens, tokenizer_note = _token_counts(config, captions)
     tags = Counter(t for c in captions for t in set(split_tags(c, separator)))
     return {
-        "samples": len(rows), "samples_per_epoch": sum(r["repeats"] for r in rows),
+        "samples": len(rows), "samples_per_epoch": sum(r["repeats"] for r in trains),
+        # Items the validation loss is measured on, not trained on: from kind = "validation" sources, and
+        # picked by train.validation_split.
+        "held_out": {"items": len(rows) - len(trains), "from_sources": sum(bool(r.get(COLUMN)) for r in rows),
+                     "validation_split": split},
         "sources": sources,
         "rejected": report["rejected"],
         "batch_size": batch_size,
@@ -68,7 +79,8 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
             "over_token_window": sum(1 for t in tokens if t > TOKEN_WINDOW) if tokens else None,
             "tokenizer": tokenizer_note,
         },
-        "top_tags": [[t, n] for t, n in tags.most_common(top_tags)],
+        # Ties by name: the same order in every process (set order follows the per-process string hash).
+        "top_tags": [[t, n] for t, n in sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:top_tags]],
     }
 
 
@@ -91,9 +103,9 @@ def _token_counts(config, captions: list[str]) -> tuple[list[int], str]:
 
 def _tokenizer(model: str):
     if model == "tiny":
-        from sdxlpipe.models.tiny import build_tiny_component
+        from sdxlpipe.models.tiny_config import tiny_tokenizer
 
-        return build_tiny_component("tokenizer")
+        return tiny_tokenizer()  # without torch: the report builds without it
     from transformers import CLIPTokenizer
 
     if Path(model).is_dir():
@@ -102,12 +114,14 @@ def _tokenizer(model: str):
 
 
 def format_inspect(result: dict[str, Any]) -> str:
-    lines = [f"{result['samples']} images, {result['samples_per_epoch']} samples per epoch (with repeats)", "",
-             "sources:"]
+    held = result["held_out"]["items"]
+    lines = [f"{result['samples']} images" + (f" ({held} held out for the validation loss)" if held else "")
+             + f", {result['samples_per_epoch']} samples per epoch (with repeats)", "", "sources:"]
     for name, s in result["sources"].items():
         origins = ", ".join(f"{k} {v}" for k, v in sorted(s["caption_from"].items()))
         lines.append(f"  {name:24} {s['images']:>6} images {s['samples_per_epoch']:>7} samples"
-                     f"{'  (regularisation)' if s['is_reg'] else ''}  captions from: {origins}")
+                     f"{'  (regularisation)' if s['is_reg'] else ''}{'  (validation)' if s['validation'] else ''}"
+                     f"  captions from: {origins}")
     if result["rejected"]:
         lines += ["", f"rejected ({len(result['rejected'])}):"]
         lines += [f"  {r['path']}: {r['reason']}" for r in result["rejected"]]
@@ -135,40 +149,3 @@ def format_inspect(result: dict[str, Any]) -> str:
     if result["top_tags"]:
         lines += ["", "top tags: " + ", ".join(f"{t} ({n})" for t, n in result["top_tags"])]
     return "\n".join(lines)
-
-
-def plot_buckets(result: dict[str, Any], path: Path) -> Path:
-    """A bar chart of samples per bucket, drawn with PIL (no plotting library needed)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    # 15 px text: PIL's 10 px bitmap default is unreadable on a screenshot.
-    font = ImageFont.load_default(size=15)
-    small = ImageFont.load_default(size=13)
-    buckets = result["buckets"]
-    bar, gap, left, bottom, top = 40, 10, 80, 90, 50
-    width = max(480, left + len(buckets) * (bar + gap) + gap)
-    height = 420
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    peak = max((b["samples_per_epoch"] for b in buckets), default=1) or 1
-    d.text((left, 12), f"samples per bucket ({result['samples_per_epoch']} per epoch, batch size {result['batch_size']})",
-           fill="black", font=font)
-    d.line((left - 4, height - bottom, width - gap, height - bottom), fill="black")
-    d.line((left - 4, top, left - 4, height - bottom), fill="black")
-    for i, b in enumerate(buckets):
-        x = left + gap + i * (bar + gap)
-        h = int((height - bottom - top) * b["samples_per_epoch"] / peak)
-        d.rectangle((x, height - bottom - h, x + bar, height - bottom), fill=(70, 110, 200))
-        d.text((x, height - bottom - h - 16), str(b["samples_per_epoch"]), fill="black", font=small)
-        d.text((x, height - bottom + 4), str(b["bucket"][0]), fill="black", font=small)
-        d.text((x, height - bottom + 20), str(b["bucket"][1]), fill="black", font=small)
-    d.text((4, height - bottom + 4), "width", fill="black", font=small)
-    d.text((4, height - bottom + 20), "height", fill="black", font=small)
-    d.text((left, height - bottom + 44), "bucket (width over height, pixels)", fill="black", font=font)
-    # The y axis label, written sideways.
-    label = Image.new("RGB", (height - bottom - top, 20), "white")
-    ImageDraw.Draw(label).text((0, 0), "samples per epoch", fill="black", font=font)
-    im.paste(label.rotate(90, expand=True), (30, top))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path

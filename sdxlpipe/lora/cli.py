@@ -39,6 +39,7 @@ def info(
     print(f"ranks:    {', '.join(map(str, summary['ranks'])) or '-'}")
     print(f"alphas:   {', '.join(f'{a:g}' for a in summary['alphas']) or '-'}")
     print(f"size:     {summary['bytes'] / 1e6:.2f} MB")
+    print(f"for:      {summary['loads_in']}" + (f" ({summary['not_for']})" if summary["not_for"] else ""))
     for key, value in sorted(summary["metadata"].items()):
         text = value if len(value) <= 100 else value[:97] + "..."
         print(f"  {key}: {text}")

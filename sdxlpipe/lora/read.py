@@ -36,6 +36,18 @@ _LOKR_FIELDS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lo
 _OFT_FIELDS = {"oft_blocks", "oft_diag", "oft_R.weight", "rescale"}
 _DIFF_FIELDS = {"diff", "diff_b"}  # LyCORIS "full" (a whole-weight difference)
 _SKIP_FIELDS = {"alpha", "dora_scale", "scale", "on_input"}
+# Which tools load a file of each layout whole and at its trained strength, read from their loaders
+# (docs/decisions.md 54): (what it is for, the warning for the tools that accept it but load part of it).
+LOADS_IN = {
+    "kohya": ("ComfyUI, A1111/Forge, kohya sd-scripts, diffusers", ""),
+    "lycoris": ("ComfyUI, A1111/Forge, kohya sd-scripts with LyCORIS", ""),
+    # ComfyUI (comfy/lora.py model_lora_keys_unet) maps diffusers names of the UNet's attention projections only in
+    # diffusers' old `processor.to_q` spelling, and reads alpha only from `.alpha` tensors: it patches the rest at
+    # scale 1 and reports success.
+    "diffusers": ("diffusers, peft", "not ComfyUI or A1111: they load part of it (ComfyUI skips the attention "
+                  "projections and the alpha, without an error); give them the kohya-format file"),
+    "peft": ("peft", "not ComfyUI, A1111 or diffusers' load_lora_weights"),
+}
 
 
 class LoraFileError(UserError):
@@ -86,6 +98,8 @@ class LoraFile:
             "ranks": ranks,
             "alphas": alphas,
             "bytes": self.bytes,
+            "loads_in": LOADS_IN[self.format][0],
+            "not_for": LOADS_IN[self.format][1],
             "metadata": self.metadata,
         }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sdxlpipe.models.spec import COMPONENTS
-from sdxlpipe.models.tiny_config import TINY_VERSION, tiny_configs, tokenizer_vocab
+from sdxlpipe.models.tiny_config import TINY_VERSION, tiny_configs, tiny_tokenizer
 
 __all__ = ["TINY_VERSION", "tiny_configs", "build_tiny_components", "build_tiny_component", "save_tiny"]
 
@@ -64,10 +64,7 @@ def build_tiny_component(name: str, seed: int = 0) -> object:
         cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return _seeded(seed, name, lambda: cls(CLIPTextConfig(**cfg)))
     if name in ("tokenizer", "tokenizer_2"):
-        from transformers import CLIPTokenizer
-
-        vocab, merges = tokenizer_vocab(cfg["bigrams"])
-        return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=cfg["pad_token"], model_max_length=cfg["model_max_length"])
+        return tiny_tokenizer(name, seed)
     if name == "scheduler":
         from diffusers import EulerDiscreteScheduler
 

@@ -97,6 +97,15 @@ def _tokenizer(pad_token: str) -> dict:
     return {"bigrams": list(_BIGRAMS), "pad_token": pad_token, "model_max_length": 77}
 
 
+def tiny_tokenizer(name: str = "tokenizer", seed: int = 0):
+    """The tiny stack's tokenizer (transformers, no torch): `inspect` counts caption tokens with it."""
+    from transformers import CLIPTokenizer
+
+    cfg = tiny_configs(seed)[name]
+    vocab, merges = tokenizer_vocab(cfg["bigrams"])
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=cfg["pad_token"], model_max_length=cfg["model_max_length"])
+
+
 def tokenizer_vocab(bigrams: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-style byte-level BPE vocab and merges, generated in code.
 

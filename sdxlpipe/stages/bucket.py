@@ -3,8 +3,8 @@
 Recipe: make the bucket list (kohya's rule around `resolution`^2 pixels, or
 the `sdxl` preset: the exact list SDXL was trained on) -> nearest aspect
 ratio per image (with `no_upscale`, kohya's per-image bucket instead) ->
-resize to cover the bucket -> centre crop, or a random crop seeded by the
-image's content hash. The real crop offset is recorded per row (kohya
+resize to cover the bucket, rounded as kohya rounds -> centre crop, or a
+random crop seeded by the image's content hash. The real crop offset is recorded per row (kohya
 records the offset of the image fitted inside the bucket instead), and the
 train stage feeds it to SDXL's micro-conditioning with the original size.
 """
@@ -18,7 +18,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-VERSION = 2
+VERSION = 3  # 3: kohya's resize rounding and no_upscale resize (decision 56); its outputs enter vae_encode's keys
 OUTPUT_COLUMNS = ("bucket_w", "bucket_h", "resize_w", "resize_h", "crop_top", "crop_left")
 
 
@@ -105,34 +105,47 @@ def choose(width: int, height: int, buckets: list[tuple[int, int]],
 
 
 def cover(width: int, height: int, bw: int, bh: int, crop_rng: random.Random | None = None):
-    """Resize (width, height) to cover the bucket, then crop: centre, or random with `crop_rng`."""
-    scale = max(bw / width, bh / height)
-    # Round up so the resized image always covers the bucket.
-    rw, rh = max(bw, math.ceil(width * scale - 1e-6)), max(bh, math.ceil(height * scale - 1e-6))
+    """Resize (width, height) to cover the bucket, then crop: centre, or random with `crop_rng`.
+
+    kohya's rule (library/train_util.py, BucketManager.select_bucket): the side the aspect ratio says fits is
+    scaled to the bucket's side, the other is rounded half up (never below the bucket's: it is the longer one);
+    the centre crop is trim // 2, as its trim_and_resize_if_required (docs/decisions.md 56).
+    """
+    scale = bh / height if width / height > bw / bh else bw / width
+    return _crop(bw, bh, int(width * scale + 0.5), int(height * scale + 0.5), crop_rng)
+
+
+def _crop(bw: int, bh: int, rw: int, rh: int, crop_rng: random.Random | None):
     if crop_rng is None:
         return bw, bh, rw, rh, (rh - bh) // 2, (rw - bw) // 2
     return bw, bh, rw, rh, crop_rng.randint(0, rh - bh), crop_rng.randint(0, rw - bw)
 
 
-def no_upscale_bucket(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
-    """kohya's bucket_no_upscale: the image's own size, area capped at resolution^2, floored to `step`."""
+def no_upscale(width: int, height: int, resolution: int, step: int, crop_rng: random.Random | None = None):
+    """kohya's bucket_no_upscale (BucketManager.select_bucket): an image within resolution^2 pixels keeps its size;
+    a larger one is resized to that area, one side on the step; the bucket is the resized size floored to the step,
+    and the overflow is cropped. Returns what `cover` returns."""
     max_area = resolution * resolution
     aspect = width / height
 
     def round_to_step(x: float) -> int:
-        return int(x / step + 0.5) * step
+        x = int(x + 0.5)
+        return max(step, x - x % step)  # the max only guards images thinner than a step (kohya divides by zero)
 
     if width * height > max_area:
         rw = math.sqrt(max_area * aspect)
         rh = max_area / rw
         bw_r = round_to_step(rw)
-        ar_w = bw_r / max(step, round_to_step(bw_r / aspect))
+        ar_w = bw_r / round_to_step(bw_r / aspect)
         bh_r = round_to_step(rh)
-        ar_h = max(step, round_to_step(bh_r * aspect)) / bh_r
+        ar_h = round_to_step(bh_r * aspect) / bh_r
         size = (bw_r, int(bw_r / aspect + 0.5)) if abs(ar_w - aspect) < abs(ar_h - aspect) else (int(bh_r * aspect + 0.5), bh_r)
     else:
         size = (width, height)
-    return max(step, size[0] - size[0] % step), max(step, size[1] - size[1] % step)
+    bw, bh = size[0] - size[0] % step, size[1] - size[1] % step
+    if bw < step or bh < step:  # thinner than a step: the smallest bucket, covered by resizing up
+        return cover(width, height, max(step, bw), max(step, bh), crop_rng)
+    return _crop(bw, bh, size[0], size[1], crop_rng)
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
@@ -143,7 +156,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     for w, h, digest in zip(widths, heights, hashes):
         rng = random.Random(f"{params.seed}/{digest}") if params.crop == "random" else None
         if params.no_upscale and not params.preset:
-            chosen.append(cover(w, h, *no_upscale_bucket(w, h, params.resolution, params.step), rng))
+            chosen.append(no_upscale(w, h, params.resolution, params.step, rng))
         else:
             chosen.append(choose(w, h, buckets, rng))
     for i, name in enumerate(OUTPUT_COLUMNS):

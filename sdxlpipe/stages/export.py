@@ -24,6 +24,7 @@ write each file atomically, readable by others (0644 under the usual umask):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -59,7 +60,7 @@ MODELSPEC_IMPL = "https://github.com/Stability-AI/generative-models"
 
 @dataclass(frozen=True)
 class Params:
-    # Files to write; empty = the network's default: lora -> kohya + diffusers; loha/lokr -> kohya (LyCORIS);
+    # Files to write; empty = the network's default: lora -> kohya + diffusers (DoRA: diffusers); loha/lokr -> kohya (LyCORIS);
     # ia3/oft -> peft; full -> diffusers (a whole pipeline folder) + single_file. full also has "unet".
     formats: tuple[Literal["kohya", "diffusers", "peft", "single_file", "unet"], ...] = ()
     # Precision of the written weights. fp32 keeps exactly what was trained; fp16 halves the files
@@ -88,13 +89,15 @@ def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
     if "lora" not in outputs or stats["failed"]:
         return {}
     files = [p for p in outputs["lora"] if Path(p).exists()]
-    return {"lora": files, "written": files if stats["computed"] and not dry_run else []}
+    return {"lora": files, "written": files if stats["computed"] and not dry_run else [],
+            # Which tools each file is for, printed beside its `wrote` line (decision 54).
+            "lora_for": {p: outputs.get("lora_for", {}).get(p, "") for p in files}}
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     trained = ctx.outputs.get("train", {})
     network = ctx.config.params["train"].network
-    formats = _formats(params, network)
+    formats = _formats(params, network, ctx.config.params["train"].use_dora)
     out_dir = Path(params.output_dir)
     paths = {fmt: out_dir / _file_name(params.name, network, fmt) for fmt in formats}
     if network == "full" and params.extract_rank:
@@ -105,6 +108,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     "steps": trained.get("steps"), "formats": sorted(formats),
                     "dtype": params.dtype, "name": params.name, "extract_rank": params.extract_rank})
     ctx.outputs["lora"] = [str(p) for p in paths.values()]
+    # Which tool each file is for, printed beside `wrote` (a user who drops the diffusers file into ComfyUI gets
+    # part of the LoRA and no error: decision 54).
+    ctx.outputs["lora_for"] = {str(p): _loads_in(network, fmt, paths) for fmt, p in paths.items()}
     if _up_to_date(record_path, key, paths.values()):
         ctx.outputs["lora_up_to_date"] = True
         ctx.report(items=1, computed=0, reused=1)
@@ -160,7 +166,17 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     return table
 
 
-def _formats(params: Params, network: str) -> tuple[str, ...]:
+def _formats(params: Params, network: str, dora: bool = False) -> tuple[str, ...]:
+    if dora and network == "lora":
+        # No kohya-style DoRA file loads exactly where such files go (docs/decisions.md 57): A1111 decomposes on
+        # the input axis only, ComfyUI divides output-axis magnitudes by the base weight's norm, diffusers drops them.
+        if "kohya" in params.formats:
+            raise UserError(
+                "export.formats: a DoRA run (train.use_dora) cannot be written as kohya: ComfyUI and A1111 would "
+                "load its magnitudes with another formula than the one trained, and diffusers drops them",
+                'use export.formats = ["diffusers"] (diffusers and peft load it exactly), or train without use_dora '
+                "for a file ComfyUI and A1111 load")
+        return tuple(dict.fromkeys(params.formats or ("diffusers",)))
     formats = params.formats or DEFAULT_FORMATS[network]
     wrong = [f for f in formats if f not in NETWORK_FORMATS[network]]
     if wrong:
@@ -175,6 +191,20 @@ def _file_name(name: str, network: str, fmt: str) -> str:
     if network == "full":
         return {"diffusers": f"{name}-pipeline", "unet": f"{name}-unet", "single_file": f"{name}.safetensors"}[fmt]
     return {"kohya": f"{name}.safetensors", "diffusers": f"{name}.diffusers.safetensors", "peft": f"{name}-peft"}[fmt]
+
+
+def _loads_in(network: str, fmt: str, paths: dict) -> str:
+    from sdxlpipe.lora.read import LOADS_IN
+
+    if network == "full":
+        return {"diffusers": "a diffusers pipeline folder (from_pretrained)", "unet": "a diffusers UNet folder",
+                "single_file": "for ComfyUI, A1111/Forge, diffusers from_single_file",
+                "extracted": f"for {LOADS_IN['kohya'][0]}"}[fmt]
+    layout = {"kohya": "kohya" if network == "lora" else "lycoris", "diffusers": "diffusers", "peft": "peft"}[fmt]
+    loads_in, not_for = LOADS_IN[layout]
+    if layout == "diffusers" and "kohya" in paths:
+        not_for = f"{not_for.split(';')[0]}; give them {paths['kohya'].name}"
+    return f"for {loads_in}" + (f"; {not_for}" if not_for else "")
 
 
 def _up_to_date(record_path: Path, key: str, paths) -> bool:
@@ -328,7 +358,7 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "ss_num_reg_images": str(sum(1 for r in is_reg if r)),
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
-        "ss_num_epochs": str(train.max_epochs) if train.max_epochs else "",
+        "ss_num_epochs": str(_epochs(table, train, steps, key_doc.get("processes", 1))),
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         # What the run did (unset: on for SDXL-sized UNets); done.json records it.
@@ -383,13 +413,42 @@ def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.timestep_range": f"{train.min_timestep},{train.max_timestep}",
+        # How LoRA's A started (train.lora_init): "gaussian" (diffusers' scripts) needs other learning rates.
+        "sdxlpipe_lora_init": train.lora_init if network == "lora" else "",
         "sdxlpipe_train_key": str(trained.get("key")),
         "sdxlpipe_dataset_fingerprint": str(key_doc.get("samples", "")),
         "sdxlpipe_base_fingerprint": json.dumps({k: key_doc.get(k) for k in ("unet", "scheduler") if k in key_doc}
                                                 or ctx.models.fingerprints(), sort_keys=True),
         "sdxlpipe_config": json.dumps(ctx.config.to_record(), sort_keys=True, default=str),
+        **_validation_metadata(done),
     }
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def _validation_metadata(done: dict) -> dict[str, str]:
+    """The step of the run's lowest validation loss on held-out items (training/validation_loss.py), if measured:
+    which checkpoint to prefer when the last one overfits."""
+    best = done.get("best_validation")
+    if not best:
+        return {}
+    return {"sdxlpipe_best_validation_step": str(best["step"]),
+            "sdxlpipe_best_validation_loss": f"{best['val_loss']:.6g}",
+            "sdxlpipe_validation_items": str(done.get("validation_items", ""))}
+
+
+def _epochs(table: pa.Table, train, steps: int, processes: int) -> int:
+    """The epochs the run's steps cover (kohya's ss_num_epochs: ceil(steps / update steps per epoch)): max_epochs
+    when that set the length, else counted from the batches of `table` (bucket-pure, as training plans them)."""
+    if train.max_epochs:
+        return train.max_epochs
+    from sdxlpipe.training.data import BatchPlan
+
+    cols = table.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in table.column_names]).to_pydict()
+    if not cols.get("bucket_w"):
+        return 0
+    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], train.batch_size, train.seed,
+                     [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
+    return math.ceil(steps * train.gradient_accumulation_steps * processes / max(1, plan.per_epoch))
 
 
 def _read_json(path: Path) -> dict:

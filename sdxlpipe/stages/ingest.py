@@ -34,8 +34,10 @@ class Source:
     # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
     path: str = field(metadata={"path": True})
     # "auto" decides from the path: manifest by extension; webdataset for a .tar, or a folder with tars and
-    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder.
-    kind: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
+    # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder. "validation": read as
+    # "auto" would, and held out of training: the validation loss is measured on these items
+    # (train.validation_every_steps), never trained on.
+    kind: Literal["auto", "folder", "manifest", "webdataset", "validation"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
     # Regularisation / class images (kohya's is_reg): trained on like the others, reported apart.
@@ -87,8 +89,13 @@ def check(p: Params) -> list[tuple[str, str]]:
             problems.append((f"{where}.weight", "must be > 0 (or 0 on every source: no weighting)"))
         if s.max_samples < 0:
             problems.append((f"{where}.max_samples", "must be >= 0 (0: all of the source's images)"))
-    unweighted = [i for i, s in enumerate(p.sources) if s.weight <= 0]
-    if unweighted and len(unweighted) < len(p.sources):
+        if s.kind == "validation" and (s.weight or s.max_samples):
+            problems.append((f"{where}.weight" if s.weight else f"{where}.max_samples",
+                             'a kind = "validation" source is never trained on: weight and max_samples do not apply'))
+    # Validation sources take no share of an epoch: the rule is about the sources that train.
+    trained = [i for i, s in enumerate(p.sources) if s.kind != "validation"]
+    unweighted = [i for i in trained if p.sources[i].weight <= 0]
+    if unweighted and len(unweighted) < len(trained):
         problems.append((f"sources[{unweighted[0]}].weight",
                          "set weight on every [[sources]] entry or on none: a weight is a share relative to the others'"))
     if p.max_pixels < 1:
@@ -102,7 +109,8 @@ def reads_unlisted_files(p: Params) -> bool:
 
 
 def source_kind(s: Source) -> str:
-    if s.kind != "auto":
+    """How a source is read: its kind, or for "auto" and "validation" what its path looks like."""
+    if s.kind not in ("auto", "validation"):
         return s.kind
     from sdxlpipe.datasets.manifest import MANIFEST_EXTENSIONS
     from sdxlpipe.datasets.webdataset import looks_like_webdataset
@@ -123,6 +131,10 @@ SCHEMA = pa.schema([
     ("subset", pa.string()), ("is_reg", pa.bool_()), ("has_alpha", pa.bool_()),
     ("sidecar_caption", pa.string()), ("caption_origin", pa.string()), ("default_caption", pa.string()),
     ("container_hash", pa.string()), ("source_index", pa.int32()),
+    # Held out of training (a kind = "validation" source; training/holdout.py). Not in OUTPUT_COLUMNS: a
+    # table from before it would count every row as new, and a source made a validation one changes the
+    # train stage's key (its samples), which `status` names.
+    ("validation", pa.bool_()),
 ])
 REJECTED_SCHEMA = pa.schema([
     ("path", pa.string()), ("source", pa.string()), ("content_hash", pa.string()),
@@ -217,6 +229,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
                     "repeats": c.repeats, "subset": c.subset, "is_reg": source.is_reg, "has_alpha": info.has_alpha,
                     "sidecar_caption": c.sidecar_caption, "caption_origin": c.caption_origin,
                     "default_caption": c.default_caption, "container_hash": container_hash, "source_index": index,
+                    "validation": source.kind == "validation",
                 }
                 for name in SCHEMA.names:
                     rows[name].append(values[name])

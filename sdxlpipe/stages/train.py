@@ -6,6 +6,12 @@ the UNet and scheduler weights, the seed and every sample input in order
 regularisation flag).
 Same key and finished: skipped. Same key and unfinished: resumed from its
 last checkpoint. The loop itself lives in `sdxlpipe.training.loop`.
+
+Items held out for the validation loss (`validation_split`, or a
+`kind = "validation"` source; `training.holdout`) are not trained on: the key
+covers the rows that train, so a held-out set changes the key only by the
+items it takes from training, and the stage passes on only the rows it
+trained on (export's metadata counts those).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ NOT_IN_KEY = (
     "save_every_steps", "save_every_epochs", "max_checkpoints", "gradient_checkpointing", "tensorboard",
     "validation_prompts", "validation_negative_prompts", "validation_every_steps", "validation_every_epochs",
     "validation_steps", "validation_guidance", "validation_size", "validation_seed",
+    # Which items train enters the key through the samples (the held-out ones are left out of them).
+    "validation_split",
     "loader_workers", "loader_prefetch", "shard_cache_dir", "shard_cache_gb", "compile", "channels_last",
 )
 # Sample columns that shape training; a table from an older run may lack the newer ones.
@@ -74,6 +82,10 @@ class Params:
     conv_block_alphas: tuple[float, ...] = ()
     # DoRA (peft use_dora): LoRA with a learned per-output magnitude; ~2x slower steps, often better at low rank.
     use_dora: bool = False
+    # How LoRA's down projection (A) starts (B starts at zero either way). "kohya": kaiming-uniform, as kohya's
+    # networks/lora.py and peft's default; "gaussian": normal with std 1/rank, as diffusers' train_*_lora scripts
+    # (peft init_lora_weights="gaussian"). Set "gaussian" to reuse a learning rate tuned with diffusers' scripts.
+    lora_init: Literal["kohya", "gaussian"] = "kohya"
     # LoKr's Kronecker factor (LyCORIS `factor`): -1 picks the most square split; 4-16 give smaller files.
     lokr_factor: int = -1
     # Also train both text encoders with a LoRA (rank, alpha, dropout as above). Captions are then
@@ -224,8 +236,14 @@ class Params:
     validation_guidance: float = 5.0
     # Square side of validation images; 0: the most common training bucket.
     validation_size: int = 0
-    # Prompt i is drawn from validation_seed + i, the same at every validation.
+    # Prompt i is drawn from validation_seed + i, the same at every validation; it also seeds the validation
+    # loss's fixed noise, so runs with different `seed`s are compared on the same noise.
     validation_seed: int = 0
+    # Hold this fraction of the items out of training and measure the validation loss on them at each
+    # validation (validation_every_steps / _epochs, and the last step); the lowest one's step is named at
+    # the end. Items are picked by their sample key (subset + path), so the set is stable as the dataset
+    # grows. 0.05-0.1 of a few hundred images is plenty; a `kind = "validation"` source holds out its own.
+    validation_split: float = 0.0
     # Also log loss, LR, grad norm and validation images to TensorBoard (needs `pip install tensorboard`).
     tensorboard: bool = False
 
@@ -282,6 +300,8 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.conv_block_dims", "only lora (LoCon), loha and lokr adapt convolutions here"))
     if p.use_dora and p.network != "lora":
         problems.append(("train.use_dora", "DoRA applies to network = \"lora\" only"))
+    if p.lora_init != "kohya" and p.network != "lora":
+        problems.append(("train.lora_init", "chooses the init of network = \"lora\" only"))
     if p.lokr_factor != -1 and (p.lokr_factor < 1 or p.network != "lokr"):
         problems.append(("train.lokr_factor", "a positive factor, for network = \"lokr\" only (-1: the most square split)"))
     if p.text_encoder_lora_plus_ratio < 0:
@@ -314,9 +334,8 @@ def check(p: Params) -> list[tuple[str, str]]:
         problems.append(("train.lr_schedule_steps", "must be >= 0"))
     if p.network_weights and p.network != "lora":
         problems.append(("train.network_weights", "starting from a LoRA file applies to network = \"lora\" only"))
-    if p.validation_every_steps or p.validation_every_epochs:
-        if not p.validation_prompts:
-            problems.append(("train.validation_prompts", "validation is scheduled but no prompts are given"))
+    if not 0 <= p.validation_split < 1:
+        problems.append(("train.validation_split", "must be in [0, 1): the fraction of items held out, e.g. 0.05"))
     if len(p.validation_negative_prompts) > 1 and len(p.validation_negative_prompts) != len(p.validation_prompts):
         problems.append(("train.validation_negative_prompts", "give one negative prompt, or one per validation prompt"))
     return problems
@@ -345,6 +364,12 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # Where the run stops is not in the key: a longer run passes through the same weights, so raising
         # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").
         del settings["max_steps"], settings["max_epochs"]
+    if settings["lora_init"] == "kohya":
+        del settings["lora_init"]  # added after VERSION 3: keys of runs with the default init stay as they were
+    if params.conv_rank:
+        # LoCon adapts kohya's modules since decision 53 (resnets' time-embedding projections; 1x1 skip convolutions
+        # at the linear rank): a LoCon network of the same settings is another network than before.
+        settings["locon_targets"] = "kohya"
     if params.network_weights:
         # The starting LoRA by its bytes, not its path.
         settings["network_weights"] = hash_file(params.network_weights)
@@ -390,13 +415,15 @@ def run_steps(table: pa.Table, p: Params, processes: int, sources=()) -> int:
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
-    from sdxlpipe.training import checkpoints
+    from sdxlpipe.training import checkpoints, holdout
 
     # accelerate launch / torchrun set WORLD_SIZE; reading it needs no torch.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if params.network_weights and not os.path.isfile(params.network_weights):
         raise UserError(f"train.network_weights: {params.network_weights} is not a file",
                         "give the path of a LoRA .safetensors file (kohya, diffusers or peft format)")
+    table, held_out = holdout.split(table, params.validation_split)
+    _check_validation(params, held_out)
     sources = ctx.config.params["ingest"].sources  # their weight and max_samples mix the run
     doc = key_doc(table, params, ctx.models.fingerprints(), processes, sources)
     key = item_key(doc)
@@ -417,7 +444,7 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     done = checkpoints.read_done(run_dir)
     if done is not None and done["steps"] == steps:
         ctx.report(items=1, computed=0, reused=1)
-        ctx.outputs["train"].update(done["outputs"], steps=done["steps"])
+        ctx.outputs["train"].update(done["outputs"], steps=done["steps"], best_validation=done.get("best_validation"))
         return table
     if done is not None and done["steps"] > steps:
         # The run's checkpoints are past the asked length (max_steps is not in the key): `run` refuses, and
@@ -446,10 +473,19 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     if continued is None:  # a continued run keeps the key document it was started with
         checkpoints.write_json(run_dir / "key.json", doc)
     checkpoints.write_json(run_dir / "config.json", ctx.config.to_record())
-    result = train(table, params, ctx, run_dir, steps)
-    ctx.outputs["train"].update(result["outputs"], steps=result["steps"])
+    result = train(table, params, ctx, run_dir, steps, held_out=held_out)
+    ctx.outputs["train"].update(result["outputs"], steps=result["steps"], best_validation=result.get("best_validation"))
     ctx.workspace.write_record("train-last", {"key": key, **result})
     return table
+
+
+def _check_validation(p: Params, held_out: pa.Table) -> None:
+    """A validation scheduled with nothing to validate: no prompts to draw and no item held out."""
+    if (p.validation_every_steps or p.validation_every_epochs) and not p.validation_prompts and not held_out.num_rows:
+        raise UserError("train: validation is scheduled (validation_every_steps / validation_every_epochs) but "
+                        "there are no validation prompts and no held-out items",
+                        'set train.validation_prompts = ["..."], or hold items out: train.validation_split = 0.05 '
+                        'or a [[sources]] entry with kind = "validation"')
 
 
 def continued_run(root, doc: dict, processes: int):
@@ -492,9 +528,13 @@ def _but_step_size(doc: dict) -> dict:
 
 
 def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
-    """The run's checkpoint for the run report, once there is one."""
+    """The run's checkpoint for the run report, once there is one, and its lowest validation loss
+    ({"step", "val_loss", "checkpoint"}) when items were held out."""
     train = outputs.get("train", {})
-    return {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
+    found = {"checkpoint": train["checkpoint"]} if "checkpoint" in train else {}
+    if train.get("best_validation"):
+        found["best_validation"] = train["best_validation"]
+    return found
 
 
 def _why_new(ctx, doc: dict) -> str:

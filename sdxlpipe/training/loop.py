@@ -12,7 +12,8 @@ batches, not the ~566 KiB per SDXL sample) -> the noise schedule (`_noise`)
 accelerate's wrapping (`_distribute`) -> the evaluation loss before ->
 for each step (`_step`) and each micro-batch: a batch from one bucket (read
 ahead by reader threads), its loss (`loss_at`, `losses.batch_loss`), backward
-and the optimizer step (`_apply_gradients`) -> log (`_record`), validate,
+and the optimizer step (`_apply_gradients`) -> log (`_record`), validate
+(the held-out items' loss, `validation_loss`, and the prompts' images),
 checkpoint (`resume.save`) when due -> `done.json` (`_finish`). What every
 step shares is one `Run`; a new setup step is a function called from `train`
 in its place, setting what it builds on the `Run`.
@@ -39,7 +40,8 @@ from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import checkpoints, losses, networks, optimizers, precision, resume, stream, threads, validation
+from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, threads,
+                               validation, validation_loss)
 from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
@@ -112,7 +114,8 @@ class Run:
     model: Model
     opt: Optimization
     start: int = 0  # the step this run starts at: the newest checkpoint's (resume.restore)
-    history: dict = field(default_factory=lambda: {"losses": [], "eval_loss_before": None})
+    history: dict = field(default_factory=lambda: {"losses": [], "eval_loss_before": None, "validation": []})
+    held: Any = None  # the held-out items the validation loss is measured on (validation_loss.HeldOut), or None
     feed: Any = None  # this process's batches, while the steps run (feed.Feed)
     loader_wait: float = 0.0  # seconds the steps waited for their batches (this session)
     logs: Any = None  # log.jsonl and TensorBoard (validation.Logs)
@@ -134,8 +137,11 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
-    """Train to step `max_steps` (the stage computes it from max_steps or max_epochs), resuming or extending."""
+def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int, held_out: pa.Table | None = None) -> dict:
+    """Train to step `max_steps` (the stage computes it from max_steps or max_epochs), resuming or extending.
+
+    `held_out`: the rows the validation loss is measured on (`training.validation_loss`), or None.
+    """
     # --- set up ----------------------------------------------------------------------------------------
     accelerator, scaler = precision.accelerate(p, ctx.config.device)
     _check_settings(table, p, accelerator.num_processes, ctx.log)
@@ -144,7 +150,9 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
     noise = _noise(p, ctx, accelerator.device)
     model = _model(p, ctx, accelerator.device)
     run = Run(p, ctx, run_dir, max_steps, accelerator, scaler, data, noise, model, _optimization(model, p, max_steps))
+    run.held = validation_loss.open_held_out(held_out, ctx.store, p, accelerator.device, stages=ctx.config.stages)
     resume.restore(run)
+    run.history.setdefault("validation", [])  # a checkpoint from before the validation loss
     _distribute(run)
 
     # --- train -----------------------------------------------------------------------------------------
@@ -161,7 +169,8 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int) -> dict:
             done = step + 1
             epoch = _record(run, done, loss, grad_norm, began, advance)
             new_epoch = data.plan.batch_at(done * data.per_step)[0] > epoch
-            if _every(done, p.validation_every_steps) or (new_epoch and _every(epoch + 1, p.validation_every_epochs)):
+            if (_every(done, p.validation_every_steps) or (new_epoch and _every(epoch + 1, p.validation_every_epochs))
+                    or (run.held is not None and done == max_steps)):  # the held-out loss of the final weights too
                 validate(run, done)
             if (_every(done, p.save_every_steps) or (new_epoch and _every(epoch + 1, p.save_every_epochs))
                     or done == max_steps):
@@ -409,21 +418,29 @@ def _record(run: Run, done: int, loss: float, grad_norm, began: float, advance) 
     recent = run.history["losses"][-20:]
     rate = (done - run.start) / max(time.monotonic() - began, 1e-9)
     lr = run.opt.lr_schedule.get_last_lr()[0]
-    advance(1, loss=f"{sum(recent) / len(recent):.4f}", epoch=epoch, lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
+    advance(1, loss=f"{sum(recent) / len(recent):.4f}", epoch=epoch, lr=f"{lr:.2e}", it_s=f"{rate:.2f}",
+            **_last_validation(run.history))
     if run.main:
         run.logs.scalars(done, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)})
     return epoch
 
 
 def validate(run: Run, step: int) -> None:
-    """Validation images of the prompts at this step (with the EMA weights when there are any)."""
+    """The held-out items' loss and the prompts' validation images at this step (with the EMA weights when
+    there are any)."""
     p, ema, params = run.p, run.opt.ema, run.opt.params
-    if not run.main or not p.validation_prompts:
+    if not run.main or (not p.validation_prompts and run.held is None):
         return
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     compute = precision.COMPUTE[p.mixed_precision]
+    if run.held is not None:
+        _validation_loss(run, step, compute)
+    if not p.validation_prompts:
+        if ema is not None:
+            ema.restore(params)
+        return
     stack = {**run.ctx.models.text_stack(), **run.model.text_stack}
     with torch.autocast(run.device.type, dtype=compute, enabled=compute != torch.float32):
         images = validation.render(
@@ -454,6 +471,7 @@ def _finish(run: Run, seconds: float) -> dict:
     if p.validation_prompts:
         outputs["validation"] = str(run_dir / "validation")
     recent = history["losses"][-20:]
+    best = _name_best_validation(history, run_dir, run.ctx.log)
     result = {
         "steps": max_steps, "final_loss": history["losses"][-1] if history["losses"] else math.nan,
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
@@ -468,6 +486,7 @@ def _finish(run: Run, seconds: float) -> dict:
         "unet_compiled": getattr(run.model.bare, "_compiled_call_impl", None) is not None,
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(run.model.bare),
+        **({"best_validation": best, "validation_items": run.held.items} if best else {}),
     }
     if run.data.source_of is not None:  # what each [[sources]] entry gave the run, so weights can be checked
         result["samples_per_source"] = run.data.plan.samples_per_source(max_steps * run.data.per_step, run.data.source_of)
@@ -475,6 +494,33 @@ def _finish(run: Run, seconds: float) -> dict:
         checkpoints.write_json(run_dir / "done.json", result)
     run.accelerator.wait_for_everyone()
     return result
+
+
+def _validation_loss(run: Run, step: int, compute) -> float:
+    """The held-out items' loss at this step: into the history (a checkpoint keeps it), log.jsonl and TensorBoard."""
+    value = run.held.loss(run.model.bare, run.noise.alphas_cumprod, run.noise.prediction_type, run.device,
+                          text_stack=run.model.text_stack or None, text_settings=run.data.text_settings, compute=compute)
+    run.history["validation"] = [sv for sv in run.history["validation"] if sv[0] != step] + [[step, value]]
+    run.logs.scalars(step, {"val_loss": value})
+    return value
+
+
+def _last_validation(history: dict) -> dict:
+    """The progress line's field for the latest validation loss, once there is one."""
+    return {"val_loss": f"{history['validation'][-1][1]:.4f}"} if history.get("validation") else {}
+
+
+def _name_best_validation(history: dict, run_dir: Path, log) -> dict | None:
+    """The step with the lowest validation loss, said at the end of the run, with its checkpoint if kept."""
+    best = validation_loss.best(history.get("validation") or [])
+    if best is None:
+        return None
+    folder = checkpoints.checkpoint_dir(run_dir, best["step"])
+    best["checkpoint"] = str(folder) if folder.is_dir() else None
+    log.info("lowest validation loss %.4f at step %d%s", best["val_loss"], best["step"],
+             f" ({folder})" if folder.is_dir() else
+             " (its checkpoint was not kept: save_every_steps / max_checkpoints decide which are)")
+    return best
 
 
 def _every(n: int, every: int) -> bool:

@@ -16,7 +16,10 @@ NUM_BLOCKS = 23
 # Above this many parameters the UNet counts as SDXL-sized (2.6e9; SD 1.5: 0.86e9): gradient checkpointing
 # defaults to on, since a 1024 px SDXL step's activations alone outgrow a 24 GB card without it.
 SDXL_SIZED = 1e9
-# LoCon: the convolutions kohya's LoCon (conv_dim) trains, inside these modules.
+# LoCon: with conv_dim set, kohya's networks/lora.py (LoRANetwork.create_modules) adapts every Linear and Conv2d
+# inside its ResnetBlock2D / Downsample2D / Upsample2D modules (diffusers: resnets, downsamplers, upsamplers): the
+# kxk convolutions at conv_dim/conv_alpha, and the time-embedding projection (time_emb_proj; SGM emb_layers.1) and
+# the 1x1 skip convolution (conv_shortcut; SGM skip_connection) at network_dim/network_alpha, as Linear layers are.
 CONV_PARENTS = ("resnets", "downsamplers", "upsamplers")
 # target_modules presets. "kohya": what kohya's SDXL LoRA (networks/lora.py) adapts, every Linear inside a
 # Transformer2DModel (diffusers names them `...attentions.N...`: proj_in, proj_out, attn1/attn2 to_q/k/v/out.0,
@@ -56,13 +59,15 @@ def target_names(unet, p) -> dict[str, tuple[int, float]]:
     layers = layers if isinstance(layers, int) else layers[0]
     out: dict[str, tuple[int, float]] = {}
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and _is_target(name, p.target_modules):
+        locon = p.conv_rank > 0 and any(f".{c}." in f".{name}." for c in CONV_PARENTS)
+        if ((isinstance(module, torch.nn.Linear) and (_is_target(name, p.target_modules) or locon))
+                or (locon and isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1))):
             rank, alpha = p.rank, p.alpha
             if p.block_dims:
                 b = block_index(name, layers)
                 rank = p.block_dims[b]
                 alpha = p.block_alphas[b] if p.block_alphas else p.alpha
-        elif p.conv_rank and isinstance(module, torch.nn.Conv2d) and any(f".{c}." in f".{name}." for c in CONV_PARENTS):
+        elif locon and isinstance(module, torch.nn.Conv2d):
             rank, alpha = p.conv_rank, p.conv_alpha
             if p.conv_block_dims:
                 b = block_index(name, layers)
@@ -112,8 +117,7 @@ def peft_config(unet, p):
     ranks = {n: r for n, (r, _) in targets.items() if r != p.rank}
     alphas = {n: a for n, (_, a) in targets.items() if a != p.alpha}
     if p.network == "lora":
-        # peft's default init (kaiming-uniform A, zero B) is kohya's, so learning rates carry over.
-        return peft.LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=True,
+        return peft.LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=_init(p),
                                use_dora=p.use_dora, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas)
     if p.network == "loha":
         return peft.LoHaConfig(r=p.rank, alpha=p.alpha, rank_dropout=p.dropout, target_modules=names,
@@ -127,6 +131,12 @@ def peft_config(unet, p):
         # OFT's block size must divide every adapted layer's width.
         return peft.OFTConfig(r=0, oft_block_size=p.rank, module_dropout=p.dropout, target_modules=names)
     raise ValueError(f"network {p.network!r} has no peft config")
+
+
+def _init(p):
+    """peft's init_lora_weights for train.lora_init: True is kaiming-uniform A (kohya's, so kohya's learning rates
+    carry over), "gaussian" is std 1/rank (diffusers' train_text_to_image_lora_sdxl.py); B is zero in both."""
+    return "gaussian" if p.lora_init == "gaussian" else True
 
 
 def attach(unet, p) -> None:
@@ -187,7 +197,7 @@ def attach_text_encoder(encoder, p) -> None:
 
     preset = p.target_modules in ("attention", ("attention",))
     targets = TEXT_ENCODER_TARGETS["attention" if preset else "kohya"]
-    encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=True,
+    encoder.add_adapter(LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, init_lora_weights=_init(p),
                                    use_dora=p.use_dora, target_modules=targets), adapter_name=ADAPTER)
 
 

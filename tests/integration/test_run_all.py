@@ -83,6 +83,12 @@ def test_a_run_logging_to_a_file_shows_vae_encode_and_train_progress_with_counts
 def test_rerun_prints_up_to_date_not_wrote_and_status_check_follows_set(trained):
     proc = cli("run", "all", "-c", str(trained))
     assert "wrote" not in proc.stdout and proc.stdout.count("up to date: ") == 2
+    # Each file says which tools it is for (decision 54): the diffusers file is not ComfyUI's.
+    kohya = [line for line in proc.stdout.splitlines() if line.endswith("tiny-shapes.safetensors  (for ComfyUI, "
+                                                                          "A1111/Forge, kohya sd-scripts, diffusers)")]
+    diffusers = [line for line in proc.stdout.splitlines() if "tiny-shapes.diffusers.safetensors  (for diffusers, "
+                 "peft; not ComfyUI or A1111" in line and line.endswith("give them tiny-shapes.safetensors)")]
+    assert len(kohya) == len(diffusers) == 1, proc.stdout
     assert cli("status", "-c", str(trained), "--check").returncode == 0
     stale = cli("status", "-c", str(trained), "--check", "--set", "train.max_steps=21", check=False)
     assert stale.returncode == 1 and "train.max_steps 20 -> 21" in stale.stdout

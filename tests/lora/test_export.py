@@ -113,6 +113,9 @@ def test_files_are_readable_by_others_and_a_rerun_is_up_to_date(lora_export):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     record = json.loads((out / "shapes.export.json").read_text())
     assert record["network"] == "lora" and set(record["files"]) == {"kohya", "diffusers"}
+    notes = ctx.outputs["lora_for"]
+    assert notes[str(out / "shapes.safetensors")].startswith("for ComfyUI, A1111/Forge")
+    assert notes[str(out / "shapes.diffusers.safetensors")].endswith("give them shapes.safetensors")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     ctx.outputs.pop("lora_up_to_date", None)
     export.run(lora_export["table"], lora_export["params"], ctx)
@@ -290,3 +293,53 @@ def test_ia3_and_oft_go_out_as_a_peft_folder_that_reloads_as_trained(tmp_path, n
     result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name="default")
     assert not result.unexpected_keys
     assert (unet_output(unet) - want).abs().max() < 1e-5
+
+
+def test_ss_num_epochs_is_written_for_a_run_set_by_max_steps_and_the_init_is_recorded(tmp_path):
+    """kohya-ss/sd-scripts train_network.py writes ss_num_epochs for every run (num_train_epochs =
+    ceil(max_train_steps / update steps per epoch)); we wrote it only when max_epochs set the run's length.
+    train.lora_init goes into the metadata beside it (decision 55)."""
+    train = dict(rank=4, alpha=8.0, batch_size=2, max_steps=3, save_every_steps=100, lora_init="gaussian")
+    ctx = make_context(tmp_path / "ws", **train)
+    table = build_samples(ctx, 3)  # 3 samples, batch 2: 2 batches an epoch, so 3 steps cover 2 epochs
+    run_train(ctx, table, params(**train))
+    ctx.stage = "export"
+    export.run(with_captions(table), export.Params(output_dir=str(tmp_path / "out"), name="steps"), ctx)
+    with safe_open(tmp_path / "out" / "steps.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_max_train_steps"], meta["ss_num_epochs"]) == ("3", "2")
+    assert meta["sdxlpipe_lora_init"] == "gaussian"
+    with safe_open(tmp_path / "out" / "steps.diffusers.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.init_lora_weights"] == "gaussian"
+
+
+def test_a_dora_run_exports_the_diffusers_file_by_default_and_refuses_kohya_by_name(tmp_path):
+    """No kohya-style DoRA file loads exactly in the tools that read kohya files (decision 57): ComfyUI's
+    comfy/weight_adapter/base.py weight_decompose divides an output-axis dora_scale by the *base* weight's norm, A1111's
+    extensions-builtin/Lora/network.py apply_weight_decompose decomposes on the input axis only, and diffusers'
+    lora_pipeline.py lora_state_dict drops dora_scale keys. Before, the default formats crashed the export with a
+    ValueError (a traceback, nothing written)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import set_peft_model_state_dict
+
+    from sdxlpipe.errors import UserError
+    from sdxlpipe.models.tiny import save_tiny
+    from sdxlpipe.training import networks
+    from tests.lora.test_formats import unet_output
+
+    train = dict(rank=4, alpha=8.0, use_dora=True, batch_size=2, max_steps=2, save_every_steps=100, learning_rate=1e-2)
+    ctx = make_context(tmp_path / "ws", **train)
+    table = build_samples(ctx, 2)
+    done = run_train(ctx, table, params(**train))
+    ctx.stage = "export"
+    export.run(table, export.Params(output_dir=str(tmp_path / "out"), name="dora"), ctx)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dora.diffusers.safetensors", "dora.export.json"]
+    model = save_tiny(tmp_path / "tiny")
+    trained = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    networks.attach(trained.unet, params(**train))
+    set_peft_model_state_dict(trained.unet, load_file(done["outputs"]["weights"]), adapter_name="default")
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "out" / "dora.diffusers.safetensors"))
+    assert (unet_output(pipe.unet) - unet_output(trained.unet)).abs().max() < 1e-5
+    with pytest.raises(UserError, match="DoRA run .* cannot be written as kohya"):
+        export.run(table, export.Params(output_dir=str(tmp_path / "out2"), name="dora", formats=("kohya",)), ctx)

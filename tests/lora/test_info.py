@@ -98,3 +98,15 @@ def test_lora_info_on_the_command_line(files, tmp_path):
     assert bad.returncode == 2
     assert "Error:" in bad.stderr and "notes.safetensors" in bad.stderr and "Hint:" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_lora_info_says_which_tools_load_each_layout_whole(files):
+    """ComfyUI's comfy/lora.py model_lora_keys_unet maps a diffusers-named UNet module only as `unet.<name>` with
+    `.to_q` spelt `.processor.to_q` (diffusers' old attention processors) and `.to_out.0` as `.processor.to_out`, and
+    load_lora reads alpha only from `<module>.alpha` tensors; a peft-layout diffusers file has neither, so ComfyUI
+    patches its other modules at scale 1 and reports success. `lora info` says where each file goes."""
+    kohya, diffusers = (read_lora(files / n).summary() for n in ("kohya.safetensors", "diffusers.safetensors"))
+    assert "ComfyUI" in kohya["loads_in"] and "A1111" in kohya["loads_in"] and kohya["not_for"] == ""
+    assert "ComfyUI" not in diffusers["loads_in"] and diffusers["not_for"].startswith("not ComfyUI or A1111")
+    out = cli("lora", "info", str(files / "diffusers.safetensors")).stdout
+    assert "for:      diffusers, peft (not ComfyUI or A1111:" in out

@@ -44,6 +44,8 @@ def test_lycoris_file_reproduces_peft_delta_weights_with_the_readers_formula(tmp
             # ComfyUI: kron(w1, w2) * alpha / dim when a factor is decomposed, else * 1
             w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
             w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+            if w2.dim() == 4:  # a full conv factor (comfy/weight_adapter/lokr.py LoKrAdapter.calculate_weight)
+                w1 = w1.unsqueeze(2).unsqueeze(2)
             dim = f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else (f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else None)
             delta = torch.kron(w1, w2) * (alpha / dim if dim else 1.0)
         want = module.get_delta_weight(networks.ADAPTER)

@@ -200,7 +200,10 @@ def test_conv_block_dims_give_each_blocks_convolutions_their_rank():
     dims[13] = 3
     p = params(conv_rank=4, conv_alpha=1.0, conv_block_dims=tuple(dims), conv_block_alphas=tuple([0.5] * 23))
     targets = networks.target_names(unet, p)
-    convs = {n: ra for n, ra in targets.items() if isinstance(dict(unet.named_modules())[n], torch.nn.Conv2d)}
+    modules = dict(unet.named_modules())
+    # kxk convolutions; 1x1 ones take the linear rank (kohya, decision 53)
+    convs = {n: ra for n, ra in targets.items()
+             if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size != (1, 1)}
     layers = unet.config.layers_per_block
     blocks = {n: networks.block_index(n, layers) for n in convs}
     assert convs and 1 not in blocks.values()
@@ -222,3 +225,80 @@ def test_text_encoder_lora_plus_gives_the_b_matrices_their_own_ratio():
     # 0 takes the UNet's ratio, as kohya's loraplus_text_encoder_lr_ratio falls back to loraplus_lr_ratio.
     fallback = optimizers.text_encoder_groups(encoders, params(lora_plus_ratio=16.0, text_encoder_lr=1e-4))
     assert sorted(g["lr"] for g in fallback) == pytest.approx([1e-4, 16e-4])
+
+
+# --- LoCon: kohya's modules (decision 53) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("conv_rank, modules", [(8, 788), (0, 722)])
+def test_locon_on_the_real_sdxl_unet_adapts_kohyas_788_modules(sdxl_unet_on_meta, conv_rank, modules):
+    """kohya-ss/sd-scripts networks/lora.py, LoRANetwork.create_modules: with conv_dim set, every Linear and Conv2d
+    inside ResnetBlock2D / Downsample2D / Upsample2D is adapted; Linear and 1x1 Conv2d get network_dim/alpha, kxk
+    Conv2d conv_dim/conv_alpha. On SDXL: 722 transformer Linears + 17 resnet time-embedding projections (SGM
+    emb_layers.1) + 11 1x1 skip convolutions + 38 3x3 convolutions = 788 (we adapted 771, without the 17)."""
+    targets = networks.target_names(sdxl_unet_on_meta, params(rank=16, alpha=8.0, conv_rank=conv_rank, conv_alpha=2.0))
+    layers = dict(sdxl_unet_on_meta.named_modules())
+    assert len(targets) == modules
+    if not conv_rank:
+        return
+    emb = [n for n in targets if n.endswith(".time_emb_proj")]
+    skip = [n for n in targets if isinstance(layers[n], torch.nn.Conv2d) and layers[n].kernel_size == (1, 1)]
+    kxk = [n for n in targets if isinstance(layers[n], torch.nn.Conv2d) and layers[n].kernel_size == (3, 3)]
+    assert (len(emb), len(skip), len(kxk)) == (17, 11, 38)
+    assert all(targets[n] == (16, 8.0) for n in emb + skip)  # the linear rank and alpha, as kohya's
+    assert all(targets[n] == (8, 2.0) for n in kxk)
+
+
+def test_locon_with_block_dims_gives_resnet_linears_and_skips_the_blocks_linear_rank():
+    """kohya's create_modules with block_dims: `is_linear or is_conv2d_1x1` takes block_dims[block], kxk takes
+    conv_block_dims[block] (here conv_dim everywhere)."""
+    unet = build_tiny_component("unet")
+    dims = tuple(range(1, 24))
+    targets = networks.target_names(unet, params(conv_rank=4, conv_alpha=1.0, block_dims=dims, block_alphas=dims))
+    layers = dict(unet.named_modules())
+    per_block = unet.config.layers_per_block
+    resnet_linear = [n for n in targets if n.endswith((".time_emb_proj", ".conv_shortcut"))]
+    assert any(n.endswith(".time_emb_proj") for n in resnet_linear)
+    assert any(n.endswith(".conv_shortcut") for n in resnet_linear)
+    for n in resnet_linear:
+        b = networks.block_index(n, per_block)
+        assert targets[n] == (dims[b], float(dims[b])), n
+    assert all(targets[n] == (4, 1.0) for n in targets
+               if isinstance(layers[n], torch.nn.Conv2d) and layers[n].kernel_size != (1, 1))
+
+
+def _train_key(**kw) -> str:
+    import pyarrow as pa
+
+    from sdxlpipe.pipeline.keys import item_key
+    from sdxlpipe.stages import train
+
+    table = pa.table({"caption": ["a", "b"], "latent_key": ["1" * 32, "2" * 32], "text_key": ["3" * 32, "4" * 32],
+                      "empty_text_key": ["5" * 32] * 2, "repeats": [1, 2]})
+    return item_key(train.key_doc(table, train.Params(**kw), {"unet": "unetfp", "scheduler": "schedfp"}))
+
+
+def test_the_train_key_moves_for_locon_runs_and_for_a_gaussian_init_only():
+    """The literals are the keys before decisions 53 and 55: a run without conv_rank and with the default init keeps
+    its key (its checkpoints still resume); a LoCon run, whose network changed, and a gaussian-init run get new ones."""
+    assert _train_key() == "8f12a4fb395b2d24e26cc0d633d2579f"
+    assert _train_key(lora_init="kohya", rank=16) == "8f12a4fb395b2d24e26cc0d633d2579f"
+    assert _train_key(conv_rank=8, conv_alpha=4.0) != "7928e54d33cce189d7d213e755809727"
+    assert _train_key(network="loha", conv_rank=4) != "dbf1b0170bef3dd49fe88dd3d50a12fc"
+    assert _train_key(lora_init="gaussian") not in ("8f12a4fb395b2d24e26cc0d633d2579f", _train_key(conv_rank=8))
+
+
+def test_lora_init_gaussian_is_diffusers_std_one_over_rank_on_the_unet_and_text_encoders():
+    """diffusers examples/text_to_image/train_text_to_image_lora_sdxl.py: LoraConfig(init_lora_weights="gaussian")
+    for the UNet and both text encoders; peft's LoraLayer.reset_lora_parameters draws A from N(0, 1/r), B = 0."""
+    rank = 8
+    p = params(rank=rank, lora_init="gaussian")
+    unet = build_tiny_component("unet").requires_grad_(False)
+    networks.attach(unet, p)
+    encoder = build_tiny_component("text_encoder").requires_grad_(False)
+    networks.attach_text_encoder(encoder, p)
+    for model in (unet, encoder):
+        a = torch.cat([m.weight.flatten() for n, m in model.named_modules() if n.endswith(".lora_A.default")])
+        b = [m.weight for n, m in model.named_modules() if n.endswith(".lora_B.default")]
+        assert abs(float(a.std()) - 1 / rank) < 0.05 / rank and abs(float(a.mean())) < 0.01 / rank
+        assert float(a.abs().max()) > 3 / rank  # a normal's tails: kaiming-uniform is bounded by 1/sqrt(fan_in)
+        assert b and not any(w.any() for w in b)

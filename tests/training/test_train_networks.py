@@ -94,7 +94,9 @@ def test_each_module_trains_at_its_own_blocks_alpha_over_rank():
             up.weight.copy_(torch.randn(up.weight.shape, generator=g))  # B starts at zero: no delta to see
         b = networks.block_index(name, layers)
         if isinstance(module.base_layer, torch.nn.Conv2d):
-            kind, rank, alpha = "conv", dims[::-1][b], alphas[::-1][b]
+            # A 1x1 convolution takes the block's linear rank and alpha, as kohya's (decision 53).
+            kxk = module.base_layer.kernel_size != (1, 1)
+            kind, rank, alpha = ("conv", dims[::-1][b], alphas[::-1][b]) if kxk else ("linear", dims[b], alphas[b])
             x = torch.randn(1, module.base_layer.in_channels, 8, 8, generator=g)
         else:
             kind, rank, alpha = "linear", dims[b], alphas[b]
