@@ -25,11 +25,12 @@ import pyarrow as pa
 import torch
 
 
-def stage_seconds(root: Path, steps: int, batch: int, size: int) -> float:
+def stage_seconds(root: Path, steps: int, batch: int, size: int, loader_workers: int = 2, reporter=None) -> float:
     from sdxlpipe.cache_format import encode_tensors, open_store
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.context import Context, Models
     from sdxlpipe.pipeline.hashing import ContentMemo
+    from sdxlpipe.pipeline.keys import xxh3_hex
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.pipeline.workspace import Workspace
     from sdxlpipe.stages import train
@@ -41,21 +42,21 @@ def stage_seconds(root: Path, steps: int, batch: int, size: int) -> float:
     ws = Workspace(config.workspace)
     memo = ContentMemo(ws.memo_path)
     ctx = Context(config=config, store=open_store(config.store_url), workspace=ws, memo=memo,
-                  reporter=Reporter(enabled=False), models=Models(config, memo), stage="train")
+                  reporter=reporter or Reporter(enabled=False), models=Models(config, memo), stage="train")
     g = torch.Generator().manual_seed(0)
     side = size // 8
     rows = []
     with ctx.store.writer("vae_encode") as lw, ctx.store.writer("text_encode") as tw:
         for i in range(batch):
-            lw.add(f"l{i}", "latent.safetensors", encode_tensors(
+            lw.add(xxh3_hex(f"l{i}"), "latent.safetensors", encode_tensors(
                 {"mean": torch.randn(4, side, side, generator=g).half(), "std": torch.full((4, side, side), 0.1).half()},
                 {"scaling_factor": "0.13025"}))
-            tw.add(f"t{i}", "text.safetensors", encode_tensors(
+            tw.add(xxh3_hex(f"t{i}"), "text.safetensors", encode_tensors(
                 {"prompt_embeds": torch.randn(77, 96, generator=g).half(), "pooled_prompt_embeds": torch.randn(32, generator=g).half()}))
-            rows.append({"latent_key": f"l{i}", "text_key": f"t{i}", "repeats": 1, "width": size, "height": size,
+            rows.append({"latent_key": xxh3_hex(f"l{i}"), "text_key": xxh3_hex(f"t{i}"), "repeats": 1, "width": size, "height": size,
                          "crop_top": 0, "crop_left": 0, "bucket_w": size, "bucket_h": size})
     p = dataclasses.replace(train.Params(), rank=4, alpha=4.0, batch_size=batch, max_steps=steps,
-                            save_every_steps=steps, learning_rate=1e-4, max_grad_norm=0.0)
+                            save_every_steps=steps, learning_rate=1e-4, max_grad_norm=0.0, loader_workers=loader_workers)
     train.run(pa.Table.from_pylist(rows), p, ctx)
     return json.loads((Path(ctx.outputs["train"]["dir"]) / "done.json").read_text())["seconds"]
 

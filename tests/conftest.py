@@ -55,3 +55,18 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float 
 
 def cli_json(*args: str, cwd: Path | None = None) -> dict:
     return json.loads(cli(*args, "--json", cwd=cwd).stdout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA GPU (torch is imported only
+    when such a test is collected)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: `pytest -m cuda` on a GPU machine runs it")
+    for item in marked:
+        item.add_marker(skip)

@@ -35,15 +35,16 @@ MODELS = ("unet", "scheduler")
 ITEMS = "runs"
 
 # Params that do not change the trained weights stay out of the key: save
-# cadence, validation and logging, and gradient checkpointing (same math,
-# less memory).
+# cadence, validation and logging, gradient checkpointing (same math, less
+# memory), the loader's threads, torch.compile and channels-last (same math,
+# other kernels: rounding at most, as the thread count).
 NOT_IN_KEY = (
     "save_every_steps", "save_every_epochs", "max_checkpoints", "gradient_checkpointing", "tensorboard",
     "validation_prompts", "validation_negative_prompts", "validation_every_steps", "validation_every_epochs",
     "validation_steps", "validation_guidance", "validation_size", "validation_seed",
     # Which items train enters the key through the samples (the held-out ones are left out of them).
     "validation_split",
-    "loader_workers", "loader_prefetch", "shard_cache_dir", "shard_cache_gb",
+    "loader_workers", "loader_prefetch", "shard_cache_dir", "shard_cache_gb", "compile", "channels_last",
 )
 # Sample columns that shape training; a table from an older run may lack the newer ones.
 SAMPLE_COLUMNS = ("caption", "caption_variants", "latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "repeats", "is_reg")
@@ -183,6 +184,12 @@ class Params:
     # SDXL-sized (over 1e9 parameters; without it a 1024 px SDXL step needs far more than a 24 GB card), off for
     # small models such as the tiny one.
     gradient_checkpointing: bool | None = None
+    # torch.compile the UNet: the first steps compile (minutes for SDXL, again for validation images' shapes),
+    # later ones may run faster. Off until bench/gpu.py has measured it on a GPU (docs/decisions.md 65).
+    compile: bool = False
+    # Keep the UNet's weights channels-last (NHWC), the layout cuDNN's convolutions prefer on recent GPUs.
+    # Off until bench/gpu.py has measured it on a GPU (decision 65).
+    channels_last: bool = False
     # bf16 on recent GPUs and CPUs; fp16 (with a dynamic loss scaler) on GPUs without bf16 (before Ampere);
     # no = fp32. "no" is the default because it is exact on any device; on a GPU set bf16 (kohya users: their
     # mixed_precision = "bf16" / "fp16" is this setting).

@@ -10,6 +10,7 @@ the same batch from decoded payloads, the reference it is checked against).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sdxlpipe.models.sdxl import add_time_ids
@@ -50,8 +51,9 @@ def conditioning(rows: list[dict], picks: list[dict]) -> dict:
             crop_left = row["resize_w"] - row["bucket_w"] - crop_left
         time_ids.append(add_time_ids((row["height"], row["width"]), (row["crop_top"], crop_left),
                                      (row["bucket_h"], row["bucket_w"])))
-    return {"captions": captions, "time_ids": torch.tensor(time_ids, dtype=torch.float32),
-            "is_reg": torch.tensor([bool(row.get("is_reg")) for row in rows], dtype=torch.bool)}
+    # Through numpy: a few us a batch, where torch.tensor of nested lists took ~20 (the same values).
+    return {"captions": captions, "time_ids": torch.from_numpy(np.array(time_ids, dtype=np.float32).reshape(-1, 6)),
+            "is_reg": torch.from_numpy(np.array([bool(row.get("is_reg")) for row in rows], dtype=bool))}
 
 
 def as_float(batch: dict) -> dict:
@@ -60,4 +62,5 @@ def as_float(batch: dict) -> dict:
     Streamed batches arrive in the stored dtype (half the bytes to copy, and to a GPU); the
     training loop calls this on each.
     """
-    return {k: v.float() if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
+    # Always a copy (an fp32 payload too): the loop hands the read buffers back to the feed right after.
+    return {k: v.to(torch.float32, copy=True) if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}

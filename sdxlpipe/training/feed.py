@@ -2,10 +2,13 @@
 
 `Feed.take(i)` returns batch i of the run; `workers` threads of the training
 process read at most workers x prefetch batches ahead through the
-`BatchSource` (stream.py), planning and locating 16 batches at a time. For a
-remote store a thread fetches the shards of the coming batches into the shard
-cache, in plan order, within its byte limit. `open_feed` picks this process's
-batches (decisions.md 12).
+`BatchSource` (stream.py), planning and locating 16 batches at a time. Batches
+are read into byte buffers from a ring: `Feed.release(i)` hands batch i's back
+once the loop has copied what it needs, so a run reads into the same few
+buffers batch after batch instead of faulting in (or pinning) fresh memory
+for each (decision 65). For a remote store a thread fetches the shards of the
+coming batches into the shard cache, in plan order, within its byte limit.
+`open_feed` picks this process's batches (decisions.md 12).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Empty, Full, Queue
 from typing import TYPE_CHECKING
+
+from sdxlpipe.training.slots import Buffers
 
 if TYPE_CHECKING:
     from sdxlpipe.training.stream import BatchSource
@@ -23,8 +29,32 @@ if TYPE_CHECKING:
 PREPARE_BATCHES = 16
 
 
+class Ring:
+    """The buffers of released batches (`slots.Buffers`), for the next reads to reuse.
+
+    Never blocks: with none free a read gets new buffers (a caller that never releases reads as before),
+    and buffers beyond `capacity` are dropped.
+    """
+
+    def __init__(self, capacity: int):
+        self._free: Queue = Queue(maxsize=capacity)
+
+    def get(self) -> Buffers:
+        try:
+            return self._free.get_nowait()
+        except Empty:
+            return Buffers()
+
+    def put(self, buffers: Buffers) -> None:
+        try:
+            self._free.put_nowait(buffers)
+        except Full:
+            pass
+
+
 class Feed:
-    """This process's batches, in order, read ahead by `workers` reader threads; `take(i)` returns batch i.
+    """This process's batches, in order, read ahead by `workers` reader threads; `take(i)` returns batch i,
+    `release(i)` gives its buffers back once nothing refers to its tensors any more.
 
     At most workers x prefetch batches are read ahead. With 0 workers `take` reads the batch itself.
     """
@@ -33,6 +63,9 @@ class Feed:
         self.source, self.indices = source, indices
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sdxlpipe-reader") if workers else None
         self._limit = workers * prefetch
+        # Batches alive at once: those read ahead, one more submitted while the loop holds one, that one.
+        self._ring = Ring(self._limit + 2)
+        self._lent: dict[int, Buffers] = {}  # batch index -> the buffers under the batch the loop holds
         self._ahead: deque[Future] = deque()
         self._submitted = 0  # positions handed to the readers so far
         self._consumed = 0
@@ -51,13 +84,16 @@ class Feed:
     def _read_ahead(self) -> None:
         while self._pool is not None and self._submitted < len(self.indices) and len(self._ahead) < self._limit:
             self._prepare(self._submitted)
-            self._ahead.append(self._pool.submit(self.source.read, self.indices[self._submitted]))
+            self._ahead.append(self._pool.submit(self._read, self.indices[self._submitted]))
             self._submitted += 1
+
+    def _read(self, index: int) -> dict:
+        return self.source.read(index, buffers=self._ring.get())
 
     def take(self, index: int) -> dict:
         if self._pool is None:
             self._prepare(self._consumed)
-            result = self.source.read(self.indices[self._consumed])
+            result = self._read(self.indices[self._consumed])
         else:
             future = self._ahead.popleft()
             self._read_ahead()  # keep the readers busy while this one is waited for
@@ -67,7 +103,16 @@ class Feed:
         with self._moved:
             self._consumed += 1
             self._moved.notify_all()
-        return self.source.recover(result)
+        batch = self.source.recover(result)
+        self._lent[index] = batch.pop("buffers")
+        return batch
+
+    def release(self, index: int) -> None:
+        """Batch `index`'s buffers back to the ring: its tensors will be overwritten by a coming batch, so the
+        caller must hold no reference to them (the loop releases after `as_float` copied them)."""
+        buffers = self._lent.pop(index, None)
+        if buffers is not None:
+            self._ring.put(buffers)
 
     def _fetch_ahead(self) -> None:
         """Fetch the shards of the coming batches in plan order, holding at most the cache's limit ahead."""

@@ -40,8 +40,8 @@ from sdxlpipe.cache_format import CacheDamaged
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, validation,
-                               validation_loss)
+from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, threads,
+                               validation, validation_loss)
 from sdxlpipe.training.batches import as_float
 from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
@@ -117,6 +117,7 @@ class Run:
     history: dict = field(default_factory=lambda: {"losses": [], "eval_loss_before": None, "validation": []})
     held: Any = None  # the held-out items the validation loss is measured on (validation_loss.HeldOut), or None
     feed: Any = None  # this process's batches, while the steps run (feed.Feed)
+    loader_wait: float = 0.0  # seconds the steps waited for their batches (this session)
     logs: Any = None  # log.jsonl and TensorBoard (validation.Logs)
 
     @property
@@ -144,6 +145,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int, held_out: pa.T
     # --- set up ----------------------------------------------------------------------------------------
     accelerator, scaler = precision.accelerate(p, ctx.config.device)
     _check_settings(table, p, accelerator.num_processes, ctx.log)
+    _set_threads(p, ctx.log)
     data = _data(table, p, ctx, accelerator.num_processes, accelerator.device)
     noise = _noise(p, ctx, accelerator.device)
     model = _model(p, ctx, accelerator.device)
@@ -195,6 +197,14 @@ def _check_settings(table: pa.Table, p, world: int, log) -> None:
         log.info("train_text_encoder: captions are encoded in the loop; the cached text embeddings are not used")
 
 
+def _set_threads(p, log) -> None:
+    """Torch's intra-op threads: the cores this process may use less the loader's reader threads (decision 64)."""
+    want = threads.apply(p.loader_workers, torch.get_num_threads())
+    if want is not None:
+        log.info("torch threads: %d (usable cores less %d reader threads)", want, p.loader_workers)
+        torch.set_num_threads(want)
+
+
 def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
     """The batch plan and the source that reads batch i from the store when it is due."""
     # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
@@ -240,6 +250,7 @@ def _model(p, ctx, device) -> Model:
     unet.to(device)
     unet.train()
     checkpointing = networks.gradient_checkpointing(unet, p)  # on for SDXL-sized UNets unless set
+    speed_ups(unet, p)
     stack: dict = {}
     if p.train_text_encoder:
         stack = loading.load_text_stack(ctx.config.model, allow_pickle=ctx.config.allow_pickle)
@@ -255,6 +266,18 @@ def _model(p, ctx, device) -> Model:
                 stack[name].to(device)
                 stack[name].train()
     return Model(unet, unet, stack, checkpointing)
+
+
+def speed_ups(unet, p) -> None:
+    """The UNet channels-last and its forward compiled, when set (decision 65): other kernels, the same math.
+
+    `Module.compile` compiles in place: the module, its parameters and state-dict names stay as they are,
+    so accelerate, checkpoints and EMA see the UNet they always did.
+    """
+    if p.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if p.compile:
+        unet.compile()
 
 
 def _optimization(model: Model, p, max_steps: int) -> Optimization:
@@ -345,7 +368,7 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
     batch, damage = None, None
     try:
         # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
-        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else run.feed.take(index))
+        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else _take(run, index))
     except CacheDamaged as e:
         damage = e
     if not fixed:  # every process reads the same fixed batches, so meets the same damage there
@@ -362,6 +385,17 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
                                                               **run.data.text_settings)
         return losses.batch_loss(run.model.unet, batch, run.p, run.noise.alphas_cumprod, run.noise.prediction_type,
                                  gen, run.device, fixed)
+
+
+def _take(run: Run, index: int) -> dict:
+    """Batch `index` from the feed, its payloads copied out (`as_float` always copies) so its buffers go back
+    to the feed's ring at once; the seconds the loop waited for it are counted (`done.json`)."""
+    began = time.perf_counter()
+    batch = run.feed.take(index)
+    run.loader_wait += time.perf_counter() - began
+    floats = as_float(batch)
+    run.feed.release(index)
+    return floats
 
 
 def eval_loss(run: Run) -> float:
@@ -443,6 +477,13 @@ def _finish(run: Run, seconds: float) -> dict:
         "mean_loss_last_20": sum(recent) / max(1, len(recent)),
         "eval_loss_before": history["eval_loss_before"], "eval_loss_after": eval_loss(run),
         "processes": run.world, "seconds": seconds, "outputs": outputs, "gradient_checkpointing": run.model.checkpointing,
+        "torch_threads": torch.get_num_threads(),
+        # The steps' share of `seconds` spent waiting for batches: above a few % the loader is what limits the run.
+        "loader_wait_seconds": round(run.loader_wait, 3),
+        # What the speed-ups really did to the UNet (decision 65): its first convolution's memory layout, compiled.
+        "unet_layout": ("channels_last" if run.model.bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                        and not run.model.bare.conv_in.weight.is_contiguous() else "contiguous"),
+        "unet_compiled": getattr(run.model.bare, "_compiled_call_impl", None) is not None,
         # Bytes of the UNet's weights by role and storage dtype after the run: what the precision settings really did.
         "weights_bytes": networks.dtype_counts(run.model.bare),
         **({"best_validation": best, "validation_items": run.held.items} if best else {}),

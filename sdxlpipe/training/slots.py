@@ -1,9 +1,10 @@
 """One store item read straight into its slots of a batch, checked by xxh3.
 
 `read_item` reads an item's safetensors header first, then one preadv puts
-each tensor's bytes straight into its slot of the batch (`Slots`, allocated on
-the first item's shapes, in the stored dtype) or a scratch buffer (masks,
-names the batch does not use), and the xxh3 runs over exactly the bytes read.
+each tensor's bytes straight into its slot of the batch (`Slots`, shaped on
+the first item's shapes, in the stored dtype, over byte buffers the feed
+reuses batch after batch: decision 65) or a scratch buffer (masks, names the
+batch does not use), and the xxh3 runs over exactly the bytes read.
 Anything unusual (a long header, shapes unlike the batch's) reads the payload
 whole and decodes it. A shard is a local file (`FileShard`: the store's own,
 or the shard cache's copy) or a remote one read by ranges (`RemoteShard`).
@@ -34,24 +35,69 @@ VIEW_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float3
 HEADER_READ = 512
 
 
-class Slots:
-    """A batch's tensors, allocated on the first item's shapes and filled slot by slot."""
+class Buffers:
+    """The byte buffers under a batch's tensors ({field: flat uint8 tensor}) and the tensor and numpy views
+    made of them, by (field, batch size, shape, dtype): what the feed's ring hands from batch to batch."""
 
-    def __init__(self, size: int, pin_memory: bool, masks: bool, meta_stage: str):
+    def __init__(self) -> None:
+        self.flat: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+
+
+class Slots:
+    """A batch's tensors, shaped on the first item's shapes and filled slot by slot.
+
+    `buffers` (from the feed's ring) back the batch's tensors when large enough, through views made once
+    per shape; a field without one gets a new buffer. `buffers` then holds every buffer the batch uses,
+    for the feed to reuse once the loop is done with the batch.
+    """
+
+    def __init__(self, size: int, pin_memory: bool, masks: bool, meta_stage: str, buffers: Buffers | None = None):
         """meta_stage: the stage whose items' metadata the batch carries (the latents' scaling factor)."""
         self.size, self.pin_memory, self.masks, self.meta_stage = size, pin_memory, masks, meta_stage
+        self.buffers = buffers if buffers is not None else Buffers()
         self.tensors: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, np.ndarray] = {}  # field -> (size, bytes per sample) uint8 view of its tensor
+        self.layout: dict[str, tuple] = {}  # field -> (per-sample shape, dtype) of its tensor
         self.mask_of: dict[int, torch.Tensor] = {}  # position -> its stored mask
         self.meta: dict[str, dict] = {}  # latent key -> safetensors metadata
 
-    def slot(self, field: str, pos: int, shape: tuple, dtype) -> torch.Tensor | None:
-        """The batch slot of `field` at position `pos`; None when the shape or dtype differs from the batch's."""
+    def _shape(self, field: str, shape: tuple, dtype) -> torch.Tensor | None:
+        """The batch tensor of `field` (made on first use, over its buffer); None when `shape` or `dtype`
+        differs from the batch's."""
         t = self.tensors.get(field)
         if t is None:
-            t = self.tensors[field] = torch.empty((self.size, *shape), dtype=dtype, pin_memory=self.pin_memory)
-        elif tuple(t.shape[1:]) != shape or t.dtype != dtype:
+            shape = tuple(shape)
+            view = self.buffers.views.get((field, self.size, shape, dtype))
+            if view is None:
+                nbytes = self.size * math.prod(shape) * dtype.itemsize
+                buf = self.buffers.flat.get(field)
+                if buf is None or buf.numel() < nbytes:
+                    buf = self.buffers.flat[field] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                    self.buffers.views = {k: v for k, v in self.buffers.views.items() if k[0] != field}
+                view = self.buffers.views[(field, self.size, shape, dtype)] = (
+                    buf[:nbytes].view(dtype).view(self.size, *shape), buf[:nbytes].numpy().reshape(self.size, -1))
+            t = self.tensors[field] = view[0]
+            self.rows[field] = view[1]
+            self.layout[field] = (shape, dtype)
+        elif self.layout[field] != (shape, dtype):
             return None
-        return t[pos]
+        return t
+
+    def unshape(self, field: str) -> None:
+        """Forget the shape of `field`'s tensor (its buffer stays), so the next item shapes it."""
+        del self.tensors[field], self.rows[field], self.layout[field]
+
+    def slot(self, field: str, pos: int, shape: tuple, dtype) -> torch.Tensor | None:
+        """The batch slot of `field` at position `pos`; None when the shape or dtype differs from the batch's."""
+        t = self._shape(field, shape, dtype)
+        return None if t is None else t[pos]
+
+    def dest(self, field: str, pos: int, shape: tuple, dtype) -> np.ndarray | None:
+        """The bytes of that slot, for preadv to read into (a numpy view: cheaper than a tensor's per item)."""
+        if self.layout.get(field) != (shape, dtype) and self._shape(field, shape, dtype) is None:
+            return None
+        return self.rows[field][pos]
 
     def fill(self, stage: str, key: str, positions: list[int], tensors: dict, meta: dict) -> None:
         """Copy a decoded payload into its slots (items that are not read straight into them)."""
@@ -82,14 +128,27 @@ class Slots:
                 "shift": float(meta.get("shift_factor", "0.0") or 0.0)}
 
 
-def read_item(shard, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
+def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, headers: dict | None = None) -> str | None:
     """Read one item into its batch slots and check its xxh3; why it is unusable, or None.
 
     The common case: the header is read first, then one preadv puts each tensor's bytes straight
     into its slot (or a scratch buffer: masks, names the batch does not use), and the hash runs over
-    exactly the bytes read. Anything unusual (a long header, shapes unlike the batch's) reads the
-    payload whole and decodes it.
+    exactly the bytes read. `headers` ({stage: the last header read, length prefix included}, shared
+    by the batches of a run): an item as long as the last one of its stage is read in one preadv on the
+    guess that its header is the same bytes (the items of a bucket have the same shapes and metadata),
+    which is then checked; a wrong guess reads it again the common way. Anything unusual (a long header,
+    shapes unlike the batch's) reads the payload whole and decodes it.
     """
+    guess, parsed = headers.get(stage, (None, None)) if headers is not None else (None, None)
+    if guess is not None and len(guess) < loc.length:
+        shaped = len(slots.tensors)
+        plan = _place(parsed, len(guess), loc.length, positions[0], slots)
+        if plan is not None:
+            head = bytearray(len(guess))
+            if shard.readinto([head, *plan[0]], loc.offset) == loc.length and head == guess:
+                return _check(head, plan, loc, stage, positions, slots)
+        for field in list(slots.tensors)[shaped:]:  # shaped on the wrong guess: the item's header shapes them
+            slots.unshape(field)
     head = bytearray(min(HEADER_READ, loc.length))
     got = shard.readinto([head], loc.offset)
     if got != len(head):
@@ -98,12 +157,22 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots) -> str
     plan = _layout(head, size, loc.length, positions[0], slots) if 8 + size <= len(head) else None
     if plan is None:
         return _read_whole(shard, loc, stage, positions, slots)
-    dests, fields, masks, meta = plan
+    dests = plan[0]
     got = shard.readinto(dests, loc.offset + 8 + size) if dests else 0
     want = loc.length - 8 - size
     if got != want:
         return f"truncated: {8 + size + got} of {loc.length} bytes"
-    digest = xxhash.xxh3_128(memoryview(head)[:8 + size])
+    why = _check(memoryview(head)[:8 + size], plan, loc, stage, positions, slots)
+    if why is None and headers is not None:
+        headers[stage] = (bytes(head[:8 + size]), _parse_header(bytes(head[8:8 + size])))
+    return why
+
+
+def _check(head, plan, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
+    """The xxh3 of the header and the bytes read into `plan`'s buffers against the index's; then the
+    copies for an item used twice, its mask and metadata."""
+    dests, fields, masks, meta = plan
+    digest = xxhash.xxh3_128(head)
     for d in dests:
         digest.update(d)
     if digest.hexdigest() != loc.xxh3:
@@ -119,21 +188,25 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots) -> str
     return None
 
 
-def _layout(head: bytearray, size: int, length: int, pos: int, slots: Slots):
+def _layout(head: bytes | bytearray, size: int, length: int, pos: int, slots: Slots):
     """Where each tensor of the payload goes: ([writable buffers in data order], [batch fields filled],
     [(mask buffer, dtype, shape)], metadata); None when the header is not one this reads straight into slots."""
-    parsed = _parse_header(bytes(head[8:8 + size]))
-    if parsed is None or 8 + size + parsed[2] != length:
+    return _place(_parse_header(bytes(head[8:8 + size])), 8 + size, length, pos, slots)
+
+
+def _place(parsed, start: int, length: int, pos: int, slots: Slots):
+    """`_layout` of a parsed header whose data starts at byte `start` of the item."""
+    if parsed is None or start + parsed[2] != length:
         return None
     entries, meta, _ = parsed
     dests, fields, masks = [], [], []
     for name, dtype, shape, nbytes in entries:
         field = BATCH_FIELDS.get(name)
         if field is not None:
-            slot = slots.slot(field, pos, shape, dtype)
-            if slot is None:
+            dest = slots.dest(field, pos, shape, dtype)
+            if dest is None:
                 return None
-            dests.append(slot.reshape(-1).view(torch.uint8).numpy())
+            dests.append(dest)
             fields.append(field)
         else:
             buf = np.empty(nbytes, np.uint8)

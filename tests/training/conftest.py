@@ -29,11 +29,13 @@ SMALL = dict(rank=4, alpha=8.0, batch_size=2, learning_rate=1e-3, max_steps=8, s
              loader_workers=0)
 
 
-def make_context(root: Path, model: str = "tiny", store: str | None = None, **train_overrides) -> Context:
-    """A workspace at root; `store`: a store URL instead of the workspace's own store."""
+def make_context(root: Path, model: str = "tiny", store: str | None = None, device: str = "cpu",
+                 **train_overrides) -> Context:
+    """A workspace at root; `store`: a store URL instead of the workspace's own store; `device`: the config's."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
-    lines = [f'model = "{model}"', *([f'[store]\nurl = "{store}"'] if store else []), "[[sources]]", 'path = "images"', "[train]"]
+    lines = [f'model = "{model}"', f'device = "{device}"', *([f'[store]\nurl = "{store}"'] if store else []),
+             "[[sources]]", 'path = "images"', "[train]"]
     config_path = root / "sdxlpipe.toml"
     config_path.write_text("\n".join(lines) + "\n")
     config = load_config(config_path, [f"train.{k}={_toml(v)}" for k, v in train_overrides.items()])
@@ -54,28 +56,29 @@ def _toml(v) -> str:
 
 
 def build_samples(ctx: Context, n: int = 6, *, size: int = 64, flips: bool = False, variants: int = 0,
-                  masks: bool = False, reg: int = 0, seed: int = 0, shard_bytes: int = 256 << 20) -> pa.Table:
-    """n training rows (plus `reg` regularisation rows) of one 64 px bucket, their payloads in ctx.store
-    (in shards of about `shard_bytes`)."""
+                  masks: bool = False, reg: int = 0, seed: int = 0, shard_bytes: int = 256 << 20,
+                  width: int | None = None, prefix: str = "") -> pa.Table:
+    """n training rows (plus `reg` regularisation rows) of one bucket (size x size px, or width x size), their
+    payloads in ctx.store (in shards of about `shard_bytes`); `prefix` names another set of samples."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    side = size // 8
+    side, wide = size // 8, (width or size) // 8
     rows = []
     with ctx.store.writer("vae_encode", shard_bytes) as lw, ctx.store.writer("text_encode", shard_bytes) as tw:
         def text(name: str) -> str:
-            key = xxh3_hex(name)  # store keys are xxh3-128 hex digests
+            key = xxh3_hex(prefix + name)  # store keys are xxh3-128 hex digests
             tw.add(key, "text.safetensors", encode_tensors({
                 "prompt_embeds": torch.randn(77, 96, generator=g).half(),
                 "pooled_prompt_embeds": torch.randn(32, generator=g).half()}))
             return key
 
         def latent(name: str) -> str:
-            key = xxh3_hex(name)
-            tensors = {"mean": (torch.randn(4, side, side, generator=g) * 4).half(),
-                       "std": torch.full((4, side, side), 0.05).half()}
+            key = xxh3_hex(prefix + name)
+            tensors = {"mean": (torch.randn(4, side, wide, generator=g) * 4).half(),
+                       "std": torch.full((4, side, wide), 0.05).half()}
             if masks:
-                m = torch.zeros(1, side, side)
+                m = torch.zeros(1, side, wide)
                 m[:, : side // 2] = 1.0
                 tensors["mask"] = m.half()
             lw.add(key, "latent.safetensors", encode_tensors(tensors, {"scaling_factor": "0.13025", "shift_factor": "0.0"}))
@@ -84,14 +87,14 @@ def build_samples(ctx: Context, n: int = 6, *, size: int = 64, flips: bool = Fal
         empty = text("t-empty")
         for i in range(n + reg):
             rows.append({
-                "key": f"s{i}", "caption": f"a shape number {i}", "caption_variants": None,
+                "key": f"{prefix}s{i}", "caption": f"a shape number {i}", "caption_variants": None,
                 "latent_key": latent(f"l{i}"),
                 "latent_flip_key": latent(f"lf{i}") if flips else None,
                 "text_key": text(f"t{i}"),
                 "text_variant_keys": [text(f"t{i}v{j}") for j in range(variants)] or None,
                 "empty_text_key": empty, "repeats": 1, "is_reg": i >= n, "subset": "images",
-                "width": size, "height": size, "resize_w": size, "resize_h": size,
-                "crop_top": 0, "crop_left": 0, "bucket_w": size, "bucket_h": size,
+                "width": width or size, "height": size, "resize_w": width or size, "resize_h": size,
+                "crop_top": 0, "crop_left": 0, "bucket_w": width or size, "bucket_h": size,
             })
     return pa.Table.from_pylist(rows)
 
