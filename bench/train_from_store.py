@@ -84,6 +84,7 @@ def build(root: Path, n: int, shard_mib: int) -> dict:
         "bucket_w": [1024] * n, "bucket_h": [1024] * n, "resize_w": [1024] * n, "resize_h": [1024] * n,
         "crop_top": [0] * n, "crop_left": [0] * n, "latent_key": lkeys, "latent_flip_key": [None] * n,
         "text_key": tkeys[:n], "text_variant_keys": [[k] for k in tkeys[:n]], "empty_text_key": [tkeys[n]] * n,
+        "validation": [False] * n,
     }).cast(PUBLISHED)
     items = {}
     for stage, field, columns, keys in (("vae_encode", "latent.safetensors", ("latent_key", "latent_flip_key"), lkeys),
