@@ -32,6 +32,11 @@ from sdxlpipe.lora.cli import lora_app  # noqa: E402
 
 app.add_typer(lora_app, name="lora")
 
+# issue 17: published datasets (`run encode` publishes them) in their own module too.
+from sdxlpipe.dataset_cli import dataset_app  # noqa: E402
+
+app.add_typer(dataset_app, name="dataset")
+
 
 def _parse_shards(text: str | None) -> tuple[int, int] | None:
     """`--shards K/N`, K counted from 1 (like Jest's and Playwright's --shard) -> the 0-based (K-1, N)."""
@@ -137,6 +142,9 @@ def _print_run_report(report: dict, as_json: bool, strict: bool, config: Path) -
         for path in report["outputs"].get("lora", []):
             note = report["outputs"].get("lora_for", {}).get(path)
             print(("wrote " if path in written else "up to date: ") + path + (f"  ({note})" if note else ""))
+        dataset = report["outputs"].get("dataset")
+        if dataset and dataset["published"]:  # an unchanged dataset says nothing (`dataset show` does)
+            print(f"published dataset {dataset['name']}@{dataset['snapshot']} ({dataset['samples']} samples)")
     if failed:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"Error: stage(s) failed: {', '.join(failed)}" + (" (nothing was exported)" if "export" in failed else ""),

@@ -43,8 +43,10 @@ def check_store(url: str, must_exist: bool, flag: str) -> None:
     """
     import fsspec
 
+    from sdxlpipe.cache_format.shards import is_http
+
     fs, root = fsspec.core.url_to_fs(url)
-    if fs.isfile(root):
+    if not is_http(fs) and fs.isfile(root):  # over HTTP any answered URL is a "file": FORMAT decides
         raise UserError(f"the store {url} is a file, not a folder",
                         f"point {flag} at a folder (a new one starts an empty store)")
     if must_exist and not fs.isfile(root.rstrip("/") + "/FORMAT"):

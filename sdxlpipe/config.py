@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -39,18 +40,23 @@ class Config:
     params: dict[str, Any] = field(repr=False)
     # The stages this config runs, name -> module, in pipeline order (sdxlpipe/stages/__init__.py).
     stages: dict[str, ModuleType] = field(repr=False)
+    # [dataset]: the name the encode stages publish this config's training-ready rows under, in the store.
+    dataset_name: str = "dataset"
+    publish: bool = True
 
     def to_record(self) -> dict[str, Any]:
         """The resolved config as plain JSON, for run records and checkpoints."""
         return {
             "model": self.model, "vae": self.vae, "device": self.device,
-            "store": self.store_url,
+            "store": self.store_url, "dataset": {"name": self.dataset_name, "publish": self.publish},
             **{name: _to_plain(p) for name, p in self.params.items()},
         }
 
 
 # Top-level keys outside the stage tables. `sources` belongs to ingest.
-_TOP = {"model", "vae", "allow_pickle", "device", "store", "sources"}
+_TOP = {"model", "vae", "allow_pickle", "device", "store", "dataset", "sources"}
+# What a [dataset] name may be (cache_format/snapshots.py: a file name in every store, never a path).
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, stages: Sequence[str] = STAGES) -> Config:
@@ -112,6 +118,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, stages: Se
         if "url" in store:
             store_url = _resolve_url(str(store["url"]), base)
 
+    dataset_name, publish = _dataset(raw.get("dataset", {}), base, problems)
+
     params: dict[str, Any] = {}
     for name, module in modules.items():
         table = raw.get(name, {})
@@ -129,8 +137,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None, stages: Se
     return Config(
         path=path.absolute(), base_dir=base, model=_resolve_model(model, base), vae=vae and _resolve_model(vae, base),
         allow_pickle=allow_pickle, device=device, store_url=store_url,
-        workspace=base / WORKSPACE_DIR, params=params, stages=modules,
+        workspace=base / WORKSPACE_DIR, params=params, stages=modules, dataset_name=dataset_name, publish=publish,
     )
+
+
+def _dataset(table: Any, base: Path, problems: list) -> tuple[str, bool]:
+    """[dataset] name (default: the config folder's name, made a valid name) and publish (default true:
+    `run encode` and `run all` publish the training-ready rows so any machine can train from the store)."""
+    default = re.sub(r"[^A-Za-z0-9_.-]+", "-", base.name).strip("-._")[:100] or "dataset"
+    if not isinstance(table, dict):
+        problems.append(("dataset", "must be a table: [dataset] name = ..."))
+        return default, True
+    for key in table:
+        if key not in ("name", "publish"):
+            problems.append((f"dataset.{key}", unknown_key(key, ["name", "publish"])))
+    name = table.get("name", default)
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        problems.append(("dataset.name", f"{name!r} is not a dataset name: 1-100 letters, digits, '_', '-' or '.', "
+                                         "starting with a letter or digit"))
+        name = default
+    publish = table.get("publish", True)
+    if not isinstance(publish, bool):
+        problems.append(("dataset.publish", "must be true or false"))
+        publish = True
+    return name, publish
 
 
 def _resolve_model(spec: str, base: Path) -> str:
@@ -197,6 +227,8 @@ def _build(cls: type, table: dict, prefix: str, base: Path, problems: list) -> A
         if ok:
             if fields[key].metadata.get("path") and coerced is not None:
                 coerced = str((base / coerced).resolve()) if not Path(coerced).is_absolute() else coerced
+            if fields[key].metadata.get("url") and coerced:
+                coerced = _resolve_url(coerced, base)  # a path or an fsspec URL, as [store] url
             values[key] = coerced
     try:
         return cls(**values)
@@ -278,6 +310,8 @@ def path_settings(params: Any) -> list[tuple[str, dict]]:
         if f.metadata.get("path"):
             if value:
                 found.append((value, dict(f.metadata)))
+        elif f.metadata.get("url") and value and "://" not in value.removeprefix("file://"):
+            found.append((value.removeprefix("file://"), dict(f.metadata)))  # a store on this machine: a path
         for item in value if isinstance(value, tuple) else (value,):
             if dataclasses.is_dataclass(item):
                 found += path_settings(item)

@@ -77,14 +77,20 @@ def _copy_store(src: str, dst: str, as_json: bool) -> None:
     check_store(src, must_exist=True, flag="SRC (the first argument)")
     check_store(dst, must_exist=False, flag="DST (the second argument)")
     source = open_store(src, create=False)
-    report = source.copy_missing_to(open_store(dst, create=True))
+    target = open_store(dst, create=True)
+    report = source.copy_missing_to(target)
+    published = source.copy_datasets_to(target)  # after the shards they name
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**report, "datasets": published}, indent=2))
     else:
         for stage, c in report.items():
             print(f"{stage:12} {c['items']:>8} items copied {c['shards']:>5} shards {c['bytes'] / 1e6:>10.1f} MB"
                   + (f"  {len(c['damaged'])} damaged, not copied" if c["damaged"] else ""))
-    if any(c["damaged"] for c in report.values()):
+        for name in published["copied"]:
+            print(f"dataset {name} published in {target.url}")
+        for name, why in published["left"].items():
+            print(f"dataset {name} not copied: {why}")
+    if any(c["damaged"] for c in report.values()) or published["left"]:
         raise typer.Exit(1)
 
 

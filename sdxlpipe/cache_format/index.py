@@ -101,6 +101,8 @@ class StageIndex:
         self.segments: list[Segment] = []
         self.reads = 0  # fragment files read so far (tests and benchmarks watch it)
         self._present_count: int | None = None
+        # A published snapshot's rows (snapshots.py): fixed, so `update` never lists the directory.
+        self.frozen = False
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -108,8 +110,11 @@ class StageIndex:
         """List the stage once and read what is new; returns the new fragment names.
 
         A fragment deleted between the listing and its read (a `compact` replaced it)
-        makes us list again, for the merged fragment that holds its rows.
+        makes us list again, for the merged fragment that holds its rows. A frozen index
+        (a snapshot's rows) lists nothing and reads nothing.
         """
+        if self.frozen:
+            return []
         listed = list_entries(fs, self.directory, ".parquet", detail_prefix=BAD_PREFIX,
                               known=self._signature if self.cache is not None else None)
         frags = {n: s for n, s in listed.items() if not n.startswith(BAD_PREFIX)}
@@ -483,6 +488,10 @@ class StageIndex:
 
     def first_good(self, keys: np.ndarray, field: str | None) -> list[tuple[int, int]]:
         """Per key, (segment, row) of its first good row of `field` (any field if None), or (-1, -1)."""
+        seg, row = self._first_good(keys, field)
+        return list(zip(seg.tolist(), row.tolist()))
+
+    def _first_good(self, keys: np.ndarray, field: str | None) -> tuple[np.ndarray, np.ndarray]:
         hi = top64(keys)
         seg = np.full(len(keys), -1, np.int64)
         row = np.full(len(keys), -1, np.int64)
@@ -490,7 +499,7 @@ class StageIndex:
         if field is not None:
             code = self._field_code.get(field)
             if code is None:
-                return list(zip(seg.tolist(), row.tolist()))
+                return seg, row
         for n, s in enumerate(self.segments):
             todo = np.flatnonzero(seg < 0)
             if len(todo) == 0:
@@ -499,7 +508,35 @@ class StageIndex:
             hit = found >= 0
             seg[todo[hit]] = n
             row[todo[hit]] = found[hit]
-        return list(zip(seg.tolist(), row.tolist()))
+        return seg, row
+
+    def first_good_table(self, keys: np.ndarray, field: str) -> tuple[pa.Table, np.ndarray]:
+        """The first good row of each key's `field` as a GROUPED_SCHEMA table (the keys found, in
+        their order), and the mask of the keys found: a published snapshot's locations, without a
+        Python object per row."""
+        seg, row = self._first_good(keys, field)
+        found = seg >= 0
+        parts = {c: [] for c in ("key", "shard", "field", "offset", "length", "xxh3", "group")}
+        order = []
+        for n, s in enumerate(self.segments):
+            at = np.flatnonzero(seg == n)
+            if len(at):
+                order.append(at)
+                for c in parts:
+                    parts[c].append(s.cols[c][row[at]])
+        if order:
+            back = np.argsort(np.concatenate(order), kind="stable")  # back to the keys' order
+            cols = {c: np.concatenate(v)[back] for c, v in parts.items()}
+        else:
+            cols = {"key": np.zeros(0, "S32"), "xxh3": np.zeros(0, "S32"), "offset": np.zeros(0, np.int64),
+                    "length": np.zeros(0, np.int64), **{c: np.zeros(0, np.int32) for c in ("shard", "field", "group")}}
+        table = pa.table({
+            "item_key": _strings(cols["key"]), "field": _decode(self.field_names, cols["field"]),
+            "shard_id": _decode(self.shards, cols["shard"]), "offset": pa.array(cols["offset"], pa.int64()),
+            "length": pa.array(cols["length"], pa.int64()), "xxh3": _strings(cols["xxh3"]),
+            "group": _decode(self.group_names, cols["group"]),
+        }, schema=GROUPED_SCHEMA)
+        return table, found
 
     def location(self, seg: int, row: int) -> Location:
         c = self.segments[seg].cols

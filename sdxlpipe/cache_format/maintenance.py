@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from . import snapshots
 from .grammar import Location, is_key, table_bytes
 from .index import StageIndex
 from .listing import list_detail, list_files, list_names
@@ -132,15 +133,17 @@ def gc(store: Store, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE
     before it is deleted: a shard committed again under the same content name, or a
     temp file a live writer touched, since the first look is kept.
     """
-    referenced = _referenced_shards(store)
+    referenced, published = _referenced_shards(store), snapshots.live(store)
     now = time.time()
-    removed = [p for p in _gc_candidates(store, referenced) if _age(store, p, now) > grace_seconds]
+    removed = [p for p in _gc_candidates(store, referenced | published[0], published[1])
+               if _age(store, p, now) > grace_seconds]
     if dry_run or not removed:
         return removed
-    referenced = _referenced_shards(store)  # what writers committed since the first look
+    # What writers committed and publishers published since the first look.
+    referenced, published = _referenced_shards(store), snapshots.live(store)
     kept = []
     for path in removed:
-        if _shard_key(store, path) in referenced or _age(store, path, time.time()) <= grace_seconds:
+        if _kept(store, path, referenced | published[0], published[1]) or _age(store, path, time.time()) <= grace_seconds:
             kept.append(path)
             continue
         try:
@@ -148,6 +151,13 @@ def gc(store: Store, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE
         except FileNotFoundError:
             pass  # another gc got there first
     return [p for p in removed if p not in kept]
+
+
+def _kept(store: Store, path: str, referenced: set[tuple[str, str]], published: set[str]) -> bool:
+    """Does an index fragment or a published snapshot keep this shard or snapshot file?"""
+    if posixpath.dirname(path) == store._path(snapshots.DATASETS, "snapshots"):
+        return posixpath.basename(path) in published
+    return _shard_key(store, path) in referenced
 
 
 def _referenced_shards(store: Store) -> set[tuple[str, str]]:
@@ -165,13 +175,15 @@ def _referenced_shards(store: Store) -> set[tuple[str, str]]:
     return referenced
 
 
-def _gc_candidates(store: Store, referenced: set[tuple[str, str]]) -> list[str]:
+def _gc_candidates(store: Store, referenced: set[tuple[str, str]], published: set[str]) -> list[str]:
+    """Shards nothing references, snapshot files no ref keeps, temp files."""
     candidates = [
         store._path("shards", st, name)
         for st in list_names(store.fs, store._path("shards"), dirs_only=True)
         for name in list_files(store.fs, store._path("shards", st), "")
         if (st, name.split(".", 1)[0]) not in referenced
     ]
+    candidates += [p for p in snapshots.snapshot_files(store) if posixpath.basename(p) not in published]
     return candidates + [posixpath.join(store._tmp, n) for n in list_files(store.fs, store._tmp, "")]
 
 

@@ -386,6 +386,54 @@ def read_range(f: BinaryIO, offset: int, length: int) -> bytes:
     return f.read(length)
 
 
+def is_http(fs) -> bool:
+    """A store served by a plain web server (fsspec's HTTP filesystem): read-only, never listed."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"http", "https"} & set(protocols))
+
+
+def fetch_range(fs, path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a remote file by one ranged GET.
+
+    A server without range support (Python's `http.server`, some CDNs) answers the whole
+    file: the range is then cut out of it, never taken for the range itself (that would
+    read as a checksum mismatch, i.e. as damage). A short answer stays short (truncation).
+    """
+    data = fs.cat_file(path, start=start, end=end)
+    if len(data) > end - start:
+        return data[start:end]
+    return data
+
+
+class RangeReader:
+    """seek/read over a remote file, each read one ranged GET (`fetch_range`); for HTTP stores,
+    whose fsspec file object refuses reads past the start on servers without ranges."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path, self.pos = fs, path, 0
+
+    def seek(self, offset: int) -> None:
+        self.pos = offset
+
+    def read(self, length: int) -> bytes:
+        data = fetch_range(self.fs, self.path, self.pos, self.pos + length)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def open_for_ranges(fs, path: str):
+    """A file to read items from by offset: fsspec's own, or a `RangeReader` over HTTP."""
+    return RangeReader(fs, path) if is_http(fs) else fs.open(path, "rb")
+
+
+def open_stream(fs, path: str):
+    """A file to read whole, from the start: over HTTP a streaming GET (no ranges needed)."""
+    return fs.open(path, "rb", block_size=0) if is_http(fs) else fs.open(path, "rb")
+
+
 def check_payload(f: BinaryIO, loc) -> tuple[bytes | None, str | None]:
     """The payload at an index row `loc` (offset, length, xxh3) of the open shard `f`, or None
     and what is wrong with it. I/O errors propagate: they are not damage."""

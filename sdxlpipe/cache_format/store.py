@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from . import index_cache, maintenance, sync
+from . import index_cache, maintenance, snapshots, sync
 from .codec import decode_json, encode_json
 from .grammar import BAD_PREFIX, BAD_SCHEMA, Location, is_key, keys_array, table_bytes, to_parquet
 from .index import StageIndex
@@ -35,6 +35,7 @@ from .shards import (
     is_local,
     manifest_problem,
     member_bytes,
+    open_for_ranges,
     place_file,
     retry_io,
     write_bytes,
@@ -43,7 +44,7 @@ from .writer import DEFAULT_KEEPALIVE_SECONDS, Writer
 
 FORMAT_LINE = "sdxlpipe-store 1\n"
 # What a store directory may hold; anything else means the path is not a store.
-STORE_ENTRIES = {"FORMAT", "shards", "index", "tmp"}
+STORE_ENTRIES = {"FORMAT", "shards", "index", "datasets", "tmp"}
 # Waits between attempts when a shard read fails with an I/O error (a network blip, a
 # throttled object store): ~8 s in all before the error is raised. Never marks anything bad.
 READ_RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
@@ -51,11 +52,13 @@ READ_RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
 log = logging.getLogger("sdxlpipe.store")
 
 
-def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) -> "Store":
+def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False, read_only: bool = False) -> "Store":
     """Open the store at a local path or fsspec URL; with create, start one in a new or empty dir.
 
     missing_ok (for `status` and dry runs): a store that does not exist yet opens as an
-    empty one, and nothing is created.
+    empty one, and nothing is created. read_only: nothing is ever written or listed; its
+    stages are served only from rows given to `pin` (a published snapshot's, snapshots.py),
+    so a static web server or a CDN works as the store. Opening reads one file, FORMAT.
     """
     fs, root = fsspec.core.url_to_fs(url_or_path)
     root = root.rstrip("/") or "/"
@@ -67,8 +70,8 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
         line = None
     if line is None:
         if missing_ok and not create:
-            return Store(fs, root, url)
-        if not create:
+            return Store(fs, root, url, read_only)
+        if not create or read_only:
             raise StoreError(
                 f"no sdxlpipe store at {url}: {format_path} does not exist",
                 "check the store path, or open it with create=True to start a new store there",
@@ -85,17 +88,18 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False) 
             f"{format_path} says {line.strip()!r}; this sdxlpipe reads {FORMAT_LINE.strip()!r}",
             "open it with the sdxlpipe version that wrote it, or point the store at a new directory",
         )
-    return Store(fs, root, url)
-
+    return Store(fs, root, url, read_only)
 
 
 class Store:
     """One artifact store; see README.md for the format. Caches each stage's index until refresh()."""
 
-    def __init__(self, fs, root: str, url: str):
+    def __init__(self, fs, root: str, url: str, read_only: bool = False):
         self.fs = fs
         self.root = root
         self.url = url
+        # Reading a published snapshot (`pin`): no listing, no write, bad copies remembered in memory only.
+        self.read_only = read_only
         self._indexes: dict[str, StageIndex] = {}
         # Set it shorter (or empty) where waiting on a failing backend is pointless, e.g. tests.
         self.read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
@@ -154,11 +158,23 @@ class Store:
         fragments not read before (fragments are immutable, so each is read once)."""
         self._stale |= set(self._indexes) if stage is None else {stage}
 
+    def pin(self, stage: str, rows: pa.Table, name: str) -> None:
+        """Serve `stage` from these rows alone (GROUPED_SCHEMA, checked against the grammar by the
+        caller; a published snapshot's item locations): its index never lists the store, so
+        nothing is read but the shards the rows name. `name` stands for the fragment they came from."""
+        index = StageIndex(log, self._path("index", check_stage(stage)))
+        index.frozen = True
+        index.add_written(name, rows)
+        self._indexes[stage] = index
+
     def _index(self, stage: str, cached: bool = True) -> StageIndex:
         """cached: may start from the local index cache (index_cache.py); verify, gc and
         compact read every fragment from the store instead."""
         check_stage(stage)
         index = self._indexes.get(stage)
+        if index is None and self.read_only:
+            index = self._indexes[stage] = StageIndex(log, self._path("index", stage))
+            index.frozen = True  # a stage no snapshot pinned: empty, and never listed
         if index is None:
             index = self._new_index(stage, cached)
             index.retry_delays = self.read_retry_delays
@@ -214,15 +230,17 @@ class Store:
         news = [(loc, why) for loc, why in failures if not index.is_bad(loc)]
         for loc, why in news:
             log.warning(
-                "store %s: item %s (%s) in shard %s is unusable (%s); treating it as missing, "
-                "so it is recomputed", self.url, loc.item_key, loc.field,
+                "store %s: item %s (%s) in shard %s is unusable (%s); %s", self.url, loc.item_key, loc.field,
                 self.shard_path(stage, loc.shard_id), why,
+                "its other copies are tried" if self.read_only else "treating it as missing, so it is recomputed",
             )
         rows = index.mark_bad((loc.item_key, loc.shard_id) for loc, _ in news)
         if rows:
             mine = self._bad_rows.setdefault(stage, [])
             mine += rows
-            write_bytes(self.fs, self._path("index", stage, self._bad_name), to_parquet(mine, BAD_SCHEMA), self._tmp)
+            if not self.read_only:  # a read-only store remembers its bad copies for this run only
+                write_bytes(self.fs, self._path("index", stage, self._bad_name), to_parquet(mine, BAD_SCHEMA),
+                            self._tmp)
             index.remember_markers(self._bad_name, mine)
 
     # -- writing ---------------------------------------------------------------------------
@@ -257,6 +275,9 @@ class Store:
         names the fragment `<shard_id>-<tag>-<token>.parquet` (`pull` for copies from another
         store); without one it is `<shard_id>.parquet`. Returns the shard id.
         """
+        if self.read_only:
+            raise StoreError(f"store {self.url} is open read-only (a published dataset's store)",
+                             "write to the config's own store; a dataset source is only read")
         shard_id = doc["xxh3"]
         place_file(self.fs, local_path, self.shard_path(stage, shard_id), self._tmp)
         write_bytes(self.fs, self.shard_path(stage, shard_id, "json"), encode_json(doc), self._tmp)
@@ -318,7 +339,7 @@ class Store:
 
         def attempt():
             if handle[0] is None:
-                handle[0] = self.fs.open(path, "rb")
+                handle[0] = open_for_ranges(self.fs, path)
             try:
                 return check_payload(handle[0], loc)
             except OSError:
@@ -354,6 +375,14 @@ class Store:
         finally:
             if failures:
                 self._record_bad(stage, failures)
+
+    def locations_table(self, stage: str, keys: Iterable[str], field: str) -> tuple[pa.Table, list[str]]:
+        """The first good location of each key's `field` as GROUPED_SCHEMA rows (each key once, in
+        the keys' order), and the keys that have none: what a published snapshot records."""
+        unique = list(dict.fromkeys(keys))
+        wanted = keys_array(unique)
+        table, found = self._index(stage).first_good_table(wanted, field)
+        return table, [unique[i] for i in np.flatnonzero(~found).tolist()]
 
     def locate(self, stage: str, keys: Iterable[str], field: str | None = None) -> list[Location | None]:
         """The first good location of each key's field, in the keys' order (None when absent).
@@ -411,6 +440,26 @@ class Store:
             failures.append((loc, why))
         return None
 
+    # -- published datasets (snapshots.py) -----------------------------------------------------
+
+    def publish(self, name: str, samples: pa.Table, items: dict, settings: dict, about: dict) -> tuple[str, bool]:
+        """Write a snapshot and point dataset `name` at it; (snapshot id, whether the ref moved)."""
+        if self.read_only:
+            raise StoreError(f"store {self.url} is open read-only", "publish into a store you can write")
+        return snapshots.publish(self, name, samples, items, settings, about)
+
+    def dataset(self, spec: str) -> "snapshots.Snapshot":
+        """The verified snapshot of `name` or `name@<id>`; StoreError naming what is wrong."""
+        return snapshots.open_snapshot(self, spec)
+
+    def datasets(self) -> list[str]:
+        """The published dataset names (lists datasets/refs/)."""
+        return snapshots.names(self)
+
+    def remove_dataset(self, name: str) -> dict:
+        """Un-publish `name` (delete its ref); returns the ref it had."""
+        return snapshots.remove(self, name)
+
     # -- maintenance (maintenance.py, sync.py) ------------------------------------------------
 
     def verify(self, stage: str | None = None) -> list[dict]:
@@ -437,6 +486,10 @@ class Store:
     def copy_missing_to(self, other: "Store") -> dict:
         """Copy every item `other` lacks into it, verified (`store push|pull`); see sync.py."""
         return sync.copy_missing(self, other, log)
+
+    def copy_datasets_to(self, other: "Store") -> dict:
+        """Publish in `other` the datasets whose shards it holds (after copy_missing_to); see sync.py."""
+        return sync.copy_datasets(self, other, log)
 
 
 def _close_quietly(f) -> None:

@@ -7,9 +7,15 @@ for any writer). A shard whose bytes no longer match its name is not copied
 as it is: its intact items are re-packed into a new shard, its damaged ones
 are left behind and listed. Safe to run while others write to either store.
 
+Then each published dataset (README.md, "Published datasets") whose shards
+DST now holds: its snapshot files (checked whole, as any reader does) and
+then its ref, the commit point; a dataset naming a shard DST lacks (its
+items were re-packed into another) is left out and listed.
+
 Uses only the Store's public API (`stages`, `locations`, `open_shard`,
-`read_manifest`, `temp_dir`, `add_shard`, `present`, `read`, `writer`): SRC is
-untrusted input, so every byte it gives is hashed against its name before use.
+`read_manifest`, `temp_dir`, `add_shard`, `present`, `read`, `writer`,
+`datasets`, `dataset`): SRC is untrusted input, so every byte it gives is
+hashed against its name before use.
 """
 
 from __future__ import annotations
@@ -54,6 +60,28 @@ def copy_missing(src, dst, log=None) -> dict:
         dst.refresh(stage)
         report[stage] = counts
     return report
+
+
+def copy_datasets(src, dst, log=None) -> dict:
+    """Publish in `dst` every dataset of `src` whose shards `dst` holds: {"copied": [...], "left": {name: why}}."""
+    from . import snapshots
+
+    copied, left = [], {}
+    for name in src.datasets():
+        try:
+            snapshot = src.dataset(name)  # verified whole: a crafted one is never copied
+        except StoreError as e:
+            left[name] = e.what
+            continue
+        gone = snapshots.missing_shards(dst, snapshot)
+        if gone:
+            left[name] = "the copy lacks shards it names: " + ", ".join(f"{n} {s} item(s)" for s, (n, _) in gone.items())
+            continue
+        snapshots.copy_to(snapshot, src, dst, name)
+        copied.append(name)
+    if log is not None and left:
+        log.warning("datasets not copied from %s: %s", src.url, left)
+    return {"copied": copied, "left": left}
 
 
 def _copy_shard(src, dst, stage: str, shard_id: str, locs: list, log=None) -> tuple[bool, int]:

@@ -116,6 +116,8 @@ class Context:
     outputs: dict[str, Any] = field(default_factory=dict)
     # Store items found damaged during this run, per stage (recomputed; reported in --json).
     damaged: dict[str, set[str]] = field(default_factory=dict)
+    # The config's dataset sources (pipeline/sources.py), opened: their rows join the table at the publish point.
+    datasets: list = field(default_factory=list)
     # What stages keep for the whole run, by name (`keep`); each is closed when the run ends.
     kept: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +127,13 @@ class Context:
         if name not in self.kept:
             self.kept[name] = make()
         return self.kept[name]
+
+    @property
+    def train_store(self):
+        """What training reads items through: the datasets' snapshots, then the config's store."""
+        from sdxlpipe.pipeline.sources import layered
+
+        return layered(self.datasets, self.store)
 
     def close(self) -> None:
         for thing in self.kept.values():

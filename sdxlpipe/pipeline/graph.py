@@ -16,6 +16,7 @@ from sdxlpipe.stages import declared
 ALIASES = ("all", "encode")
 
 
+
 def stages_for(target: str, stages: dict[str, ModuleType]) -> list[str]:
     """Every stage up to and including `target`, in order; KeyError for a target that is not one."""
     names = list(stages)
@@ -27,3 +28,11 @@ def stages_for(target: str, stages: dict[str, ModuleType]) -> list[str]:
     if target not in names:
         raise KeyError(target)
     return names[: names.index(target) + 1]
+
+
+def publish_point(stages: dict[str, ModuleType]) -> str | None:
+    """The last stage with store items (where `encode` ends): after it the table is training-ready (every
+    sample's caption, bucket, crop and item keys), so a run that reaches it publishes the table
+    (pipeline/publish.py) and dataset sources' rows join it there (pipeline/sources.py). None without one."""
+    stored = [name for name, module in stages.items() if declared(module, "STORE_COLUMNS")]
+    return stored[-1] if stored else None

@@ -13,7 +13,8 @@ another version) returns None and the caller takes the normal path, which
 stays the source of truth. Any run that may write removes the record first.
 
 What is never answered here (the record is not written): manifest sources
-(the files they name can live anywhere) and remote stores.
+(the files they name can live anywhere), remote stores, and dataset sources
+published in a store behind a URL (it changes without a trace here).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def as_status(report: dict[str, Any]) -> dict[str, Any]:
     stages = {name: {"items": s["items"], "units": s["units"], "up_to_date": s["reused"], "to_compute": 0,
                      "cannot_run": 0, "reasons": []}
               for name, s in report["stages"].items()}
-    return {"stages": stages, "rejected": report["rejected"], "up_to_date": True}
+    return {"stages": stages, "rejected": report["rejected"], "up_to_date": True,
+            **({"datasets": report["outputs"]["datasets"]} if "datasets" in report.get("outputs", {}) else {})}
 
 
 def forget(workspace: Path) -> None:
@@ -157,7 +159,9 @@ def finish(config, began: dict[str, Any] | None, report: dict[str, Any]) -> None
         **report,
         "stages": {name: {**s, "computed": 0, "reused": s["items"], "seconds": 0.0, "reasons": []}
                    for name, s in report["stages"].items()},
-        "outputs": {**report["outputs"], **({"written": []} if "written" in report["outputs"] else {})},
+        "outputs": {**report["outputs"], **({"written": []} if "written" in report["outputs"] else {}),
+                    **({"dataset": {**report["outputs"]["dataset"], "published": False}}
+                       if "dataset" in report["outputs"] else {})},
         "models_loaded": [],
     }
     # Walked after the run, so what it wrote is part of the picture (the record itself is hidden,

@@ -15,6 +15,9 @@ from sdxlpipe.pipeline.keys import partition_of
 
 def plan_items(ctx, keys: Iterable[str]) -> list[str]:
     unique = list(dict.fromkeys(keys))
+    if not unique:  # nothing to plan (a config of dataset sources only): the store is not even read
+        ctx.report(items=0, computed=0, reused=0)
+        return []
     missing = ctx.store.missing(ctx.stage, unique)
     todo = missing
     if ctx.partition is not None:

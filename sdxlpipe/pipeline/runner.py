@@ -15,7 +15,7 @@ import pyarrow as pa
 from sdxlpipe.cache_format import CacheDamaged, open_store
 from sdxlpipe.config import Config
 from sdxlpipe.pipeline.context import Context, Models, StageStats
-from sdxlpipe.pipeline.graph import stages_for
+from sdxlpipe.pipeline.graph import publish_point, stages_for
 from sdxlpipe.pipeline.hashing import ContentMemo
 from sdxlpipe.pipeline.keys import keys_in_columns
 from sdxlpipe.pipeline.noop import forget as forget_noop_record
@@ -67,6 +67,10 @@ def run_pipeline(config: Config, target: str = "all", *, dry_run: bool = False,
     names = stages_for(target, config.stages)
     inputs: dict[str, pa.Table] = {}
     try:
+        if publish_point(config.stages) in names[:-1]:  # a stage after the publish point reads the datasets' rows
+            from sdxlpipe.pipeline.sources import open_datasets
+
+            ctx.datasets = open_datasets(config, ctx.log, ctx.models.fingerprints)
         start, retried = 0, False
         while True:
             try:
@@ -114,6 +118,14 @@ def _run_stages(ctx: Context, names: list[str], inputs: dict[str, pa.Table], tab
             if settings != last:
                 ctx.workspace.write_settings(name, settings)
         ctx.log.debug("%s: %s", name, stats)
+        if name == publish_point(ctx.config.stages):
+            from sdxlpipe.pipeline.publish import publish
+            from sdxlpipe.pipeline.sources import join
+
+            published = publish(ctx, table)  # training-ready: any machine can train from the store alone
+            if published is not None:
+                ctx.outputs["dataset"] = published
+            table = join(table, ctx.datasets)  # dataset sources' rows, which no stage before computed
 
 
 def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, retried: bool) -> int | None:
@@ -125,6 +137,12 @@ def _rerun_from(ctx: Context, names: list[str], inputs: dict, error: Exception, 
     """
     if retried or ctx.dry_run:
         return None
+    if isinstance(error, CacheDamaged) and ctx.datasets:
+        from sdxlpipe.pipeline.sources import lost_in_datasets
+
+        lost = lost_in_datasets(ctx.datasets, error)  # no images here to recompute a dataset's items from
+        if lost is not None:
+            raise lost from error
     damaged = damaged_items(ctx, names, inputs)
     if isinstance(error, CacheDamaged):
         for stage, keys in error.items.items():
@@ -152,7 +170,13 @@ def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set
         later = [n for n in names if n in inputs and names.index(n) > names.index(stage)] if stage in names else []
         if not later:
             continue
-        found[stage] = set(ctx.store.damaged(stage, keys_in_columns(inputs[later[0]], columns)))
+        table = inputs[later[0]]
+        if ctx.datasets and "source_index" in table.column_names:
+            # Only the config's own rows: the datasets' items are not in its store (lost_in_datasets).
+            ours = {d.index for d in ctx.datasets}
+            table = table.filter(pa.array([i not in ours for i in table.column("source_index").to_pylist()]))
+        keys = keys_in_columns(table, columns)
+        found[stage] = set(ctx.store.damaged(stage, keys)) if keys else set()
     return found
 
 
@@ -228,6 +252,10 @@ def _report(ctx: Context) -> dict[str, Any]:
         report = declared(modules[name], "report")
         if report is not None:
             outputs.update(report(ctx.outputs, s, ctx.dry_run))
+    if "dataset" in ctx.outputs:  # what this run published (pipeline/publish.py)
+        outputs["dataset"] = ctx.outputs["dataset"]
+    if ctx.datasets:  # the dataset sources it read
+        outputs["datasets"] = [d.describe() for d in ctx.datasets]
     return {"stages": stages, "rejected": ctx.rejected, "outputs": outputs, "models_loaded": ctx.models.loaded(),
             "damaged": {stage: sorted(keys) for stage, keys in ctx.damaged.items()},
             "failed_stages": failed_stages(stages)}

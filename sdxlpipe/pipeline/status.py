@@ -24,7 +24,8 @@ def status(config: Config, target: str = "all") -> dict[str, Any]:
         for name, s in report["stages"].items()
     }
     return {"stages": stages, "rejected": report["rejected"],
-            "up_to_date": all(s["to_compute"] == 0 and s["cannot_run"] == 0 for s in stages.values())}
+            "up_to_date": all(s["to_compute"] == 0 and s["cannot_run"] == 0 for s in stages.values()),
+            **({"datasets": report["outputs"]["datasets"]} if "datasets" in report["outputs"] else {})}
 
 
 def format_status(result: dict[str, Any]) -> str:
@@ -37,6 +38,8 @@ def format_status(result: dict[str, Any]) -> str:
         if s["reasons"]:
             line += "  (" + "; ".join(s["reasons"]) + ")"
         lines.append(line)
+    for d in result.get("datasets", []):
+        lines.append(f"dataset      {d['samples']:>7} samples from {d['name']}@{d['snapshot']} in {d['store']}")
     if result["rejected"]:
         lines.append(f"{len(result['rejected'])} file(s) rejected; `sdxlpipe run ingest --json` lists them")
     blocked = [name for name, s in result["stages"].items() if s["cannot_run"]]

@@ -10,6 +10,7 @@ are kept once -> one row per good image. A no-op rerun reads no image bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +33,24 @@ REJECTED_TABLE = "ingest_rejected"
 @dataclass(frozen=True)
 class Source:
     # A folder (searched recursively), a .jsonl/.csv/.parquet manifest, or a .tar / folder of .tar shards.
-    path: str = field(metadata={"path": True})
+    # Empty for kind = "dataset".
+    path: str = field(default="", metadata={"path": True})
     # "auto" decides from the path: manifest by extension; webdataset for a .tar, or a folder with tars and
     # no loose images (img2dataset's NNNNN.tar + .parquet + _stats.json); else folder. "validation": read as
     # "auto" would, and held out of training: the validation loss is measured on these items
-    # (train.validation_every_steps), never trained on.
-    kind: Literal["auto", "folder", "manifest", "webdataset", "validation"] = "auto"
+    # (train.validation_every_steps), never trained on. "dataset": a dataset published in a store
+    # (`sdxlpipe dataset list`), trained on as it is: no image is read, nothing is encoded.
+    kind: Literal["auto", "folder", "manifest", "webdataset", "validation", "dataset"] = "auto"
     # How many times each image counts per epoch (kohya's num_repeats).
     repeats: int = 1
     # Regularisation / class images (kohya's is_reg): trained on like the others, reported apart.
     is_reg: bool = False
     # Name of the subset in reports and export metadata; defaults to the folder or file name.
+    # kind = "dataset": the published dataset's name, or NAME@SNAPSHOT to pin one snapshot.
     name: str = ""
+    # kind = "dataset": the store it is published in, any path or fsspec URL (https://, s3://, ...); "": the
+    # config's own store.
+    store: str = field(default="", metadata={"url": True})
     # Read kohya's `<repeats>_<class tokens>/` folders: repeats and the fallback caption from the name.
     kohya_folders: bool = False
     # Manifest columns: the image path (relative to the manifest) and the caption.
@@ -73,9 +80,17 @@ class Params:
 def check(p: Params) -> list[tuple[str, str]]:
     problems = []
     if not p.sources:
-        problems.append(("sources", 'no image source; add [[sources]] path = "images"'))
+        problems.append(("sources", 'no image source; add [[sources]] path = "images" (or kind = "dataset")'))
     for i, s in enumerate(p.sources):
         where = f"sources[{i}]"
+        if s.kind == "dataset":
+            problems += _check_dataset_source(s, where)
+            continue
+        if s.store:
+            problems.append((f"{where}.store", 'names the store of a published dataset: set kind = "dataset"'))
+        if not s.path:
+            problems.append((f"{where}.path", 'missing: the images\' folder, manifest or tars (or kind = "dataset")'))
+            continue
         path = Path(s.path)
         if not path.exists():
             problems.append((f"{where}.path", f"does not exist: {s.path}"))
@@ -103,9 +118,40 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+# Settings that shape an image source's rows; a published dataset's rows were shaped when it was encoded.
+IMAGE_ONLY = ("repeats", "is_reg", "kohya_folders", "image_column", "caption_column", "prompt", "stem_captions")
+
+
+def _check_dataset_source(s: Source, where: str) -> list[tuple[str, str]]:
+    """A dataset source names a dataset; the image sources' settings are the dataset's own rows'."""
+    from sdxlpipe.cache_format import StoreError
+    from sdxlpipe.cache_format.snapshots import parse_spec
+
+    problems = []
+    if s.weight < 0:
+        problems.append((f"{where}.weight", "must be > 0 (or 0 on every source: no weighting)"))
+    if s.max_samples < 0:
+        problems.append((f"{where}.max_samples", "must be >= 0 (0: all of the dataset's samples)"))
+    try:
+        parse_spec(s.name)
+    except StoreError as e:
+        problems.append((f"{where}.name", f"{e.what}; {e.hint}" if s.name else
+                         "the published dataset to train on (`sdxlpipe dataset list --store URL` names them)"))
+    if s.path:
+        problems.append((f"{where}.path", "a dataset source reads no path: its store (`store`) holds everything"))
+    images_only = {f.name: f.default for f in dataclasses.fields(Source) if f.name in IMAGE_ONLY}
+    for name, default in images_only.items():
+        if getattr(s, name) != default:
+            problems.append((f"{where}.{name}", "applies to image sources; a published dataset's rows carry their own "
+                                                "(publish it again with the setting changed)"))
+    return problems
+
+
 def reads_unlisted_files(p: Params) -> bool:
-    """A manifest names image files anywhere, which no path setting lists: the no-op record cannot cover them."""
-    return any(source_kind(s) == "manifest" for s in p.sources)
+    """A manifest names image files anywhere, which no path setting lists, and a dataset source behind a URL
+    changes without a trace here: the no-op record cannot cover either (a local store is a path setting)."""
+    return any(source_kind(s) == "manifest" or (s.kind == "dataset" and "://" in s.store.removeprefix("file://"))
+               for s in p.sources)
 
 
 def source_kind(s: Source) -> str:
@@ -190,6 +236,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     # The number of files is not known until every source is listed: progress counts files read.
     with ctx.reporter.track("ingest", None) as advance:
         for index, source in enumerate(params.sources):
+            if source.kind == "dataset":
+                continue  # its rows join the table at the publish point (pipeline/sources.py), read from the store
             listed = 0
             for c, container_hash in candidates(source, ctx.memo.hash_file, sidecars.get):
                 listed += 1

@@ -72,7 +72,7 @@ class Feed:
         self._moved = threading.Condition()
         self._stop = False
         self._thread = None
-        if source.cache is not None and len(indices):
+        if source.caches and len(indices):
             self._thread = threading.Thread(target=self._fetch_ahead, name="sdxlpipe-shard-prefetch", daemon=True)
             self._thread.start()
         self._read_ahead()
@@ -116,7 +116,8 @@ class Feed:
 
     def _fetch_ahead(self) -> None:
         """Fetch the shards of the coming batches in plan order, holding at most the cache's limit ahead."""
-        cache, window = self.source.cache, deque()  # window: (position, shard ids) of fetched batches not yet taken
+        # window: (position, shard ids) of fetched batches not yet taken. Remote stores share the limit.
+        limit, window = min(c.limit_bytes for c in self.source.caches), deque()
         held, refs = {}, Counter()  # shard id -> bytes, and how many window batches use it
         for position, index in enumerate(self.indices):
             if position < self._consumed:
@@ -130,12 +131,15 @@ class Feed:
                                 del held[shard_id], refs[shard_id]
                     if self._stop:
                         return
-                    if sum(held.values()) < cache.limit_bytes or not window:
+                    if sum(held.values()) < limit or not window:
                         break
                     self._moved.wait(timeout=1.0)
             ids = []
             try:
                 for stage, shard_id in self.source.shards(index):
+                    cache = self.source.cache_of(stage, shard_id)
+                    if cache is None:
+                        continue  # a local store's shard: read in place
                     path = cache.get(stage, shard_id, keep=frozenset(held))
                     if path is not None:
                         held[shard_id] = path.stat().st_size
@@ -159,9 +163,10 @@ class Feed:
             self._thread.join(timeout=10)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)  # a reader finishes the batch it is on
-        if self.source.cache is not None and self.source.cache.directory.is_dir():
-            # The window fetched ahead may pass the limit by a batch's shards; nothing is held now.
-            self.source.cache.evict()
+        for cache in self.source.caches:
+            if cache.directory.is_dir():
+                # The window fetched ahead may pass the limit by a batch's shards; nothing is held now.
+                cache.evict()
 
 
 

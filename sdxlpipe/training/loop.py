@@ -150,7 +150,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int, held_out: pa.T
     noise = _noise(p, ctx, accelerator.device)
     model = _model(p, ctx, accelerator.device)
     run = Run(p, ctx, run_dir, max_steps, accelerator, scaler, data, noise, model, _optimization(model, p, max_steps))
-    run.held = validation_loss.open_held_out(held_out, ctx.store, p, accelerator.device, stages=ctx.config.stages)
+    run.held = validation_loss.open_held_out(held_out, ctx.train_store, p, accelerator.device, stages=ctx.config.stages)
     resume.restore(run)
     run.history.setdefault("validation", [])  # a checkpoint from before the validation loss
     _distribute(run)
@@ -213,7 +213,7 @@ def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
     plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
-    source = stream.open_source(table, ctx.store, p, plan, device, stages=ctx.config.stages)
+    source = stream.open_source(table, ctx.train_store, p, plan, device, stages=ctx.config.stages)
     # Counted at the end for runs that mix sources (a walk over the run's samples, not worth it for one).
     source_of = table.column("source_index").to_pylist() if "source_index" in table.column_names else None
     source_of = source_of if source_of and max(source_of) > 0 else None

@@ -55,13 +55,19 @@ def shard_cache(store, p) -> ShardCache | None:
 
 
 class BatchSource:
-    """Reads batch i of the run from the store; safe to call from several reader threads at once."""
+    """Reads batch i of the run from the store; safe to call from several reader threads at once.
 
-    def __init__(self, table: pa.Table, store, p, plan, cache: ShardCache | None, stages: dict,
-                 pin_memory: bool = False):
+    `store` is a Store, or `cache_format.layers.Layers` (published datasets over the config's store):
+    each shard is read from the store it was located in (`home`), through that store's shard cache.
+    """
+
+    def __init__(self, table: pa.Table, store, p, plan, stages: dict, pin_memory: bool = False):
         """stages: the run's stages (`Config.stages`): which of them hold the items the table's key columns
         name, and in which store field (their STORE_COLUMNS and FIELD)."""
-        self.store, self.p, self.plan, self.cache, self.pin_memory = store, p, plan, cache, pin_memory
+        self.store, self.p, self.plan, self.pin_memory = store, p, plan, pin_memory
+        stores = getattr(store, "stores", [store])
+        self._caches = {s.url: shard_cache(s, p) for s in stores}  # one per store behind a URL, None for a path
+        self.caches = [c for c in self._caches.values() if c is not None]
         # Only the columns a batch reads: taking a batch's rows then costs what those need.
         self.table = table.select([c for c in ROW_COLUMNS if c in table.column_names])
         where = store_fields(stages)  # table column -> (stage, store field)
@@ -192,21 +198,28 @@ class BatchSource:
             return {"index": index, "damaged": damaged, **lent}
         return {**slots.batch(picks[0]["latent_key"]), **conditioning(rows, picks), "index": index, **lent}
 
+    def cache_of(self, stage: str, shard_id: str) -> ShardCache | None:
+        """The shard cache a located shard is read through (None: a local store's own file)."""
+        home = self.store.home(stage, shard_id) if hasattr(self.store, "home") else self.store
+        return self._caches.get(home.url)
+
     def _open(self, stage: str, shard_id: str):
         """A shard to read items from: the store's own file, a cached copy, or (not cached yet) ranges of
-        the remote file, so a batch never waits for whole shards it needs a few items of."""
-        if self.cache is None:
+        the remote file, so a batch never waits for whole shards it needs a few items of. A server that
+        answered a range with the whole shard (no range support) gets whole-shard fetches instead."""
+        cache = self.cache_of(stage, shard_id)
+        if cache is None:
             path = self._paths.get((stage, shard_id))
             if path is None:
                 path = self._paths[(stage, shard_id)] = self.store.shard_path(stage, shard_id)
             return FileShard(path)
-        path = self.cache.peek(shard_id)
+        path = cache.peek(shard_id) if cache.ranges is not False else cache.get(stage, shard_id)
         if path is not None:
             try:
                 return FileShard(str(path))
             except FileNotFoundError:
                 pass  # evicted between the look and the open
-        return RemoteShard(self.cache, stage, shard_id)
+        return RemoteShard(cache, stage, shard_id)
 
     def recover(self, result: dict, fixed: bool = False) -> dict:
         """The batch, after reading its unusable items through the store; CacheDamaged if any has no intact copy."""
@@ -214,8 +227,9 @@ class BatchSource:
         while "damaged" in result:
             lost: dict[str, list] = {}
             for stage, key, shard_id, why in result["damaged"]:
-                if self.cache is not None and shard_id and why != "shard file missing":
-                    self.cache.discard(shard_id)  # the local copy may be what is bad
+                cache = self.cache_of(stage, shard_id) if shard_id else None
+                if cache is not None and why != "shard file missing":
+                    cache.discard(shard_id)  # the local copy may be what is bad
                 with self._store_lock:
                     data = self.store.read(stage, key, self.fields[stage])  # checks every copy, marks the bad ones
                 if data is None:
@@ -271,5 +285,4 @@ def agree_on_damage(damage: CacheDamaged | None, device) -> CacheDamaged | None:
 def open_source(table: pa.Table, store, p, plan, device="cpu", *, stages: dict) -> BatchSource:
     """Batches for a run of `stages` on `device`: in pinned memory for a CUDA device, so they copy to it
     asynchronously."""
-    return BatchSource(table, store, p, plan, shard_cache(store, p), stages,
-                       pin_memory=torch.device(device).type == "cuda")
+    return BatchSource(table, store, p, plan, stages, pin_memory=torch.device(device).type == "cuda")

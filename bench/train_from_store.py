@@ -1,0 +1,290 @@
+"""Training from a published dataset over HTTP, on a machine that has nothing but the config (issue 17).
+
+    OMP_NUM_THREADS=1 python bench/train_from_store.py                      # 300 and 3000 samples, ~1.9 GB in /tmp
+    python bench/train_from_store.py --sizes 100 1000 --batches 50          # a quick look
+
+Writes, at each size, a store of SDXL-shaped items (fp16 mean and std of a
+4x128x128 latent; 77x2048 prompt embeddings + 1280 pooled; as
+bench/train_read.py) in `--shard-mib` shards (32 MiB by default, so that even
+the small size spans several shards), and publishes it as dataset "bench".
+Then, each in a fresh process (peak RSS is its own) on a fresh directory
+with an empty shard cache, as a GPU machine would start:
+
+- http (ranges): the store served from 127.0.0.1 by a static file server
+  that answers range requests (a CDN, a bucket);
+- http (no ranges): served by Python's `http.server` as it is (no range
+  support: every fetch is a whole file);
+- local: the same published dataset read from the local disk (the baseline).
+
+Each opens the dataset source as `run all` does (`pipeline/sources.py`: the
+ref, the snapshot and its tables, checked), builds the batch plan, and
+reads batches through the train stage's feed (`training.feed`, batch 4, two
+reader threads). Reported: requests and bytes the server sent before the
+first batch was ready (the first training step's data), against the snapshot
+alone, the first batch's shards and the whole store; seconds to that first
+batch; samples/s over `--batches` batches, cold (empty shard cache) and warm
+(the same machine again, its cache holding what the first run fetched);
+peak RSS. The UNet step itself is
+not part of it (bench/train_step.py times steps). Prints figures measured in
+one run; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MARK = "/__first_batch__"  # the child asks for this when its first batch is ready: the counters are read then
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(root: Path, n: int, shard_mib: int) -> dict:
+    """n samples in a store, published as "bench"; payloads repeat from a pool of 8."""
+    import pyarrow as pa
+    import torch
+
+    from sdxlpipe.cache_format import encode_tensors, open_store
+    from sdxlpipe.pipeline.keys import xxh3_hex
+    from sdxlpipe.pipeline.publish import PUBLISHED
+
+    store = open_store(str(root / "store"))
+    store.shard_bytes = shard_mib << 20
+    g = torch.Generator().manual_seed(0)
+    latents = [encode_tensors({"mean": torch.randn(4, 128, 128, generator=g).half(),
+                               "std": torch.rand(4, 128, 128, generator=g).half()},
+                              {"scaling_factor": "0.13025", "shift_factor": "0.0"}) for _ in range(8)]
+    texts = [encode_tensors({"prompt_embeds": torch.randn(77, 2048, generator=g).half(),
+                             "pooled_prompt_embeds": torch.randn(1280, generator=g).half()}) for _ in range(8)]
+    lkeys, tkeys = [xxh3_hex(f"l{i}") for i in range(n)], [xxh3_hex(f"t{i}") for i in range(n + 1)]
+    with store.writer("vae_encode") as lw, store.writer("text_encode") as tw:
+        for i in range(n):
+            lw.add(lkeys[i], "latent.safetensors", latents[i % 8])
+            tw.add(tkeys[i], "text.safetensors", texts[i % 8])
+        tw.add(tkeys[n], "text.safetensors", texts[0])  # the empty caption
+    samples = pa.table({
+        "key": [f"{i:016x}" for i in range(n)], "content_hash": [xxh3_hex(f"img{i}") for i in range(n)],
+        "subset": ["bench"] * n, "width": [1024] * n, "height": [1024] * n, "repeats": [1] * n, "is_reg": [False] * n,
+        "caption": [f"caption {i}" for i in range(n)], "caption_variants": [[f"caption {i}"] for i in range(n)],
+        "bucket_w": [1024] * n, "bucket_h": [1024] * n, "resize_w": [1024] * n, "resize_h": [1024] * n,
+        "crop_top": [0] * n, "crop_left": [0] * n, "latent_key": lkeys, "latent_flip_key": [None] * n,
+        "text_key": tkeys[:n], "text_variant_keys": [[k] for k in tkeys[:n]], "empty_text_key": [tkeys[n]] * n,
+        "validation": [False] * n,
+    }).cast(PUBLISHED)
+    items = {}
+    for stage, field, columns, keys in (("vae_encode", "latent.safetensors", ("latent_key", "latent_flip_key"), lkeys),
+                                        ("text_encode", "text.safetensors",
+                                         ("text_key", "text_variant_keys", "empty_text_key"), tkeys)):
+        rows, missing = store.locations_table(stage, keys, field)
+        assert not missing
+        items[stage] = (rows, field, columns)
+    snapshot, _ = store.publish("bench", samples, items, {}, {"config": "bench/train_from_store.py", "model": "-"})
+    files = [p for p in (root / "store").rglob("*") if p.is_file()]
+    snap_bytes = sum(p.stat().st_size for p in (root / "store" / "datasets").rglob("*") if p.is_file())
+    return {"snapshot": snapshot, "store_bytes": sum(p.stat().st_size for p in files), "snapshot_bytes": snap_bytes,
+            "shards": len([p for p in files if p.suffix == ".tar"])}
+
+
+class Counting(SimpleHTTPRequestHandler):
+    """A static file server that counts requests and bytes sent; `ranges` answers Range requests."""
+
+    ranges = False
+    stats: dict = {}
+    lock = threading.Lock()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _count(self, nbytes: int) -> None:
+        with self.lock:
+            self.stats["requests"] += 1
+            self.stats["bytes"] += nbytes
+
+    def do_HEAD(self) -> None:
+        self._count(0)
+        super().do_HEAD()
+
+    def do_GET(self) -> None:
+        if self.path == MARK:
+            with self.lock:
+                self.stats["at_first_batch"] = dict(requests=self.stats["requests"], bytes=self.stats["bytes"])
+            self.send_response(204)
+            self.end_headers()
+            return
+        path = self.translate_path(self.path)
+        wanted = self.headers.get("Range")
+        if not self.ranges or not wanted or not os.path.isfile(path):
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            self._count(size)
+            return super().do_GET()
+        size = os.path.getsize(path)
+        start, _, end = wanted.removeprefix("bytes=").partition("-")
+        start, end = int(start), min(int(end) if end else size - 1, size - 1)
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        self._count(len(data))
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def serve(folder: Path, ranges: bool):
+    handler = type("Handler", (Counting,), {"ranges": ranges, "stats": {"requests": 0, "bytes": 0}})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler.stats
+
+
+def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
+    """A fresh machine: a config naming the published dataset, an empty shard cache; first batch, then more."""
+    began = time.monotonic()
+    import logging
+
+    import pyarrow as pa
+    import urllib.request
+
+    from sdxlpipe.cache_format import open_store
+    from sdxlpipe.config import load_config
+    from sdxlpipe.pipeline.sources import join, layered, open_datasets
+    from sdxlpipe.training import stream
+    from sdxlpipe.training.data import plan_of
+    from sdxlpipe.training.feed import open_feed
+
+    imported = time.monotonic()
+    machine.mkdir(parents=True, exist_ok=True)
+    (machine / "sdxlpipe.toml").write_text(
+        f'model = "tiny"\n[[sources]]\nkind = "dataset"\nname = "bench"\nstore = "{store}"\n'
+        f'[train]\nbatch_size = 4\nloader_workers = 2\nshard_cache_dir = "{machine / "shard-cache"}"\n')
+    config = load_config(machine / "sdxlpipe.toml")
+    datasets = open_datasets(config, logging.getLogger("bench"), lambda: {})
+    table = join(pa.table({}), datasets)
+    opened = time.monotonic()
+    p = config.params["train"]
+    plan = plan_of(table, p.batch_size, p.seed, config.params["ingest"].sources)
+    source = stream.open_source(table, layered(datasets, open_store(config.store_url, create=False, missing_ok=True)),
+                                p, plan, stages=config.stages)
+    with open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
+        first = None
+        for index in feed.indices:
+            batch = feed.take(index)
+            if first is None:
+                first = time.monotonic()
+                if mark:
+                    urllib.request.urlopen(mark).read()
+        done = time.monotonic()
+    assert batch["mean"].shape == (4, 4, 128, 128) and batch["embeds"].shape == (4, 77, 2048)
+    first_shards = {(s, sh) for s, sh in source.shards(0)}
+    return {"open_s": opened - imported, "first_batch_s": first - imported, "import_s": imported - began,
+            "samples_s": (len(feed.indices) - 1) * 4 / max(done - first, 1e-9), "rss_mib": peak_mib(),
+            "samples": table.num_rows, "first_batch_shards": len(first_shards)}
+
+
+def run_child(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs=2, default=[300, 3000])
+    ap.add_argument("--batches", type=int, default=100)
+    ap.add_argument("--shard-mib", type=int, default=32)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxlpipe-bench-train-from-store"))
+    ap.add_argument("--keep", action="store_true", help="keep the stores for another run")
+    ap.add_argument("--child", nargs=4, metavar=("MACHINE", "STORE", "BATCHES", "MARK"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        machine, store, batches, mark = args.child
+        print(json.dumps(child(Path(machine), store, int(batches), mark if mark != "-" else None)))
+        return
+    print(f"load average {os.getloadavg()[0]:.1f}; sizes {args.sizes}; {args.batches} batches of 4; "
+          f"{args.shard_mib} MiB shards", flush=True)
+    results = {}
+    for n in args.sizes:
+        root = args.dir / f"size-{n}"
+        info_path = root / "info.json"
+        if not info_path.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            began = time.monotonic()
+            info = build(root, n, args.shard_mib)
+            info["build_s"] = time.monotonic() - began
+            info_path.write_text(json.dumps(info))
+        info = json.loads(info_path.read_text())
+        for mode in ("http (ranges)", "http (no ranges)", "local"):
+            machine = args.dir / f"machine-{n}-{mode.split()[-1].strip('()')}"
+            shutil.rmtree(machine, ignore_errors=True)
+            if mode == "local":
+                out = run_child(str(machine), str(root / "store"), str(args.batches), "-")
+            else:
+                server, stats = serve(root / "store", ranges=mode == "http (ranges)")
+                url = f"http://127.0.0.1:{server.server_address[1]}"
+                out = run_child(str(machine), url, str(args.batches), url + MARK)
+                out.update(stats.get("at_first_batch", {}), total_requests=stats["requests"],
+                           total_bytes=stats["bytes"])
+                # The same machine again: its shard cache now holds what the first run fetched.
+                out["warm_samples_s"] = run_child(str(machine), url, str(args.batches), "-")["samples_s"]
+                server.shutdown()
+            shutil.rmtree(machine, ignore_errors=True)
+            results[(n, mode)] = out
+            print(f"{n:>6} {mode:16} {json.dumps(out)}", flush=True)
+        results[(n, "info")] = info
+    print()
+    small, large = args.sizes
+    print("| figure | " + " | ".join(f"{n} samples" for n in args.sizes) + " |")
+    print("|---|---|---|")
+
+    def row(label, fn):
+        print(f"| {label} | " + " | ".join(fn(n) for n in args.sizes) + " |")
+
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    row("store (shards, snapshot)", lambda n: f"{mib(results[(n, 'info')]['store_bytes'])} ({results[(n, 'info')]['shards']} shards), "
+                                              f"snapshot {mib(results[(n, 'info')]['snapshot_bytes'])}")
+    for mode in ("http (ranges)", "http (no ranges)"):
+        row(f"{mode}: requests / bytes before the first batch",
+            lambda n, m=mode: f"{results[(n, m)]['requests']} / {mib(results[(n, m)]['bytes'])} "
+                              f"({results[(n, m)]['bytes'] / results[(n, 'info')]['store_bytes']:.1%} of the store)")
+        row(f"{mode}: seconds to the first batch (open)",
+            lambda n, m=mode: f"{results[(n, m)]['first_batch_s']:.2f} s ({results[(n, m)]['open_s']:.2f} s)")
+        row(f"{mode}: samples/s cold (warm cache), peak RSS",
+            lambda n, m=mode: f"{results[(n, m)]['samples_s']:.0f}/s ({results[(n, m)]['warm_samples_s']:.0f}/s), "
+                              f"{results[(n, m)]['rss_mib']:.0f} MiB")
+    row("local: seconds to the first batch (open)",
+        lambda n: f"{results[(n, 'local')]['first_batch_s']:.2f} s ({results[(n, 'local')]['open_s']:.2f} s)")
+    row("local: samples/s, peak RSS", lambda n: f"{results[(n, 'local')]['samples_s']:.0f}/s, "
+                                                f"{results[(n, 'local')]['rss_mib']:.0f} MiB")
+    for mode in ("http (ranges)", "http (no ranges)", "local"):
+        warm = "" if mode == "local" else "; warm: " + ", ".join(
+            f"{n}: {results[(n, mode)]['warm_samples_s'] / results[(n, 'local')]['samples_s']:.2f}x" for n in args.sizes)
+        print(f"{mode}: peak RSS {large} vs {small} samples: "
+              f"{results[(large, mode)]['rss_mib'] / results[(small, mode)]['rss_mib']:.2f}x; samples/s vs local: "
+              + ", ".join(f"{n}: {results[(n, mode)]['samples_s'] / results[(n, 'local')]['samples_s']:.2f}x"
+                          for n in args.sizes) + warm)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
