@@ -219,7 +219,7 @@ class BatchPlan:
         self._args = (tuple(map(tuple, buckets)), tuple(repeats), batch_size, seed)
         self._is_reg = tuple(is_reg) if is_reg is not None and any(is_reg) else None
         self._mix = mix
-        # shard_blocks: the layout its blocks follow, and their size (the fetch-ahead reads it too); 0: global.
+        # shard_blocks: the layout its blocks follow, and their size in bytes; (None, 0): the global order.
         self.layout, self.block_bytes = layout, block_bytes if layout is not None else 0
         self._varies = self._is_reg is not None or (mix is not None and bool(mix.counts))
         self.per_epoch = len(self._epoch(0))
