@@ -78,11 +78,13 @@ def build(root: Path, n: int, shard_mib: int) -> dict:
     texts = [encode_tensors({"prompt_embeds": torch.randn(77, 2048, generator=g).half(),
                              "pooled_prompt_embeds": torch.randn(1280, generator=g).half()}) for _ in range(8)]
     lkeys, tkeys = [xxh3_hex(f"l{i}") for i in range(n)], [xxh3_hex(f"t{i}") for i in range(n + 1)]
+    # Each stage writes its items in key order, as vae_encode and text_encode do (shard-sized hash
+    # partitions, sorted by key): a sample's text is in no particular shard relative to its latent.
     with store.writer("vae_encode") as lw, store.writer("text_encode") as tw:
-        for i in range(n):
+        for i in sorted(range(n), key=lkeys.__getitem__):
             lw.add(lkeys[i], "latent.safetensors", latents[i % 8])
-            tw.add(tkeys[i], "text.safetensors", texts[i % 8])
-        tw.add(tkeys[n], "text.safetensors", texts[0])  # the empty caption
+        for i in sorted(range(n + 1), key=tkeys.__getitem__):
+            tw.add(tkeys[i], "text.safetensors", texts[i % 8] if i < n else texts[0])  # n: the empty caption
     samples = pa.table({
         "key": [f"{i:016x}" for i in range(n)], "content_hash": [xxh3_hex(f"img{i}") for i in range(n)],
         "subset": ["bench"] * n, "width": [1024] * n, "height": [1024] * n, "repeats": [1] * n, "is_reg": [False] * n,

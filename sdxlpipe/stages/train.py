@@ -146,13 +146,14 @@ class Params:
     # the best mixing, but each batch reads from anywhere in the store, so a run reading a remote store
     # fetches most of its shards before an epoch is far along. "shard_blocks": the epoch walks the shards its
     # latents are in, a block of about shuffle_block_gb at a time (blocks in a seeded order per epoch, samples
-    # shuffled within a block, as MosaicML streaming's py1b), so a batch needs a few shards; set it when the
-    # store is remote and larger than the first blocks you want to wait for. Same samples per epoch.
+    # shuffled within a block, as MosaicML streaming's py1b), so a batch needs a few shards (text embeddings are
+    # then read by range, every epoch); set it when the store is remote and larger than the shard cache
+    # (shard_cache_gb). Same samples per epoch, another order.
     shuffle: Literal["global", "shard_blocks"] = "global"
-    # shard_blocks: GiB of latent shards per block (their text embeddings come on top, about as many). 4 is
-    # ~16k SDXL samples, enough to mix a batch from many images, and a block with its texts (~9 GiB) fits
-    # the shard cache (shard_cache_gb) twice over, so the next block is fetched while this one trains. Lower
-    # it for a faster first step on a slow link; raise it towards the dataset's size for more mixing.
+    # shard_blocks: GiB of latent shards per block. 4 is ~16k SDXL samples (a latent ~256 KiB), enough to mix a
+    # batch from many images, and the shard cache (shard_cache_gb, 64) holds this block and the next one being
+    # fetched many times over. Lower it for a faster first step on a slow link; raise it towards the
+    # dataset's latents for more mixing (at or above them, every batch again reads from anywhere).
     shuffle_block_gb: float = 4.0
     # Reader threads in the training process that read batches from the store while the model trains
     # (threads, not processes: reads and copies release the GIL, and a batch never crosses a process

@@ -12,11 +12,13 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import fsspec
 import torch
 from safetensors.torch import load_file
 
 from sdxlpipe.stages import train as train_stage
-from sdxlpipe.training.data import BatchPlan, Layout, epoch_batches, mix_sources
+from sdxlpipe.training import layout, stream
+from sdxlpipe.training.data import BatchPlan, Layout, epoch_batches, mix_sources, plan_of
 from tests.training.conftest import build_samples, make_context, params, run_train
 
 # 120 samples in three buckets, 30 shards of 4 samples each (in sample order, as an encode writes them), 100 bytes
@@ -123,3 +125,21 @@ def test_shard_blocks_are_in_the_train_key_and_the_global_order_keeps_its_key(tm
     smaller = train_stage.key_doc(table, dataclasses.replace(base, shuffle="shard_blocks", shuffle_block_gb=1.0), fp)
     assert walked["params"]["shuffle"] == "shard_blocks"
     assert len({json.dumps(d, sort_keys=True) for d in (doc, walked, smaller)}) == 3
+
+
+def test_a_remote_store_in_shard_blocks_order_fetches_only_latent_shards_whole(tmp_path):
+    """The fetch-ahead asks for what `BatchSource.shards` names: in the shard_blocks order the latents' shards
+    only (text embeddings, in shards of their own hash order, are read by range); in the global order both."""
+    url = f"memory://sdxlpipe-blocks-{tmp_path.name}/store"
+    try:
+        ctx = make_context(tmp_path / "ws", store=url)
+        table = build_samples(ctx, 8, shard_bytes=1500)
+        p = params(shard_cache_dir=str(tmp_path / "cache"))
+        where = layout.locate(table, ctx.store, ctx.config.stages)
+        assert len(set(where.shard_of)) == 8
+        for blocks, stages in ((where, {"vae_encode"}), (None, {"vae_encode", "text_encode"})):
+            plan = plan_of(table, p.batch_size, p.seed, (), blocks, 4000)
+            source = stream.open_source(table, ctx.store, p, plan, stages=ctx.config.stages)
+            assert {stage for i in range(plan.per_epoch) for stage, _ in source.shards(i)} == stages
+    finally:
+        fsspec.filesystem("memory").rm(url[len("memory://"):], recursive=True)
