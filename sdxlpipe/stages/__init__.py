@@ -53,6 +53,9 @@ OPTIONAL = {
     # network_config, network, use_dora, alpha; the text encoders' weights when trained), which export
     # writes out. At most one stage of a config trains.
     "TRAINS": False,
+    # True: the stage needs every row of the table at once (training does), so `--shards K/N`, which
+    # gives each machine a part of the items, cannot split a run that reaches it.
+    "NEEDS_EVERY_ROW": False,
 }
 
 

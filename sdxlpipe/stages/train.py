@@ -36,6 +36,8 @@ MODELS = ("unet", "scheduler")
 ITEMS = "runs"
 # It leaves the run in ctx.outputs["train"], which export writes out.
 TRAINS = True
+# It trains on every row at once: `--shards` cannot split it.
+NEEDS_EVERY_ROW = True
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, gradient checkpointing (same math, less
