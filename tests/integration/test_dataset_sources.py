@@ -245,3 +245,13 @@ def test_a_lora_trained_from_a_dataset_says_the_settings_the_snapshot_records_no
     assert {k: b.get(k) for k in ROW_SETTINGS} == {k: a.get(k) for k in ROW_SETTINGS}
     assert "sdxlpipe_sources" not in b, "one group of rows"
     assert json.loads(b["sdxlpipe_config"])["caption"]["keep_tokens"] == 2, "the config as given is still recorded"
+
+
+def test_a_stage_error_in_a_run_on_a_dataset_alone_is_an_error_with_a_hint_not_a_traceback(machine_a, tmp_path):
+    """The runner looks for damaged items of the config's own rows after any stage error; with a dataset source
+    alone those rows are none, and that empty filter was a pyarrow traceback that hid the stage's own error."""
+    config_a, _, _ = machine_a
+    config = _machine_b(tmp_path / "b", str(config_a.parent / ".sdxlpipe" / "store"), steps=1)
+    proc = cli("run", "all", "-c", str(config), "--set", "train.validation_every_steps=1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no held-out items" in proc.stderr and "Hint:" in proc.stderr
