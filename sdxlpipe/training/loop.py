@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 
 from sdxlpipe.cache_format import CacheDamaged
+from sdxlpipe.cache_format.payloads import PayloadRefused
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
@@ -363,13 +364,14 @@ def _apply_gradients(run: Run):
 def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
     """The loss of batch `index` of the run; fixed: an evaluation batch, read in this process.
 
-    A damaged item stops the run with CacheDamaged on every process, after saving the steps done.
+    A damaged item stops the run with CacheDamaged on every process, after saving the steps done; so does an
+    item that breaks the payload schema (PayloadRefused: not recomputed, decision 76).
     """
     batch, damage = None, None
     try:
         # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
         batch = as_float(run.data.source.batch(index, fixed=True) if fixed else _take(run, index))
-    except CacheDamaged as e:
+    except (CacheDamaged, PayloadRefused) as e:
         damage = e
     if not fixed:  # every process reads the same fixed batches, so meets the same damage there
         damage = stream.agree_on_damage(damage, run.device)  # one process's damage stops them all
