@@ -43,7 +43,7 @@ from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, threads,
                                validation, validation_loss)
-from sdxlpipe.training.batches import as_float
+from sdxlpipe.training.batches import to_device
 from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
 
@@ -370,7 +370,7 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
     batch, damage = None, None
     try:
         # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
-        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else _take(run, index))
+        batch = to_device(run.data.source.batch(index, fixed=True), run.device) if fixed else _take(run, index)
     except (CacheDamaged, PayloadRefused) as e:
         damage = e
     if not fixed:  # every process reads the same fixed batches, so meets the same damage there
@@ -390,13 +390,17 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
 
 
 def _take(run: Run, index: int) -> dict:
-    """Batch `index` from the feed, its payloads copied out (`as_float` always copies) so its buffers go back
-    to the feed's ring at once; the seconds the loop waited for it are counted (`done.json`)."""
+    """Batch `index` from the feed, its payloads copied out in fp32 (`to_device`: onto a GPU in the stored dtype,
+    converted there) so its buffers go back to the feed's ring (on a GPU once the copies are done); the seconds
+    the loop waited for it are counted (`done.json`)."""
     began = time.perf_counter()
     batch = run.feed.take(index)
     run.loader_wait += time.perf_counter() - began
-    floats = as_float(batch)
-    run.feed.release(index)
+    floats = to_device(batch, run.device)
+    copied = torch.cuda.Event() if run.device.type == "cuda" else None
+    if copied is not None:
+        copied.record(torch.cuda.current_stream(run.device))  # after the copies, on the stream they run on
+    run.feed.release(index, after=copied)
     return floats
 
 

@@ -8,7 +8,8 @@ each item's tensors straight into their slots of the batch, checked by xxh3.
 The micro-conditioning comes from `batches.conditioning`.
 
 Batches are delivered in the stored dtype (fp16: half the bytes to copy, to
-pin and to send to a GPU); the loop makes them fp32 (`batches.as_float`).
+pin and to send to a GPU); the loop makes them fp32 on its device
+(`batches.to_device`: on a GPU after the copy, decision 78).
 `feed.Feed` reads ahead in `loader_workers` threads of the training process:
 preadv and the tensor copies release the GIL, and nothing crosses a process
 boundary (worker processes handed a 4.5 MB batch over shared memory at ~16
