@@ -81,12 +81,13 @@ def run(
     from sdxlpipe.pipeline.graph import stages_for
     from sdxlpipe.pipeline.progress import Reporter
     from sdxlpipe.pipeline.runner import run_pipeline
-    from sdxlpipe.stages import STAGE_NAMES, load_stages
+    from sdxlpipe.stages import STAGE_NAMES, declared, load_stages
 
     console = stderr_console()
     setup(console, quiet=quiet, verbose=verbose)
     try:
-        chosen = stages_for(target, load_stages())
+        stages = load_stages()
+        chosen = stages_for(target, stages)
     except KeyError:
         import difflib
 
@@ -94,7 +95,7 @@ def run(
         raise UserError(f"unknown stage {target!r}" + (f"; did you mean {close[0]}?" if close else ""),
                         f"use all, encode or one of: {', '.join(STAGE_NAMES)}")
     partition = _parse_shards(shards)
-    if partition is not None and "train" in chosen:
+    if partition is not None and any(declared(stages[name], "NEEDS_EVERY_ROW") for name in chosen):
         raise UserError(f"--shards splits the encode stages only, not `run {target}`",
                         "run `sdxlpipe run encode --shards K/N` on each machine, then `sdxlpipe run all` on one")
     cfg = load_config(config, set_)

@@ -38,29 +38,6 @@ def _open(config: Path, url: str | None, write: bool = False):
     return open_store(url, create=False, read_only=not write)
 
 
-def describe(store, spec: str) -> dict:
-    """One dataset (NAME, or NAME@SNAPSHOT) as `list` and `show` print it: its ref and its snapshot's manifest."""
-    from sdxlpipe.cache_format import StoreError
-    from sdxlpipe.cache_format.snapshots import read_ref
-
-    snapshot = store.dataset(spec)  # verified whole: a broken dataset is reported, not half-shown
-    name = spec.partition("@")[0]
-    ref, manifest = snapshot.ref, snapshot.manifest
-    if not ref:  # pinned: the ref tells when and from where, if it still names this snapshot
-        try:
-            current = read_ref(store, name)
-            ref = current if current.get("snapshot") == snapshot.id else {}
-        except StoreError:
-            ref = {}
-    return {
-        "name": name, "snapshot": snapshot.id, "published": ref.get("published"),
-        "config": ref.get("config"), "model": ref.get("model"), "vae": ref.get("vae"),
-        "samples": manifest["summary"].get("samples"), "buckets": manifest["summary"].get("buckets", {}),
-        "stages": manifest["summary"].get("stages", {}), "settings": manifest["settings"],
-        "source": f'{{kind = "dataset", name = "{spec}", store = "{store.url}"}}',
-    }
-
-
 def _when(seconds) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if isinstance(seconds, int) else "?"
 
@@ -68,15 +45,10 @@ def _when(seconds) -> str:
 @dataset_app.command("list")
 def list_(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Every dataset published in the store: samples, buckets, items, bytes, when, from which config and model."""
-    from sdxlpipe.cache_format import StoreError
+    from sdxlpipe.cache_format.snapshots import describe_all
 
     opened = _open(config, store)
-    found = []
-    for name in opened.datasets():
-        try:
-            found.append(describe(opened, name))
-        except StoreError as e:  # one unreadable dataset does not hide the others
-            found.append({"name": name, "error": e.what})
+    found = describe_all(opened)
     if as_json:
         print(json.dumps({"store": opened.url, "datasets": [{k: v for k, v in d.items() if k != "settings"}
                                                              for d in found]}, indent=2))
@@ -99,6 +71,8 @@ def show(
     config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """One dataset: its snapshot, samples per bucket, items and bytes per stage, the settings that made it."""
+    from sdxlpipe.cache_format.snapshots import describe
+
     opened = _open(config, store)
     d = describe(opened, name)
     if as_json:

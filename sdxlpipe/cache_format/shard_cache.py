@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import posixpath
 import secrets
 import threading
 from pathlib import Path
@@ -63,20 +62,25 @@ class ShardCache:
         # Until `ranges` is known, one range request at a time: readers starting together on a server
         # without ranges would each download a whole shard (measured: 138% of a small store).
         self._probe = threading.Lock()
-        self._fs = None
+        self._store = None
         self._pid = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None, "_pid": None, "_probe": None}
+        return {**self.__dict__, "_store": None, "_pid": None, "_probe": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _probe=threading.Lock())
 
-    def _remote(self):
-        if self._fs is None or self._pid != os.getpid():
-            self._fs, root = fsspec.core.url_to_fs(self.url)
-            self._root, self._pid = root.rstrip("/"), os.getpid()
-        return self._fs
+    def _remote(self, stage: str, shard_id: str):
+        """The remote filesystem and the shard's path in it, from the store's own layout (`Store.shard_path`,
+        which refuses a stage or shard id that is not one before it becomes a path)."""
+        from .store import Store
+
+        if self._store is None or self._pid != os.getpid():
+            fs, root = fsspec.core.url_to_fs(self.url)
+            # Paths only: a Store object does no I/O until asked, and this one is asked for nothing else.
+            self._store, self._pid = Store(fs, root.rstrip("/") or "/", self.url, read_only=True), os.getpid()
+        return self._store.fs, self._store.shard_path(stage, shard_id)
 
     def local_path(self, shard_id: str) -> Path:
         return self.directory / f"{shard_id}.tar"
@@ -104,8 +108,7 @@ class ShardCache:
         return self._fetch_range(stage, shard_id, start, end)
 
     def _fetch_range(self, stage: str, shard_id: str, start: int, end: int) -> bytes:
-        fs = self._remote()
-        remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
+        fs, remote = self._remote(stage, shard_id)
         data = retry_io(lambda: fs.cat_file(remote, start=start, end=end), DOWNLOAD_DELAYS,
                         f"{remote} from {self.url}", DOWNLOAD_HINT)
         if len(data) <= end - start:
@@ -140,6 +143,7 @@ class ShardCache:
         shard is gone, StoreError when it cannot be fetched after retries. `keep`: shard ids
         eviction must spare (the prefetcher's window).
         """
+        self._remote(stage, shard_id)  # a shard id that is not one never names a local file either
         path = self.local_path(shard_id)
         if _touch(path):
             return path
@@ -153,8 +157,7 @@ class ShardCache:
         return path
 
     def _download(self, stage: str, shard_id: str, path: Path) -> bool:
-        fs = self._remote()
-        remote = posixpath.join(self._root, "shards", stage, f"{shard_id}.tar")  # the store layout (README.md)
+        fs, remote = self._remote(stage, shard_id)
         tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
 
         def attempt() -> bool:

@@ -357,6 +357,39 @@ def names(store: Store) -> list[str]:
                   if NAME.fullmatch(n[: -len(".json")]))
 
 
+def describe(store: Store, spec: str) -> dict:
+    """One dataset (NAME, or NAME@SNAPSHOT) as `dataset list|show` and the report show it: its ref and its
+    snapshot's manifest. The snapshot is verified whole: a broken dataset is a StoreError, not half-shown."""
+    snapshot = open_snapshot(store, spec)
+    name = spec.partition(PIN)[0]
+    ref, manifest = snapshot.ref, snapshot.manifest
+    if not ref:  # pinned: the ref tells when and from where, if it still names this snapshot
+        try:
+            current = read_ref(store, name)
+            ref = current if current.get("snapshot") == snapshot.id else {}
+        except StoreError:
+            ref = {}
+    return {
+        "name": name, "snapshot": snapshot.id, "published": ref.get("published"),
+        "config": ref.get("config"), "model": ref.get("model"), "vae": ref.get("vae"),
+        "samples": manifest["summary"].get("samples"), "buckets": manifest["summary"].get("buckets", {}),
+        "stages": manifest["summary"].get("stages", {}), "settings": manifest["settings"],
+        "source": f'{{kind = "dataset", name = "{spec}", store = "{store.url}"}}',
+    }
+
+
+def describe_all(store: Store) -> list[dict]:
+    """Every published dataset as `describe` gives it, by name; one that cannot be read is {"name", "error"}
+    (one unreadable dataset does not hide the others)."""
+    found = []
+    for name in names(store):
+        try:
+            found.append(describe(store, name))
+        except StoreError as e:
+            found.append({"name": name, "error": e.what})
+    return found
+
+
 def live(store: Store) -> tuple[set[tuple[str, str]], set[str]]:
     """What the published datasets keep: {(stage, shard id)} their snapshots name, and the names of
     the snapshot files (manifests and tables) under datasets/snapshots/. For gc; raises StoreError

@@ -1,7 +1,8 @@
 """`sdxlpipe inspect`: the dataset as a user wants to see it before spending GPU hours.
 
 Runs the data stages (ingest, caption, bucket: cheap, cached like `run`),
-then summarises: samples per source, rejected files, buckets with counts
+adds the rows of the config's dataset sources (published snapshots, as
+training joins them), then summarises: samples per source, rejected files, buckets with counts
 and the short batches a batch size leaves, caption length and token counts
 (how many captions pass the 75-token window), and the top tags. The same
 numbers, drawn, with every image, are the report's Dataset page
@@ -27,6 +28,7 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
 
     report = run_pipeline(config, "bucket")
     table = Workspace(config.workspace).read_table("bucket")
+    table, datasets = _with_datasets(config, table)
     rows = table.to_pylist() if table is not None else []
     if batch_size is None:
         batch_size = getattr(config.params.get("train"), "batch_size", 1) or 1
@@ -38,8 +40,12 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
 
     sources: dict[str, dict] = {}
     for r, h in zip(rows, held):
-        s = sources.setdefault(r["subset"], {"images": 0, "samples_per_epoch": 0, "is_reg": r["is_reg"],
-                                             "validation": bool(r.get(COLUMN)), "caption_from": Counter()})
+        # A dataset's subsets are named after it: its publisher named them, and they may repeat the config's.
+        dataset = datasets.get(r.get("source_index"))
+        name = f"{dataset}/{r['subset']}" if dataset else r["subset"]
+        s = sources.setdefault(name, {"images": 0, "samples_per_epoch": 0, "is_reg": r["is_reg"],
+                                      "validation": bool(r.get(COLUMN)), "caption_from": Counter(),
+                                      **({"dataset": dataset} if dataset else {})})
         s["images"] += 1
         s["samples_per_epoch"] += 0 if h else r["repeats"]
         s["caption_from"][r.get("caption_origin") or "none"] += 1
@@ -82,6 +88,23 @@ def inspect_dataset(config, batch_size: int | None = None, top_tags: int = 20) -
         # Ties by name: the same order in every process (set order follows the per-process string hash).
         "top_tags": [[t, n] for t, n in sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:top_tags]],
     }
+
+
+def _with_datasets(config, table):
+    """The bucket table with the rows of the config's dataset sources joined (pipeline/sources.py), and
+    {source index: "name@snapshot"} of those sources. Their captions, buckets and held-out flags are the
+    snapshot's, as training reads them; a dataset that cannot be opened is the error `run` would give."""
+    import logging
+
+    from sdxlpipe.pipeline.sources import join, open_datasets
+
+    if not any(s.kind == "dataset" for s in config.params["ingest"].sources):
+        return table, {}
+    # No fingerprints: inspect loads no model, so it does not warn about a dataset of another one (run does).
+    datasets = open_datasets(config, logging.getLogger("sdxlpipe.inspect"), dict)
+    if table is None:
+        table = datasets[0].rows.slice(0, 0) if datasets else None
+    return join(table, datasets), {d.index: f"{d.spec.partition('@')[0]}@{d.snapshot.id[:12]}" for d in datasets}
 
 
 def _spread(values: list[int]) -> dict[str, float] | None:

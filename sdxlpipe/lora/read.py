@@ -2,7 +2,11 @@
 
 `read_lora(path)` -> `LoraFile`: the file's format, network type, metadata and
 one `LoraModule` per adapted module (component, module name as the file
-spells it, kind, tensors, alpha, rank). `peft_state(lora, component, model)`
+spells it, kind, tensors, alpha, rank). `read_lora_header(path)` is the same
+`LoraFile` from the safetensors header alone, without torch: its tensors are
+`HeaderTensor`s (shape, and a scalar's value read on demand), enough for
+`summary()` (the report's `lora info`); `read_header(path)` gives the header's
+metadata and tensors as they are. `peft_state(lora, component, model)`
 turns a LoRA's modules for one model into a peft state dict and LoraConfig
 dict (diffusers module names, per-module rank and alpha), which is what
 `set_peft_model_state_dict` and training from an existing LoRA need.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,12 @@ LOADS_IN = {
                   "projections and the alpha, without an error); give them the kohya-format file"),
     "peft": ("peft", "not ComfyUI, A1111 or diffusers' load_lora_weights"),
 }
+
+
+# safetensors dtype names -> numpy, for a header's scalars (BF16 is read as the top half of a float32).
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
+# A header longer than this is no LoRA (SDXL's ~2k modules need ~300 KB).
+MAX_HEADER = 64 << 20
 
 
 class LoraFileError(UserError):
@@ -108,16 +119,79 @@ def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA/LyCORIS `.safetensors` file (kohya, LyCORIS, diffusers or peft layout)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFileError(f"LoRA file {str(path)!r} not found", "check the path")
+    path = _existing(path)
     try:
         with safe_open(str(path), "pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraFileError(f"{path}: not a readable .safetensors file ({exc})",
-                            "give a LoRA .safetensors file (pickled .ckpt/.pt LoRAs are not read)") from None
+        raise _unreadable(path, exc) from None
+    return _lora_file(path, tensors, metadata)
+
+
+def read_lora_header(path: str | Path) -> LoraFile:
+    """`read_lora` from the safetensors header alone (no torch, no weights read): its modules' tensors are
+    `HeaderTensor`s, so `summary()` is `lora info`'s, but nothing that needs the weights works."""
+    path = _existing(path)
+    metadata, tensors = read_header(path)
+    return _lora_file(path, tensors, metadata)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, "HeaderTensor"]]:
+    """A .safetensors file's metadata and its tensors as `HeaderTensor`s, from the header alone (no torch)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = dict(header.pop("__metadata__", None) or {})
+        tensors = {k: HeaderTensor(path, 8 + size, v) for k, v in header.items()}
+    except (OSError, ValueError, TypeError, KeyError, struct.error) as exc:
+        raise _unreadable(path, exc) from None
+    return metadata, tensors
+
+
+class HeaderTensor:
+    """A tensor as a safetensors header describes it: its shape and, on demand, its value as a float (alphas
+    are scalars: the first element is read from the file)."""
+
+    def __init__(self, path: Path, start: int, entry: dict):
+        self.shape = tuple(entry["shape"])
+        self._path, self._dtype = path, entry["dtype"]
+        self._begin, self._end = (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __float__(self) -> float:
+        import numpy as np
+
+        with open(self._path, "rb") as f:
+            f.seek(self._begin)
+            raw = f.read(min(self._end - self._begin, 8))
+        if self._dtype == "BF16":
+            return float(np.frombuffer(b"\0\0" + raw[:2], "<f4")[0])
+        return float(np.frombuffer(raw, _DTYPES[self._dtype], count=1)[0])
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {str(path)!r} not found", "check the path")
+    return path
+
+
+def _unreadable(path: Path, exc: Exception) -> LoraFileError:
+    return LoraFileError(f"{path}: not a readable .safetensors file ({exc})",
+                         "give a LoRA .safetensors file (pickled .ckpt/.pt LoRAs are not read)")
+
+
+def _lora_file(path: Path, tensors: dict, metadata: dict) -> LoraFile:
+    """The file's modules, format and network type, from its tensors (torch's, or a header's) and metadata."""
     if not tensors:
         raise LoraFileError(f"{path}: the file holds no tensors", "give a LoRA .safetensors file")
     if any(k.startswith(tuple(f"{p}_" for p in KOHYA_PREFIXES)) for k in tensors):

@@ -174,7 +174,7 @@ def damaged_items(ctx: Context, names: list[str], inputs: dict) -> dict[str, set
         if ctx.datasets and "source_index" in table.column_names:
             # Only the config's own rows: the datasets' items are not in its store (lost_in_datasets).
             ours = {d.index for d in ctx.datasets}
-            table = table.filter(pa.array([i not in ours for i in table.column("source_index").to_pylist()]))
+            table = table.filter(pa.array([i not in ours for i in table.column("source_index").to_pylist()], pa.bool_()))
         keys = keys_in_columns(table, columns)
         found[stage] = set(ctx.store.damaged(stage, keys)) if keys else set()
     return found

@@ -42,6 +42,13 @@ class DatasetSource:
     snapshot: Snapshot
     rows: pa.Table  # the samples (publish.PUBLISHED) plus source_index
 
+    def settings(self) -> dict[str, dict]:
+        """Per stage, the settings that made its rows, as the snapshot records them (a run record's params;
+        an entry that is not one, from elsewhere, is left out)."""
+        recorded = self.snapshot.manifest.get("settings", {})
+        return {stage: s["params"] for stage, s in recorded.items()
+                if isinstance(s, dict) and isinstance(s.get("params"), dict)}
+
     def describe(self) -> dict:
         return {"source": self.index, "name": self.spec.partition("@")[0], "snapshot": self.snapshot.id,
                 "store": self.store.url, "samples": self.rows.num_rows}

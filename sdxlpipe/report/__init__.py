@@ -8,7 +8,6 @@ load, and it opens from `file://`. Built without torch.
 - `dataset.py` — the Dataset page's data (inspect's summary, item chunks, rejects, facets).
 - `thumbs.py` — thumbnails cached by content key.
 - `runs.py` — the Runs page's data from the run folders and export records.
-- `lora_header.py` — what `lora info` says, from a safetensors header (no torch).
 - `store.py` — the Store page's data.
 - `site.py` — data files, assets, hard-linked images; the swap of `data/`.
 """

@@ -5,7 +5,7 @@ A run is a folder `.sdxlpipe/train/<train key>/` (stages/train.py): `key.json`
 (scalars per step), `validation/step-N/` (images), `checkpoints/step-N/`, and
 `done.json` once finished. Exports are found by their `<name>.export.json`
 records in each run's `export.output_dir`, and described as `lora info` would
-(`lora_header`, no torch). The list (`runs`) is small; each run's curves and
+(`lora.read.read_lora_header`, no torch). The list (`runs`) is small; each run's curves and
 images (`run/<key>`) are loaded when the run is opened.
 """
 
@@ -119,7 +119,7 @@ def _checkpoints(run: Path) -> list[dict]:
 
 def _exports(key: str, config: dict) -> list[dict]:
     """This run's exports: the `<name>.export.json` records in its export folder that name its key."""
-    from sdxlpipe.report.lora_header import summary
+    from sdxlpipe.lora.read import read_lora_header
 
     folder = Path((config.get("export") or {}).get("output_dir") or "")
     out = []
@@ -133,7 +133,7 @@ def _exports(key: str, config: dict) -> list[dict]:
             entry = {"format": fmt, "path": str(path), "bytes": path.stat().st_size if path.is_file() else None}
             if path.is_file() and path.suffix == ".safetensors":
                 try:
-                    info = summary(path)
+                    info = read_lora_header(path).summary()
                     entry["info"] = {k: v for k, v in info.items() if k != "metadata"}
                     entry["metadata"] = info["metadata"]
                 except Exception as e:  # noqa: BLE001 - a file another tool wrote: say why, show the rest

@@ -1,4 +1,5 @@
-"""The Store page's data: size and items per stage, each shard, and the workspace's stage tables.
+"""The Store page's data: size and items per stage, each shard, the published datasets and the
+workspace's stage tables.
 
 Read through the store's public API (`du`, `stages`, `locations`), so a
 store behind a URL is described the same way; a store that does not exist
@@ -17,7 +18,8 @@ MAX_SHARDS = 2000
 def collect(store_url: str, workspace: Path, stage_names: list[str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from sdxlpipe.cache_format import open_store
+    from sdxlpipe.cache_format import StoreError, open_store
+    from sdxlpipe.cache_format.snapshots import describe_all
     from sdxlpipe.pipeline.workspace import Workspace
 
     store = open_store(store_url, create=False, missing_ok=True)
@@ -32,6 +34,10 @@ def collect(store_url: str, workspace: Path, stage_names: list[str]) -> dict[str
         # [shard id, items, bytes of those items' payloads], biggest first.
         listed = sorted(([sid, len(keys), nbytes] for sid, (nbytes, keys) in shards.items()), key=lambda s: -s[2])
         stages[stage] = {**u, "shard_list": listed[:MAX_SHARDS], "shards_listed": min(len(listed), MAX_SHARDS)}
+    try:
+        datasets = [_dataset(d) for d in describe_all(store)]
+    except StoreError as e:  # a store behind plain HTTP cannot be listed
+        datasets = [{"error": e.what}]
     ws = Workspace(workspace)
     tables = []
     for name in stage_names:
@@ -42,4 +48,13 @@ def collect(store_url: str, workspace: Path, stage_names: list[str]) -> dict[str
             except (OSError, ValueError):
                 rows = None  # damaged: the next run recomputes it
             tables.append({"stage": name, "rows": rows, "bytes": path.stat().st_size})
-    return {"url": store_url, "bytes": usage["bytes"], "stages": stages, "tables": tables}
+    return {"url": store_url, "bytes": usage["bytes"], "stages": stages, "datasets": datasets, "tables": tables}
+
+
+def _dataset(d: dict) -> dict[str, Any]:
+    """A published dataset's row, as `dataset list` counts it: items and payload bytes over its stages."""
+    if "error" in d:
+        return {"name": d["name"], "error": d["error"]}
+    return {"name": d["name"], "snapshot": d["snapshot"], "samples": d["samples"], "published": d["published"],
+            "items": sum(s.get("items", 0) for s in d["stages"].values()),
+            "bytes": sum(s.get("bytes", 0) for s in d["stages"].values())}

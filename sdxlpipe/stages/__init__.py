@@ -19,6 +19,7 @@ by the no-op record), `check(params)`, `VERSION`, `OUTPUT_COLUMNS` and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 from typing import Sequence
@@ -43,6 +44,18 @@ OPTIONAL = {
     # (outputs, stats, dry_run) -> dict: what the stage adds to the run report's `outputs`, from what
     # it left in `ctx.outputs` and its own counts.
     "report": None,
+    # (settings, rows, ctx) -> {key: text}: what the stage adds to an exported file's metadata (kohya's
+    # ss_* keys): from its settings as a run record holds them (`recorded`) and the training rows they
+    # made. A stage up to the publish point is asked once per group of rows made with one set of settings
+    # (the config's own rows; each dataset source's, with the settings its snapshot records).
+    "export_metadata": None,
+    # True: the stage trains a network and leaves the run in `ctx.outputs[its name]` (key, dir, weights,
+    # network_config, network, use_dora, alpha; the text encoders' weights when trained), which export
+    # writes out. At most one stage of a config trains.
+    "TRAINS": False,
+    # True: the stage needs every row of the table at once (training does), so `--shards K/N`, which
+    # gives each machine a part of the items, cannot split a run that reaches it.
+    "NEEDS_EVERY_ROW": False,
 }
 
 
@@ -54,6 +67,42 @@ def load_stages(modules: Sequence[str] = STAGES) -> dict[str, ModuleType]:
 def declared(module: ModuleType, name: str):
     """What a stage module declares under `name` (one of OPTIONAL), or the default."""
     return getattr(module, name, OPTIONAL[name])
+
+
+def trained_run(ctx) -> dict:
+    """What the training stage left in `ctx.outputs` (the `TRAINS` declaration), {} before it ran."""
+    return next((ctx.outputs.get(name, {}) for name, module in ctx.config.stages.items()
+                 if declared(module, "TRAINS")), {})
+
+
+def recorded(module: ModuleType, settings: dict | None) -> dict:
+    """A stage's settings as a run record holds them (JSON values by field name), for a declaration to read:
+    `settings` (a record from elsewhere: a published snapshot's) over the module's `Params` defaults. A
+    field the record lacks (published by an older version) is the default, and so is a value of another
+    JSON type than the default's (a snapshot from elsewhere is untrusted: a declaration never meets one)."""
+    out = {f.name: _plain(getattr(module.Params(), f.name)) for f in dataclasses.fields(module.Params)}
+    for name, value in (settings or {}).items():
+        if name in out and _same_kind(value, out[name]):
+            out[name] = value
+    return out
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_kind(value, default) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def store_fields(stages: dict[str, ModuleType]) -> dict[str, tuple[str, str]]:

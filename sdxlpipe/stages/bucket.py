@@ -53,6 +53,14 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def export_metadata(settings: dict, rows: pa.Table, ctx) -> dict[str, str]:
+    """kohya's bucket fields for the rows these settings bucketed."""
+    side = settings["resolution"]
+    return {"ss_resolution": f"({side}, {side})", "ss_enable_bucket": "True",
+            "ss_min_bucket_reso": str(settings["min_side"]), "ss_max_bucket_reso": str(settings["max_side"]),
+            "ss_bucket_no_upscale": str(settings["no_upscale"]), "modelspec.resolution": f"{side}x{side}"}
+
+
 # The bucket list of the SDXL paper (Podell et al. 2023, App. I). The paper
 # prints rows as height, width (aspect ratio = h/w, 0.25 for 512 x 2048); the
 # rows below are copied in that order and turned into (width, height). The

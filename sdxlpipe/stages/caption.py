@@ -73,6 +73,23 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def export_metadata(settings: dict, rows: pa.Table, ctx) -> dict[str, str]:
+    """kohya's caption fields for the rows these settings captioned: the tag options and, per subset, how many
+    training captions hold each tag (regularisation images left out, as kohya counts them)."""
+    import json
+
+    from sdxlpipe.datasets.tags import tag_frequency
+
+    cols = rows.select([c for c in ("caption", "subset", "is_reg") if c in rows.column_names]).to_pydict()
+    is_reg = cols.get("is_reg", [False] * rows.num_rows)
+    captions = [c for c, r in zip(cols.get("caption", []), is_reg) if not r]
+    subsets = [s for s, r in zip(cols.get("subset", []), is_reg) if not r]
+    return {"ss_caption_tag_dropout_rate": str(settings["tag_dropout"]),
+            "ss_shuffle_caption": str(settings["shuffle_tags"]), "ss_keep_tokens": str(settings["keep_tokens"]),
+            # The captions as trained, prefix and suffix included.
+            "ss_tag_frequency": json.dumps(tag_frequency(subsets, captions, settings["separator"]))}
+
+
 def randomised(p: Params, texts: list[str]) -> bool:
     from sdxlpipe.datasets.tags import WILDCARD
 

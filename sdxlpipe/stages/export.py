@@ -24,11 +24,9 @@ write each file atomically, readable by others (0644 under the usual umask):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -95,9 +93,11 @@ def report(outputs: dict, stats: dict, dry_run: bool) -> dict:
 
 
 def run(table: pa.Table, params: Params, ctx) -> pa.Table:
-    trained = ctx.outputs.get("train", {})
-    network = ctx.config.params["train"].network
-    formats = _formats(params, network, ctx.config.params["train"].use_dora)
+    from sdxlpipe.stages import trained_run
+
+    trained = trained_run(ctx)
+    network = trained.get("network", "lora")
+    formats = _formats(params, network, trained.get("use_dora", False))
     out_dir = Path(params.output_dir)
     paths = {fmt: out_dir / _file_name(params.name, network, fmt) for fmt in formats}
     if network == "full" and params.extract_rank:
@@ -131,8 +131,8 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
     state = load_file(trained["weights"])
     config = json.loads(Path(trained["network_config"]).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = _kohya_metadata(table, ctx, trained, params, network)
-    text = _text_encoders(trained, ctx.config.params["train"])
+    metadata = _kohya_metadata(table, ctx, params)
+    text = _text_encoders(trained)
     if text and network not in ("lora", "full"):
         ctx.log.warning("the text encoders' LoRA goes into the files only with network = \"lora\" or \"full\"; "
                         "it is in %s and %s", trained["text_encoder"], trained["text_encoder_2"])
@@ -216,12 +216,12 @@ def _up_to_date(record_path: Path, key: str, paths) -> bool:
         return False
 
 
-def _text_encoders(trained: dict, train_params) -> dict[str, tuple[dict, dict]]:
+def _text_encoders(trained: dict) -> dict[str, tuple[dict, dict]]:
     """{"text_encoder": (peft state, LoraConfig dict), "text_encoder_2": ...} when train_text_encoder, else {}.
 
     The checkpoint keeps only the encoders' weights. Training gives them a
     LoRA of train.rank / train.alpha on the CLIP attention projections; the
-    rank is read from the weights, the alpha from the train settings.
+    rank is read from the weights, the alpha from what the train stage says it trained at.
     """
     if "text_encoder" not in trained:
         return {}
@@ -237,7 +237,7 @@ def _text_encoders(trained: dict, train_params) -> dict[str, tuple[dict, dict]]:
             raise UserError(f"{trained[name]}: the text encoder LoRA has ranks {sorted(ranks)}, expected one",
                             "re-run the train stage (sdxlpipe run train) with this version of sdxlpipe")
         targets = sorted({module.rpartition(".")[2] for module in downs})
-        out[name] = (state, LoraConfig(r=ranks.pop(), lora_alpha=train_params.alpha, target_modules=targets).to_dict())
+        out[name] = (state, LoraConfig(r=ranks.pop(), lora_alpha=trained["alpha"], target_modules=targets).to_dict())
     return out
 
 
@@ -320,146 +320,124 @@ def _umask() -> int:
     return mask
 
 
-def _kohya_metadata(table: pa.Table, ctx, trained: dict, params: Params, network: str) -> dict[str, str]:
-    """kohya's ss_* fields, SAI modelspec.* and sdxlpipe's provenance (all strings, nested data as JSON)."""
-    from sdxlpipe.datasets.tags import tag_frequency
+def _kohya_metadata(table: pa.Table, ctx, params: Params) -> dict[str, str]:
+    """kohya's ss_* fields, SAI modelspec.* and sdxlpipe's provenance (all strings, nested data as JSON).
 
-    train = ctx.config.params["train"]
-    caption = ctx.config.params["caption"]
-    bucket = ctx.config.params["bucket"]
-    text_encode = ctx.config.params["text_encode"]
-    run_dir = Path(trained.get("dir", "."))
-    done = _read_json(run_dir / "done.json")
-    key_doc = _read_json(run_dir / "key.json")
-    steps = int(done.get("steps") or train.max_steps)  # the steps taken: max_epochs may have decided them
-    started = _mtime(run_dir / "key.json")
-    finished = _mtime(run_dir / "done.json") or started
-    cols = table.to_pydict() if table.num_rows else {}
+    Each stage declares what it adds (`export_metadata`); this stage adds the file's own fields and counts
+    the rows that trained. A stage up to the publish point describes the rows its settings made, group by
+    group (`_row_groups`): the config's own rows with the config's settings, a dataset source's rows with
+    the settings its snapshot records. Where groups disagree, counts of tags add up and any other field is
+    the first group's ([[sources]] order); `sdxlpipe_sources` then lists every group's (docs/decisions.md 73).
+    """
+    from sdxlpipe.pipeline.graph import publish_point, stages_for
+    from sdxlpipe.stages import declared, recorded
+
+    stages = ctx.config.stages
+    made_rows = set(stages_for(publish_point(stages), stages)) if publish_point(stages) else set()
+    groups = _row_groups(table, ctx)
+    per_group: list[dict[str, str]] = [{} for _ in groups]
+    run_wide: dict[str, str] = {}
+    for name, module in stages.items():
+        declare = declared(module, "export_metadata")
+        if declare is None:
+            continue
+        if name not in made_rows:  # the run's own settings (train), over every row it trained on
+            run_wide.update(declare(recorded(module, ctx.config.to_record()[name]), table, ctx))
+            continue
+        for group, found in zip(groups, per_group):
+            found.update(declare(recorded(module, group["settings"].get(name)), group["rows"], ctx))
+    cols = table.select([c for c in ("subset", "repeats", "is_reg") if c in table.column_names]).to_pydict()
+    is_reg = cols.get("is_reg", [False] * table.num_rows)
     subsets: dict[str, dict] = {}
     reg_subsets: dict[str, dict] = {}
-    for i in range(table.num_rows):
-        target = reg_subsets if cols.get("is_reg", [False] * table.num_rows)[i] else subsets
-        entry = target.setdefault(cols["subset"][i], {"n_repeats": cols["repeats"][i], "img_count": 0})
+    for subset, repeats, reg in zip(cols.get("subset", []), cols.get("repeats", []), is_reg):
+        entry = (reg_subsets if reg else subsets).setdefault(subset, {"n_repeats": repeats, "img_count": 0})
         entry["img_count"] += 1
-    is_reg = cols.get("is_reg", [False] * table.num_rows)
-    captions = [c for c, r in zip(cols.get("caption", []), is_reg) if not r]
-    tag_subsets = [s for s, r in zip(cols.get("subset", []), is_reg) if not r]
-    num_images = sum(r for r, reg in zip(cols.get("repeats", []), is_reg) if not reg)
-    resolution = bucket.resolution
-    v_pred = train.prediction_type == "v_prediction"
     meta = {
         "ss_output_name": params.name,
-        "ss_training_started_at": str(started),
-        "ss_training_finished_at": str(finished),
-        "ss_learning_rate": str(train.learning_rate),
-        "ss_unet_lr": str(train.learning_rate),
-        "ss_text_encoder_lr": str(train.text_encoder_lr or train.learning_rate),
-        "ss_num_train_images": str(num_images),
+        "ss_num_train_images": str(sum(r for r, reg in zip(cols.get("repeats", []), is_reg) if not reg)),
         "ss_num_reg_images": str(sum(1 for r in is_reg if r)),
-        "ss_max_train_steps": str(steps),
-        "ss_steps": str(steps),
-        "ss_num_epochs": str(_epochs(table, train, steps, key_doc.get("processes", 1))),
-        "ss_batch_size_per_device": str(train.batch_size),
-        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
-        # What the run did (unset: on for SDXL-sized UNets); done.json records it.
-        "ss_gradient_checkpointing": str(bool(done.get("gradient_checkpointing", train.gradient_checkpointing))),
-        "ss_lr_scheduler": train.lr_scheduler,
-        "ss_lr_warmup_steps": str(train.lr_warmup if train.lr_warmup >= 1 else round(train.lr_warmup * steps)),
-        "ss_optimizer": train.optimizer,
-        "ss_max_grad_norm": str(train.max_grad_norm),
-        "ss_mixed_precision": train.mixed_precision,
-        "ss_full_fp16": str(train.full_fp16),
-        "ss_seed": str(train.seed),
-        "ss_network_dropout": str(train.dropout),
-        "ss_noise_offset": str(train.noise_offset),
-        "ss_noise_offset_random_strength": str(train.noise_offset_random_strength),
-        "ss_adaptive_noise_scale": str(train.adaptive_noise_scale),
-        "ss_multires_noise_iterations": str(train.multires_noise_iterations),
-        "ss_multires_noise_discount": str(train.multires_noise_discount),
-        "ss_ip_noise_gamma": str(train.input_perturbation),
-        "ss_min_snr_gamma": str(train.min_snr_gamma),
-        "ss_debiased_estimation": str(train.debiased_estimation),
-        "ss_loss_type": train.loss_type,
-        "ss_huber_schedule": train.huber_schedule,
-        "ss_huber_c": str(train.huber_c),
-        "ss_prior_loss_weight": str(train.prior_loss_weight),
-        "ss_caption_dropout_rate": str(train.caption_dropout),
-        "ss_caption_tag_dropout_rate": str(caption.tag_dropout),
-        "ss_shuffle_caption": str(caption.shuffle_tags),
-        "ss_keep_tokens": str(caption.keep_tokens),
-        "ss_min_timestep": str(train.min_timestep),
-        "ss_max_timestep": str(train.max_timestep),
         "ss_v2": "False",
-        "ss_v_parameterization": str(v_pred),
-        "ss_resolution": f"({resolution}, {resolution})",
-        "ss_enable_bucket": "True",
-        "ss_min_bucket_reso": str(bucket.min_side),
-        "ss_max_bucket_reso": str(bucket.max_side),
-        "ss_bucket_no_upscale": str(bucket.no_upscale),
-        "ss_max_token_length": str(text_encode.max_token_length),
-        "ss_clip_skip": str(text_encode.clip_skip or ""),
         "ss_cache_latents": "True",
         "ss_dataset_dirs": json.dumps(subsets),
         "ss_reg_dataset_dirs": json.dumps(reg_subsets),
-        # Per subset, how many captions hold each tag (the captions as trained, prefix/suffix included).
-        "ss_tag_frequency": json.dumps(tag_frequency(tag_subsets, captions, caption.separator)),
         "ss_sd_model_name": ctx.config.model,
         "ss_vae_name": ctx.config.vae or "",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{MODELSPEC_ARCH}/lora",
         "modelspec.implementation": MODELSPEC_IMPL,
         "modelspec.title": params.name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "modelspec.timestep_range": f"{train.min_timestep},{train.max_timestep}",
-        # How LoRA's A started (train.lora_init): "gaussian" (diffusers' scripts) needs other learning rates.
-        "sdxlpipe_lora_init": train.lora_init if network == "lora" else "",
-        "sdxlpipe_train_key": str(trained.get("key")),
-        "sdxlpipe_dataset_fingerprint": str(key_doc.get("samples", "")),
-        "sdxlpipe_base_fingerprint": json.dumps({k: key_doc.get(k) for k in ("unet", "scheduler") if k in key_doc}
-                                                or ctx.models.fingerprints(), sort_keys=True),
         "sdxlpipe_config": json.dumps(ctx.config.to_record(), sort_keys=True, default=str),
-        **_validation_metadata(done),
+        **run_wide, **_merged(per_group),
     }
+    if len(groups) > 1:
+        meta["sdxlpipe_sources"] = json.dumps([{"sources": g["sources"], "dataset": g["dataset"],
+                                                "samples": g["rows"].num_rows, **found}
+                                               for g, found in zip(groups, per_group)])
     return {k: v for k, v in meta.items() if v != ""}
 
 
-def _validation_metadata(done: dict) -> dict[str, str]:
-    """The step of the run's lowest validation loss on held-out items (training/validation_loss.py), if measured:
-    which checkpoint to prefer when the last one overfits."""
-    best = done.get("best_validation")
-    if not best:
-        return {}
-    return {"sdxlpipe_best_validation_step": str(best["step"]),
-            "sdxlpipe_best_validation_loss": f"{best['val_loss']:.6g}",
-            "sdxlpipe_validation_items": str(done.get("validation_items", ""))}
+def _row_groups(table: pa.Table, ctx) -> list[dict]:
+    """The training rows by the settings that made them, in [[sources]] order: the config's own rows (its
+    settings) and each dataset source's (the settings its snapshot records). Groups with no training row
+    are left out; without dataset sources, one group of every row."""
+    own_settings = ctx.config.to_record()
+    if not ctx.datasets or "source_index" not in table.column_names:
+        return [{"sources": None, "dataset": None, "settings": own_settings, "rows": table}]
+    index = table.column("source_index").to_pylist()
+    theirs = {d.index: d for d in ctx.datasets}
+    groups = []
+    own = [i for i, s in enumerate(index) if s not in theirs]
+    if own:
+        groups.append({"sources": sorted({index[i] for i in own}), "dataset": None, "settings": own_settings,
+                       "rows": table.take(pa.array(own, pa.int64()))})
+    for d in ctx.datasets:
+        mine = [i for i, s in enumerate(index) if s == d.index]
+        if mine:
+            groups.append({"sources": [d.index], "dataset": f"{d.spec.partition('@')[0]}@{d.snapshot.id}",
+                           "settings": d.settings(), "rows": table.take(pa.array(mine, pa.int64()))})
+    return sorted(groups, key=lambda g: g["sources"][0]) or [
+        {"sources": None, "dataset": None, "settings": own_settings, "rows": table}]
 
 
-def _epochs(table: pa.Table, train, steps: int, processes: int) -> int:
-    """The epochs the run's steps cover (kohya's ss_num_epochs: ceil(steps / update steps per epoch)): max_epochs
-    when that set the length, else counted from the batches of `table` (bucket-pure, as training plans them)."""
-    if train.max_epochs:
-        return train.max_epochs
-    from sdxlpipe.training.data import BatchPlan
+def _merged(per_group: list[dict[str, str]]) -> dict[str, str]:
+    """One value per key from the groups' values: the shared one; counts (JSON objects of numbers, such as
+    ss_tag_frequency's per subset) added up; else the first group's."""
+    out: dict[str, str] = {}
+    for found in per_group:
+        for key, value in found.items():
+            if key not in out:
+                out[key] = value
+            elif out[key] != value:
+                added = _add_counts(_json_object(out[key]), _json_object(value))
+                if added is not None:
+                    out[key] = json.dumps(added)
+    return out
 
-    cols = table.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in table.column_names]).to_pydict()
-    if not cols.get("bucket_w"):
-        return 0
-    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], train.batch_size, train.seed,
-                     [bool(r) for r in cols.get("is_reg", [False] * table.num_rows)])
-    return math.ceil(steps * train.gradient_accumulation_steps * processes / max(1, plan.per_epoch))
 
-
-def _read_json(path: Path) -> dict:
+def _json_object(text: str):
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
-def _mtime(path: Path) -> int:
-    try:
-        return int(path.stat().st_mtime)
-    except OSError:
-        return 0
+def _add_counts(a, b):
+    """Two JSON objects whose leaves are counts, added key by key (a key of one only: its value); None when
+    they hold anything else."""
+    if a is None or b is None:
+        return None
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _add_counts(out[key], value)
+        elif type(out[key]) is int and type(value) is int:
+            out[key] = out[key] + value
+        else:
+            return None
+        if out[key] is None:
+            return None
+    return out

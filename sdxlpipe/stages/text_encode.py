@@ -55,6 +55,11 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def export_metadata(settings: dict, rows: pa.Table, ctx) -> dict[str, str]:
+    """kohya's text-encoder fields for the rows whose captions these settings encoded."""
+    return {"ss_max_token_length": str(settings["max_token_length"]), "ss_clip_skip": str(settings["clip_skip"] or "")}
+
+
 def key_doc(text: str, params: Params, fp: dict[str, str]) -> dict:
     return {
         "stage": "text_encode", "version": VERSION, "text": text,

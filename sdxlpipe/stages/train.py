@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -33,6 +34,10 @@ VERSION = 3  # 3: kaiming-uniform LoRA init (peft's default), kohya's default ta
 MODELS = ("unet", "scheduler")
 # Its one item is the training run.
 ITEMS = "runs"
+# It leaves the run in ctx.outputs["train"], which export writes out.
+TRAINS = True
+# It trains on every row at once: `--shards` cannot split it.
+NEEDS_EVERY_ROW = True
 
 # Params that do not change the trained weights stay out of the key: save
 # cadence, validation and logging, gradient checkpointing (same math, less
@@ -341,6 +346,106 @@ def check(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
+def export_metadata(settings: dict, rows: pa.Table, ctx) -> dict[str, str]:
+    """kohya's ss_* fields of the run (its settings, the steps it took, when) and sdxlpipe's provenance, from
+    the run's folder (`ctx.outputs["train"]["dir"]`: key.json, done.json) and the rows it trained on."""
+    import time
+
+    trained = ctx.outputs.get("train", {})
+    run_dir = Path(trained.get("dir", "."))
+    done = _read_json(run_dir / "done.json")
+    key = _read_json(run_dir / "key.json")
+    steps = int(done.get("steps") or settings["max_steps"])  # the steps taken: max_epochs may have decided them
+    started = _mtime(run_dir / "key.json")
+    finished = _mtime(run_dir / "done.json") or started
+    warmup = settings["lr_warmup"]
+    v_pred = settings["prediction_type"] == "v_prediction"
+    meta = {
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
+        "ss_learning_rate": str(settings["learning_rate"]),
+        "ss_unet_lr": str(settings["learning_rate"]),
+        "ss_text_encoder_lr": str(settings["text_encoder_lr"] or settings["learning_rate"]),
+        "ss_max_train_steps": str(steps),
+        "ss_steps": str(steps),
+        "ss_num_epochs": str(_epochs(rows, settings, steps, key.get("processes", 1))),
+        "ss_batch_size_per_device": str(settings["batch_size"]),
+        "ss_gradient_accumulation_steps": str(settings["gradient_accumulation_steps"]),
+        # What the run did (unset: on for SDXL-sized UNets); done.json records it.
+        "ss_gradient_checkpointing": str(bool(done.get("gradient_checkpointing", settings["gradient_checkpointing"]))),
+        "ss_lr_scheduler": settings["lr_scheduler"],
+        "ss_lr_warmup_steps": str(warmup if warmup >= 1 else round(warmup * steps)),
+        "ss_optimizer": settings["optimizer"],
+        "ss_max_grad_norm": str(settings["max_grad_norm"]),
+        "ss_mixed_precision": settings["mixed_precision"],
+        "ss_full_fp16": str(settings["full_fp16"]),
+        "ss_seed": str(settings["seed"]),
+        "ss_network_dropout": str(settings["dropout"]),
+        "ss_noise_offset": str(settings["noise_offset"]),
+        "ss_noise_offset_random_strength": str(settings["noise_offset_random_strength"]),
+        "ss_adaptive_noise_scale": str(settings["adaptive_noise_scale"]),
+        "ss_multires_noise_iterations": str(settings["multires_noise_iterations"]),
+        "ss_multires_noise_discount": str(settings["multires_noise_discount"]),
+        "ss_ip_noise_gamma": str(settings["input_perturbation"]),
+        "ss_min_snr_gamma": str(settings["min_snr_gamma"]),
+        "ss_debiased_estimation": str(settings["debiased_estimation"]),
+        "ss_loss_type": settings["loss_type"],
+        "ss_huber_schedule": settings["huber_schedule"],
+        "ss_huber_c": str(settings["huber_c"]),
+        "ss_prior_loss_weight": str(settings["prior_loss_weight"]),
+        "ss_caption_dropout_rate": str(settings["caption_dropout"]),
+        "ss_min_timestep": str(settings["min_timestep"]),
+        "ss_max_timestep": str(settings["max_timestep"]),
+        "ss_v_parameterization": str(v_pred),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.timestep_range": f"{settings['min_timestep']},{settings['max_timestep']}",
+        # How LoRA's A started (train.lora_init): "gaussian" (diffusers' scripts) needs other learning rates.
+        "sdxlpipe_lora_init": settings["lora_init"] if settings["network"] == "lora" else "",
+        "sdxlpipe_train_key": str(trained.get("key")),
+        "sdxlpipe_dataset_fingerprint": str(key.get("samples", "")),
+        "sdxlpipe_base_fingerprint": json.dumps({k: key.get(k) for k in ("unet", "scheduler") if k in key}
+                                                or ctx.models.fingerprints(), sort_keys=True),
+    }
+    best = done.get("best_validation")
+    if best:  # the lowest validation loss on held-out items: which checkpoint to prefer when the last overfits
+        meta.update({"sdxlpipe_best_validation_step": str(best["step"]),
+                     "sdxlpipe_best_validation_loss": f"{best['val_loss']:.6g}",
+                     "sdxlpipe_validation_items": str(done.get("validation_items", ""))})
+    return meta
+
+
+def _epochs(rows: pa.Table, settings: dict, steps: int, processes: int) -> int:
+    """The epochs the run's steps cover (kohya's ss_num_epochs: ceil(steps / update steps per epoch)): max_epochs
+    when that set the length, else counted from the batches of `rows` (bucket-pure, as training plans them)."""
+    if settings["max_epochs"]:
+        return settings["max_epochs"]
+    import math
+
+    from sdxlpipe.training.data import BatchPlan
+
+    cols = rows.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in rows.column_names]).to_pydict()
+    if not cols.get("bucket_w"):
+        return 0
+    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], settings["batch_size"],
+                     settings["seed"], [bool(r) for r in cols.get("is_reg", [False] * rows.num_rows)])
+    return math.ceil(steps * settings["gradient_accumulation_steps"] * processes / max(1, plan.per_epoch))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int = 1, sources=()) -> dict:
     """Everything that shapes the trained weights: settings, UNet and scheduler weights, every sample input.
 
@@ -436,7 +541,9 @@ def run(table: pa.Table, params: Params, ctx) -> pa.Table:
         ctx.log.info("continuing run %s on %d process(es) x gradient_accumulation_steps %d: its %d micro-batches "
                      "per optimizer step", key[:12], processes, accumulate, processes * accumulate)
         params = dataclasses.replace(params, gradient_accumulation_steps=accumulate)
-    ctx.outputs["train"] = {"key": key, "dir": str(run_dir)}
+    # What export needs of this run: which network, and the alpha the text encoders' LoRA was trained at.
+    ctx.outputs["train"] = {"key": key, "dir": str(run_dir), "network": params.network, "use_dora": params.use_dora,
+                            "alpha": params.alpha}
     if table.num_rows == 0:
         ctx.report(items=1, computed=0, reused=0, failed=1, reasons=["no samples to train on"])
         return table

@@ -206,3 +206,52 @@ def test_image_sources_and_a_dataset_source_train_together(machine_a, tmp_path):
     run = Path(report["outputs"]["checkpoint"]).parent.parent
     assert json.loads((run / "key.json").read_text())["sample_count"] == 2 + 4
     assert report["outputs"]["dataset"]["samples"] == 2, "it publishes its own rows only"
+    # The file describes each group of rows with the settings that made it, and counts every caption's tags.
+    meta = _metadata(root / "output" / "tiny-shapes.safetensors")
+    groups = json.loads(meta["sdxlpipe_sources"])  # in [[sources]] order: the images come first in this config
+    snapshot = report["outputs"]["datasets"][0]["snapshot"]
+    assert [(g["sources"], g["dataset"], g["samples"]) for g in groups] == [([0], None, 2), ([1], f"a@{snapshot}", 4)]
+    added: dict[str, int] = {}
+    for group in groups:
+        for tags in json.loads(group["ss_tag_frequency"]).values():
+            for tag, n in tags.items():
+                added[tag] = added.get(tag, 0) + n
+    assert {t: n for tags in json.loads(meta["ss_tag_frequency"]).values() for t, n in tags.items()} == added
+
+
+# The export metadata each stage up to the publish point declares (bucket, caption, text_encode).
+ROW_SETTINGS = ("ss_resolution", "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_no_upscale", "modelspec.resolution",
+                "ss_caption_tag_dropout_rate", "ss_shuffle_caption", "ss_keep_tokens", "ss_tag_frequency",
+                "ss_max_token_length", "ss_clip_skip")
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def test_a_lora_trained_from_a_dataset_says_the_settings_the_snapshot_records_not_the_trainers(machine_a, tmp_path):
+    """B's config keeps the default bucket resolution (1024) and sets other caption and text-encoder settings; its
+    rows are A's, bucketed at 128 and encoded with A's settings, so the file must say A's (docs/decisions.md 73)."""
+    config_a, _, _ = machine_a
+    config = _machine_b(tmp_path / "b", str(config_a.parent / ".sdxlpipe" / "store"), steps=1,
+                        extra="[caption]\nkeep_tokens = 2\nshuffle_tags = true\n[text_encode]\nclip_skip = 2\n")
+    cli("run", "all", "-c", str(config), "--json")
+    a = _metadata(config_a.parent / "output" / "tiny-shapes.safetensors")
+    b = _metadata(config.parent / "output" / "tiny-shapes.safetensors")
+    assert b["ss_resolution"] == "(128, 128)" and b["ss_keep_tokens"] == "0" and "ss_clip_skip" not in b
+    assert {k: b.get(k) for k in ROW_SETTINGS} == {k: a.get(k) for k in ROW_SETTINGS}
+    assert "sdxlpipe_sources" not in b, "one group of rows"
+    assert json.loads(b["sdxlpipe_config"])["caption"]["keep_tokens"] == 2, "the config as given is still recorded"
+
+
+def test_a_stage_error_in_a_run_on_a_dataset_alone_is_an_error_with_a_hint_not_a_traceback(machine_a, tmp_path):
+    """The runner looks for damaged items of the config's own rows after any stage error; with a dataset source
+    alone those rows are none, and that empty filter was a pyarrow traceback that hid the stage's own error."""
+    config_a, _, _ = machine_a
+    config = _machine_b(tmp_path / "b", str(config_a.parent / ".sdxlpipe" / "store"), steps=1)
+    proc = cli("run", "all", "-c", str(config), "--set", "train.validation_every_steps=1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no held-out items" in proc.stderr and "Hint:" in proc.stderr

@@ -63,3 +63,34 @@ def test_a_validation_source_is_held_out_and_its_loss_reported(example):
     status = cli_json("status", "-c", str(example), *RUN[:6])["stages"]
     assert status["train"]["to_compute"] == 0 and status["train"]["up_to_date"] == 1, status["train"]
     assert Path(done["outputs"]["checkpoint"]).parent.parent == run_dir
+
+
+def test_a_published_datasets_held_out_items_stay_held_out_where_it_trains_from_the_store(example, tmp_path):
+    """Machine A publishes its dataset with a `kind = "validation"` folder; machine B, with no images and no
+    validation source of its own, trains from the store: the snapshot's `validation` column holds the same
+    items out there (measured, never trained on), and `inspect` on B counts the dataset's rows."""
+    root = example.parent
+    arrays = np.random.default_rng(5)
+    for i in range(3):
+        write_image(root / "held" / f"val{i}.png", (128, 128), arrays)
+        (root / "held" / f"val{i}.txt").write_text(f"a held out shape number {i}")
+    example.write_text(example.read_text().replace('[caption]', '[[sources]]\npath = "held"\nkind = "validation"\n\n[caption]', 1))
+    published = cli_json("run", "encode", "-c", str(example))["outputs"]["dataset"]
+    assert published["samples"] == 35
+
+    b = tmp_path / "b" / "sdxlpipe.toml"
+    b.parent.mkdir(parents=True)
+    b.write_text(f'model = "tiny"\n\n[[sources]]\nkind = "dataset"\nname = "{published["name"]}"\n'
+                 f'store = "{root / ".sdxlpipe" / "store"}"\n\n[train]\nmax_steps = 2\nsave_every_steps = 2\n'
+                 'validation_every_steps = 2\n\n[export]\noutput_dir = "output"\n')
+    inspected = cli_json("inspect", "-c", str(b))
+    assert inspected["samples"] == 35 and inspected["samples_per_epoch"] == 32
+    assert inspected["held_out"] == {"items": 3, "from_sources": 3, "validation_split": 0.0}
+    dataset = f"{published['name']}@{published['snapshot'][:12]}"
+    assert sum(s["images"] for s in inspected["sources"].values()) == 35
+    assert all(s["dataset"] == dataset for s in inspected["sources"].values())
+
+    cli("run", "all", "-c", str(b))
+    (run_dir,) = (b.parent / ".sdxlpipe" / "train").iterdir()
+    assert json.loads((run_dir / "key.json").read_text())["sample_count"] == 32, "the held-out items do not train"
+    assert json.loads((run_dir / "done.json").read_text())["validation_items"] == 3

@@ -1,11 +1,12 @@
 """Given two training runs of the tiny example (the second with one setting changed) and their exports,
 when the report opens in Chromium, then the Runs page shows log.jsonl's curves, steps through the
 validation images, names the changed setting, and describes each export as `lora info` does; the
-Store page shows `store du`'s numbers. No console error; screenshots go to the test's temp dir."""
+Store page shows `store du`'s numbers and the published datasets as `dataset list` does. No console error; screenshots go to the test's temp dir."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def test_runs_and_store_pages_in_chromium(example, tmp_path):
     first = cli_json("run", "all", "-c", str(example), *SHORT_RUN)
     second = cli_json("run", "all", "-c", str(example), *SHORT_RUN, "--set", "train.learning_rate=5e-4",
                       "--set", "export.name=second", "--set", "train.validation_split=0.2")
+    # The runs published the config's dataset ("tiny", its folder's name); publish the same rows as another one.
+    cli("run", "encode", "-c", str(example), "--set", 'dataset.name="shapes-b"')
     cli("report", "-c", str(example))
     site = example.parent / ".sdxlpipe" / "report"
     keys = [Path(r["outputs"]["checkpoint"]).parents[1].name for r in (first, second)]  # .sdxlpipe/train/<key>/checkpoints/...
@@ -92,5 +95,16 @@ def test_runs_and_store_pages_in_chromium(example, tmp_path):
             row = d.find_element(By.CSS_SELECTOR, f"#stages tr[data-stage={stage}]")
             assert int(row.find_element(By.CSS_SELECTOR, "[data-k=items]").text.replace(",", "")) == u["items"]
             assert int(row.find_element(By.CSS_SELECTOR, "[data-k=shards]").text) == u["shards"]
+        listed = cli_json("dataset", "list", "-c", str(example))["datasets"]
+        assert sorted(x["name"] for x in listed) == ["shapes-b", "tiny"]
+        for want in listed:
+            row = d.find_element(By.CSS_SELECTOR, f"#datasets tr[data-dataset='{want['name']}']")
+            cell = lambda k: row.find_element(By.CSS_SELECTOR, f"[data-k={k}]")  # noqa: E731,B023
+            assert cell("snapshot").get_attribute("title") == want["snapshot"]
+            assert int(cell("samples").text.replace(",", "")) == want["samples"]
+            assert int(cell("items").text.replace(",", "")) == sum(s["items"] for s in want["stages"].values())
+            assert int(cell("bytes").get_attribute("title")) == sum(s["bytes"] for s in want["stages"].values())
+            assert cell("published").text == time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(want["published"]))
+        assert len(d.find_elements(By.CSS_SELECTOR, "#datasets tr[data-dataset]")) == len(listed)
         screenshot(d, tmp_path / "store.png")
         assert console_errors(d) == []

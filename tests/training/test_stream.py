@@ -355,3 +355,22 @@ def test_the_shard_cache_is_shared_by_content_verified_on_arrival_and_kept_under
         assert [p.name for p in directory.iterdir() if p.suffix != ".tar"] == []  # no lock or temp files left
     finally:
         fs.rm(f"/sdxlpipe-cache-{tmp_path.name}", recursive=True)
+
+
+def test_the_shard_cache_refuses_a_shard_id_that_is_not_one_before_it_names_a_file(tmp_path):
+    """A crafted index row's shard id must not become a path, remote or local (Store.shard_path checks it)."""
+    from sdxlpipe.cache_format.shards import StoreError
+
+    root = f"/sdxlpipe-crafted-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"{root}/secret.tar", b"outside the store's shards")
+    fs.pipe_file(f"{root}/store/shards/vae_encode/x.tar", b"")
+    cache = ShardCache(f"memory://{root}/store", tmp_path / "cache", 1 << 20)
+    try:
+        for read in (lambda: cache.get("vae_encode", "../../../secret"), lambda: cache.read_range("vae_encode", "../../../secret", 0, 4),
+                     lambda: cache.get("../..", "0" * 32)):
+            with pytest.raises(StoreError, match="refusing shard id|cannot name a store directory"):
+                read()
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "secret.tar").exists()
+    finally:
+        fs.rm(root, recursive=True)

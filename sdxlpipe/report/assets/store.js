@@ -1,4 +1,4 @@
-/* sdxlpipe report: the Store page (data/store.js: `store du`, each shard, the workspace's tables). */
+/* sdxlpipe report: the Store page (data/store.js: `store du`, each shard, the published datasets, the workspace's tables). */
 "use strict";
 
 (function () {
@@ -26,6 +26,15 @@
         {text: S.int(s.shards), class: "num", k: "shards"}, {text: S.bytes(s.bytes), class: "num", k: "bytes"},
         {text: groups.join("; "), class: "path"}]};
     })) : el("p", {class: "empty", text: "The store is empty: `sdxlpipe run encode` fills it."}));
+
+  const datasets = data.datasets || [];
+  document.getElementById("datasets").appendChild(datasets.length ? S.table(["dataset", "snapshot", "samples", "items", "size", "published"],
+    datasets.map(function (d) {
+      if (d.error) return {attrs: d.name ? {"data-dataset": d.name} : {}, cells: [d.name || "", {text: d.error, class: "error"}, "", "", "", ""]};
+      return {attrs: {"data-dataset": d.name}, cells: [d.name, {text: d.snapshot.slice(0, 12), k: "snapshot", title: d.snapshot},
+        {text: S.int(d.samples), class: "num", k: "samples"}, {text: S.int(d.items), class: "num", k: "items"},
+        {text: S.bytes(d.bytes), class: "num", k: "bytes", title: String(d.bytes)}, {text: S.when(d.published), k: "published"}]};
+    })) : el("p", {class: "empty", text: "No dataset is published: `sdxlpipe run encode` publishes the config's."}));
 
   document.getElementById("tables").appendChild(data.tables.length ? S.table(["stage", "rows", "size"], data.tables.map(function (t) {
     return {attrs: {"data-table": t.stage}, cells: [t.stage, {text: S.int(t.rows), class: "num", k: "rows"}, {text: S.bytes(t.bytes), class: "num"}]};

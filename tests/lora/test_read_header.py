@@ -1,4 +1,5 @@
-"""The report says what `lora info` says about an exported file, from its header alone (no torch)."""
+"""`read_lora_header` says what `lora info` says about a file, from its header alone (no torch): the report's
+description of each export."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxlpipe.lora.read import LoraFileError, read_lora
-from sdxlpipe.report.lora_header import summary
+from sdxlpipe.lora.read import LoraFileError, read_lora, read_lora_header
 from tests.lora.test_info import files  # noqa: F401 - kohya (fp16, LoCon), LyCORIS LoHa, diffusers files
+
+
+def summary(path):
+    return read_lora_header(path).summary()
 
 
 @pytest.mark.parametrize("name", ["kohya", "loha", "diffusers", "bare"])
