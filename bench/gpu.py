@@ -21,8 +21,9 @@ Speed and memory do not depend on the weights' values. Sections, in the order th
 - text: the text_encode stage (both CLIPs, as it runs them: fp32) against a bare transformers loop.
 - stage: the train stage itself (`stages.train.run`: model load, loader, accelerate, logging) for the
   LoRA r16 bf16 case, its step time read from its progress; it should equal the train section's row.
-- options: on the LoRA r16 bf16, checkpointed, batch 4 step: channels-last, each SDPA kernel forced
-  (the one used by default is read from the profiler), 8-bit AdamW (bitsandbytes; skipped without it).
+- options: on the LoRA r16 bf16, checkpointed, batch 4 step: channels-last, the batch made fp32 on the
+  CPU before its copy (the loop's path before decision 78: compare its loader wait), each SDPA kernel
+  forced (the one used by default is read from the profiler), 8-bit AdamW (bitsandbytes; skipped without it).
 - compile: `train.compile` (torch.compile of the UNet): the first step's compile time and the steady step.
 
 Columns: `value` is s/step for training (lower is better) and images/s or captions/s for encoding; `vs
@@ -897,6 +898,18 @@ def options_section(env: Env) -> None:
             holder["unet"].to(memory_format=torch.contiguous_format)
 
     run_case(env, "options", f"lora16-bf16 gc b{batch} channels-last", channels_last)
+
+    def cpu_fp32():
+        from sdxlpipe.training import batches, loop
+
+        # The loop's path before decision 78: the batch made fp32 on the CPU, then that copy sent to the GPU.
+        kept, loop.to_device = loop.to_device, lambda batch, device: batches.as_float(batch)
+        try:
+            return versus(holder["trainer"].steps(batch))
+        finally:
+            loop.to_device = kept
+
+    run_case(env, "options", f"lora16-bf16 gc b{batch} batch fp32 on the CPU", cpu_fp32)
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                           ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
         def forced(backend=backend):

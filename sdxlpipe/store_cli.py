@@ -37,10 +37,14 @@ DstArg = Annotated[str, typer.Argument(help="the store to copy into (created if 
 
 
 @store_app.command("verify")
-def store_verify(config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every shard and item; list what is damaged (exit 1 if any)."""
+def store_verify(
+    config: ConfigOpt = DEFAULT_CONFIG, store: StoreOpt = None, as_json: JsonOpt = False,
+    repair: Annotated[bool, typer.Option("--repair", help="also mark items that break the payload schema bad, so "
+                                         "the next run re-encodes them (damaged items are always marked)")] = False,
+) -> None:
+    """Re-hash every shard and item, check payloads against the spec; list what is wrong (exit 1 if any)."""
     setup(stderr_console())
-    problems = _store_from(config, store).verify()
+    problems = _store_from(config, store).verify(repair=repair)
     if as_json:
         print(json.dumps({"problems": problems}, indent=2))
     else:

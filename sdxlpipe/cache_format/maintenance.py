@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from . import snapshots
+from . import payloads, snapshots
 from .grammar import Location, is_key, table_bytes
 from .index import StageIndex
 from .listing import list_detail, list_files, list_names
@@ -39,8 +39,13 @@ COMPACT_MARKERS = 16
 log = logging.getLogger("sdxlpipe.store")
 
 
-def verify(store: Store, stage: str | None = None) -> list[dict]:
-    """Re-hash every shard and every indexed item; record bad items; return the problems."""
+def verify(store: Store, stage: str | None = None, repair: bool = False) -> list[dict]:
+    """Re-hash every shard and every indexed item, and check each payload of sdxlpipe's stages against its
+    schema (`payloads`); record bad items; return the problems.
+
+    A payload that breaks the schema but passes its checksum is what its writer wrote, not damage: it is
+    reported, and marked bad (so the encode stages recompute it) only with `repair` (decision 76).
+    """
     problems: list[dict] = []
     for st in [check_stage(stage)] if stage else store.stages():
         index = store._fresh_index(st)
@@ -57,7 +62,7 @@ def verify(store: Store, stage: str | None = None) -> list[dict]:
                                                          "the file or index row was not written by sdxlpipe"))
                 continue
             locs = list(by_shard.get(shard_id, {}).values())
-            problems += _verify_shard(store, st, shard_id, locs, failures)
+            problems += _verify_shard(store, st, shard_id, locs, failures, repair)
         if failures:
             store._record_bad(st, failures)
     if not stage:
@@ -67,7 +72,8 @@ def verify(store: Store, stage: str | None = None) -> list[dict]:
     return problems
 
 
-def _verify_shard(store: Store, stage: str, shard_id: str, locs: list[Location], failures: list) -> list[dict]:
+def _verify_shard(store: Store, stage: str, shard_id: str, locs: list[Location], failures: list,
+                  repair: bool = False) -> list[dict]:
     problems = []
     doc: dict = {}
     try:
@@ -92,27 +98,36 @@ def _verify_shard(store: Store, stage: str, shard_id: str, locs: list[Location],
     present = index.present()
     try:
         with f:
-            return problems + _verify_items(store, stage, shard_id, locs, failures, f, doc, index, present)
+            return problems + _verify_items(store, stage, shard_id, locs, failures, f, doc, index, present, repair)
     except OSError as e:  # not damage: say which shard could not be read, mark nothing
         raise StoreError(f"verify could not read shard {path}: {e}",
                          "the store's disk or network is failing; run verify again once it is reachable") from e
 
 
 def _verify_items(store: Store, stage: str, shard_id: str, locs: list[Location], failures: list, f: BinaryIO,
-                  doc: dict, index: StageIndex, present: set[str]) -> list[dict]:
-    """Problems of one open shard: its hash and size, and each indexed item's checksum."""
+                  doc: dict, index: StageIndex, present: set[str], repair: bool = False) -> list[dict]:
+    """Problems of one open shard: its hash and size, and each indexed item's checksum and schema."""
     problems: list[dict] = []
     digest, size = hash_stream(f)
     item_problems, repaired = [], 0
     for loc in locs:
-        _, why = check_payload(f, loc)
+        data, why = check_payload(f, loc)
+        schema_bad = False
+        if why is None and payloads.is_checked(stage, loc.field):
+            why = payloads.problem(stage, loc.field, data)
+            schema_bad = why is not None
+            why = why and f"breaks the payload schema: {why}"
         if why is None:
             continue
         if index.is_bad(loc) and loc.item_key in present:
             repaired += 1  # found before, and recomputed into another shard since
             continue
-        failures.append((loc, why))
-        item_problems.append(_problem(stage, shard_id, loc.item_key, why))
+        if not schema_bad or repair:
+            failures.append((loc, why))
+        item_problems.append(_problem(stage, shard_id, loc.item_key,
+                                      why + ("; marked bad" if repair or index.is_bad(loc)
+                                             else "; `verify --repair` marks it bad")
+                                      if schema_bad else why))
     # A shard whose only damage is in items already recomputed elsewhere is repaired:
     # its intact items stay usable, and verify stays clean.
     known_damage = repaired and not item_problems

@@ -462,9 +462,10 @@ class Store:
 
     # -- maintenance (maintenance.py, sync.py) ------------------------------------------------
 
-    def verify(self, stage: str | None = None) -> list[dict]:
-        """Re-hash every shard and every indexed item; record bad items; return the problems."""
-        return maintenance.verify(self, stage)
+    def verify(self, stage: str | None = None, repair: bool = False) -> list[dict]:
+        """Re-hash every shard and every indexed item and check payloads against their schema; record bad
+        items (repair: schema-breaking ones too); return the problems."""
+        return maintenance.verify(self, stage, repair)
 
     def gc(self, dry_run: bool = False, grace_seconds: float = maintenance.DEFAULT_GRACE_SECONDS) -> list[str]:
         """Remove unreferenced shards and stale temp files older than grace_seconds; the paths."""

@@ -76,10 +76,16 @@ def _seen_captions(ctx) -> dict[str, str]:
 
 
 def _read_captions(keys: list[str], ctx) -> dict[str, str]:
-    from sdxlpipe.cache_format import decode_json
+    from sdxlpipe.cache_format import decode_json, payloads
 
-    return {key: decode_json(data)["caption"] for key, data in ctx.store.read_many(STAGE, keys, FIELD)
-            if data is not None}
+    found = {}
+    for key, data in ctx.store.read_many(STAGE, keys, FIELD):
+        if data is not None:
+            why = payloads.problem(STAGE, FIELD, data)  # passed its checksum: a writer's mistake, refused
+            if why:
+                raise payloads.PayloadRefused(ctx.store.url, STAGE, key, None, why)
+            found[key] = decode_json(data)["caption"]
+    return found
 
 
 def _generate(items: list[tuple[str, dict]], params, ctx) -> dict[str, str]:

@@ -2,8 +2,8 @@
 
 `pick` makes a batch's seeded per-sample choices (flip, caption variant,
 caption dropout) and so names the store items it needs; `conditioning` gives
-the batch's SDXL micro-conditioning for those choices; `as_float` makes a
-batch's payload tensors fp32. `training/stream.py` reads the payloads `pick`
+the batch's SDXL micro-conditioning for those choices; `to_device` puts a
+batch's payload tensors on the training device in fp32 (`as_float` on a CPU). `training/stream.py` reads the payloads `pick`
 names straight into the batch (tests/training/reference_batches.py builds
 the same batch from decoded payloads, the reference it is checked against).
 """
@@ -64,3 +64,17 @@ def as_float(batch: dict) -> dict:
     """
     # Always a copy (an fp32 payload too): the loop hands the read buffers back to the feed right after.
     return {k: v.to(torch.float32, copy=True) if k in FLOAT_FIELDS and v is not None else v for k, v in batch.items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with its payload tensors on `device` in fp32: on a CUDA device copied there in the stored dtype
+    (fp16: half the bytes of fp32 over the bus, asynchronously from the pinned buffers) and converted there, so
+    the CPU converts nothing; elsewhere `as_float` (the same values: fp16 and bf16 to fp32 is exact).
+
+    On CUDA the copies may still be running when this returns: the caller must not refill the read buffers
+    before they are done (the loop hands them back to the feed with an event recorded after them).
+    """
+    if torch.device(device).type != "cuda":
+        return as_float(batch)
+    return {k: v.to(device, non_blocking=True).to(torch.float32) if k in FLOAT_FIELDS and v is not None else v
+            for k, v in batch.items()}

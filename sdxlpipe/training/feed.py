@@ -66,6 +66,7 @@ class Feed:
         # Batches alive at once: those read ahead, one more submitted while the loop holds one, that one.
         self._ring = Ring(self._limit + 2)
         self._lent: dict[int, Buffers] = {}  # batch index -> the buffers under the batch the loop holds
+        self._copying: deque = deque()  # (event, buffers) released while a GPU copy from them may still run
         self._ahead: deque[Future] = deque()
         self._submitted = 0  # positions handed to the readers so far
         self._consumed = 0
@@ -91,6 +92,7 @@ class Feed:
         return self.source.read(index, buffers=self._ring.get())
 
     def take(self, index: int) -> dict:
+        self._reclaim()
         if self._pool is None:
             self._prepare(self._consumed)
             result = self._read(self.indices[self._consumed])
@@ -107,12 +109,21 @@ class Feed:
         self._lent[index] = batch.pop("buffers")
         return batch
 
-    def release(self, index: int) -> None:
+    def release(self, index: int, after=None) -> None:
         """Batch `index`'s buffers back to the ring: its tensors will be overwritten by a coming batch, so the
-        caller must hold no reference to them (the loop releases after `as_float` copied them)."""
+        caller must hold no reference to them (the loop releases after `batches.to_device` copied them).
+        after: a CUDA event recorded after asynchronous copies from them; the ring gets them once it is done."""
         buffers = self._lent.pop(index, None)
-        if buffers is not None:
+        if buffers is not None and after is not None:
+            self._copying.append((after, buffers))
+        elif buffers is not None:
             self._ring.put(buffers)
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """The buffers whose copies are done back to the ring (events on one stream complete in order)."""
+        while self._copying and self._copying[0][0].query():
+            self._ring.put(self._copying.popleft()[1])
 
     def _fetch_ahead(self) -> None:
         """Fetch the shards of the coming batches in plan order, holding at most the cache's limit ahead."""

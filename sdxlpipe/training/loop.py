@@ -37,12 +37,13 @@ import pyarrow as pa
 import torch
 
 from sdxlpipe.cache_format import CacheDamaged
+from sdxlpipe.cache_format.payloads import PayloadRefused
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
 from sdxlpipe.training import (checkpoints, layout, losses, networks, optimizers, precision, resume, stream,
                                threads, validation, validation_loss)
-from sdxlpipe.training.batches import as_float
+from sdxlpipe.training.batches import to_device
 from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
 
@@ -370,13 +371,14 @@ def _apply_gradients(run: Run):
 def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) -> torch.Tensor:
     """The loss of batch `index` of the run; fixed: an evaluation batch, read in this process.
 
-    A damaged item stops the run with CacheDamaged on every process, after saving the steps done.
+    A damaged item stops the run with CacheDamaged on every process, after saving the steps done; so does an
+    item that breaks the payload schema (PayloadRefused: not recomputed, decision 76).
     """
     batch, damage = None, None
     try:
         # Read in the stored dtype (fp16: half the bytes to copy); the loss is computed in fp32.
-        batch = as_float(run.data.source.batch(index, fixed=True) if fixed else _take(run, index))
-    except CacheDamaged as e:
+        batch = to_device(run.data.source.batch(index, fixed=True), run.device) if fixed else _take(run, index)
+    except (CacheDamaged, PayloadRefused) as e:
         damage = e
     if not fixed:  # every process reads the same fixed batches, so meets the same damage there
         damage = stream.agree_on_damage(damage, run.device)  # one process's damage stops them all
@@ -395,13 +397,17 @@ def loss_at(run: Run, index: int, gen: torch.Generator, *, fixed: bool = False) 
 
 
 def _take(run: Run, index: int) -> dict:
-    """Batch `index` from the feed, its payloads copied out (`as_float` always copies) so its buffers go back
-    to the feed's ring at once; the seconds the loop waited for it are counted (`done.json`)."""
+    """Batch `index` from the feed, its payloads copied out in fp32 (`to_device`: onto a GPU in the stored dtype,
+    converted there) so its buffers go back to the feed's ring (on a GPU once the copies are done); the seconds
+    the loop waited for it are counted (`done.json`)."""
     began = time.perf_counter()
     batch = run.feed.take(index)
     run.loader_wait += time.perf_counter() - began
-    floats = as_float(batch)
-    run.feed.release(index)
+    floats = to_device(batch, run.device)
+    copied = torch.cuda.Event() if run.device.type == "cuda" else None
+    if copied is not None:
+        copied.record(torch.cuda.current_stream(run.device))  # after the copies, on the stream they run on
+    run.feed.release(index, after=copied)
     return floats
 
 

@@ -157,7 +157,9 @@ def batch_loss(unet, b: dict, p, alphas_cumprod, prediction_type: str, gen: torc
 
     fixed: an evaluation batch (no input perturbation).
     """
-    x0 = (b["mean"] + b["std"] * torch.randn(b["mean"].shape, generator=gen) - b["shift"]) * b["scale"]
+    # The draw is the CPU generator's on every device; the sample is made where the latents are (a GPU's, fp32).
+    eps = torch.randn(b["mean"].shape, generator=gen).to(b["mean"].device)
+    x0 = (b["mean"] + b["std"] * eps - b["shift"]) * b["scale"]
     noise = torch.randn(x0.shape, generator=gen)
     if p.noise_offset or p.adaptive_noise_scale:
         noise = offset_noise(noise, x0, p.noise_offset, gen, random_strength=p.noise_offset_random_strength,

@@ -6,7 +6,9 @@ the first item's shapes, in the stored dtype, over byte buffers the feed
 reuses batch after batch: decision 65) or a scratch buffer (masks, names the
 batch does not use), and the xxh3 runs over exactly the bytes read.
 Anything unusual (a long header, shapes unlike the batch's) reads the payload
-whole and decodes it. A shard is a local file (`FileShard`: the store's own,
+whole and decodes it. An item that passes its checksum but breaks the payload
+schema (`cache_format.payloads`) raises `Refused`: not damage, nothing to
+recompute (decision 76). A shard is a local file (`FileShard`: the store's own,
 or the shard cache's copy) or a remote one read by ranges (`RemoteShard`).
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import xxhash
 
-from sdxlpipe.cache_format import decode_tensors
+from sdxlpipe.cache_format import decode_tensors, payloads
 from sdxlpipe.cache_format.shard_cache import ShardCache
 
 # Payload tensor name -> batch field (latents: mean, std, optional mask; texts: the two embeddings).
@@ -33,6 +35,10 @@ VIEW_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float3
 # Bytes read first of each item: its safetensors length prefix and header (~200-300 bytes for ours);
 # a longer header takes a second read.
 HEADER_READ = 512
+
+
+class Refused(Exception):
+    """An item that passes its checksum but breaks the payload schema; `BatchSource` names store and shard."""
 
 
 class Buffers:
@@ -108,8 +114,8 @@ class Slots:
                 for pos in positions:
                     slot = self.slot(BATCH_FIELDS[name], pos, tuple(t.shape), t.dtype)
                     if slot is None and tuple(self.tensors[BATCH_FIELDS[name]].shape[1:]) != tuple(t.shape):
-                        raise ValueError(f"cached {stage} item {key}: {name} has shape {tuple(t.shape)}, other "
-                                         f"items of its batch {tuple(self.tensors[BATCH_FIELDS[name]].shape[1:])}")
+                        raise Refused(f"{name} has shape {list(t.shape)}, other items of its batch "
+                                      f"{list(self.tensors[BATCH_FIELDS[name]].shape[1:])}")
                     (slot if slot is not None else self.tensors[BATCH_FIELDS[name]][pos]).copy_(t)
         if stage == self.meta_stage:
             self.meta[key] = meta
@@ -128,8 +134,11 @@ class Slots:
                 "shift": float(meta.get("shift_factor", "0.0") or 0.0)}
 
 
-def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, headers: dict | None = None) -> str | None:
-    """Read one item into its batch slots and check its xxh3; why it is unusable, or None.
+def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, headers: dict | None = None,
+              latent_hw: tuple[int, int] | None = None) -> str | None:
+    """Read one item into its batch slots and check its xxh3; why it is damaged, or None. An item that
+    passes its checksum but breaks the payload schema raises `Refused` (latent_hw: the (H/8, W/8) its
+    bucket asks of a latent).
 
     The common case: the header is read first, then one preadv puts each tensor's bytes straight
     into its slot (or a scratch buffer: masks, names the batch does not use), and the hash runs over
@@ -146,7 +155,7 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, header
         if plan is not None:
             head = bytearray(len(guess))
             if shard.readinto([head, *plan[0]], loc.offset) == loc.length and head == guess:
-                return _check(head, plan, loc, stage, positions, slots)
+                return _check(head, plan, loc, stage, positions, slots, latent_hw)
         for field in list(slots.tensors)[shaped:]:  # shaped on the wrong guess: the item's header shapes them
             slots.unshape(field)
     head = bytearray(min(HEADER_READ, loc.length))
@@ -156,27 +165,30 @@ def read_item(shard, loc, stage: str, positions: list[int], slots: Slots, header
     size = int.from_bytes(head[:8], "little") if len(head) >= 8 else loc.length
     plan = _layout(head, size, loc.length, positions[0], slots) if 8 + size <= len(head) else None
     if plan is None:
-        return _read_whole(shard, loc, stage, positions, slots)
+        return _read_whole(shard, loc, stage, positions, slots, latent_hw)
     dests = plan[0]
     got = shard.readinto(dests, loc.offset + 8 + size) if dests else 0
     want = loc.length - 8 - size
     if got != want:
         return f"truncated: {8 + size + got} of {loc.length} bytes"
-    why = _check(memoryview(head)[:8 + size], plan, loc, stage, positions, slots)
+    why = _check(memoryview(head)[:8 + size], plan, loc, stage, positions, slots, latent_hw)
     if why is None and headers is not None:
         headers[stage] = (bytes(head[:8 + size]), _parse_header(bytes(head[8:8 + size])))
     return why
 
 
-def _check(head, plan, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
-    """The xxh3 of the header and the bytes read into `plan`'s buffers against the index's; then the
-    copies for an item used twice, its mask and metadata."""
+def _check(head, plan, loc, stage: str, positions: list[int], slots: Slots, latent_hw=None) -> str | None:
+    """The xxh3 of the header and the bytes read into `plan`'s buffers against the index's, then the
+    payload schema; then the copies for an item used twice, its mask and metadata."""
     dests, fields, masks, meta = plan
     digest = xxhash.xxh3_128(head)
     for d in dests:
         digest.update(d)
     if digest.hexdigest() != loc.xxh3:
         return "checksum mismatch"
+    why = _schema_problem(stage, loc.field, bytes(head[8:]), loc.length - len(head), latent_hw)
+    if why:
+        raise Refused(why)
     for field in fields:  # the same item used twice in the batch
         for pos in positions[1:]:
             slots.tensors[field][pos].copy_(slots.tensors[field][positions[0]])
@@ -240,13 +252,26 @@ def _parse_header(text: bytes):
         return None
 
 
-def _read_whole(shard, loc, stage: str, positions: list[int], slots: Slots) -> str | None:
+@functools.lru_cache(maxsize=256)
+def _schema_problem(stage: str, field: str, text: bytes, data_bytes: int, latent_hw) -> str | None:
+    """`payloads.header_problem` of a header's JSON text; cached, as the items of a bucket share their header."""
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        return f"its safetensors header is not JSON ({e})"
+    return payloads.header_problem(stage, field, header, data_bytes, latent_hw)
+
+
+def _read_whole(shard, loc, stage: str, positions: list[int], slots: Slots, latent_hw=None) -> str | None:
     data = bytearray(loc.length)
     got = shard.readinto([data], loc.offset)
     if got != loc.length:
         return f"truncated: {got} of {loc.length} bytes"
     if xxhash.xxh3_128_hexdigest(data) != loc.xxh3:
         return "checksum mismatch"
+    why = payloads.problem(stage, loc.field, data, latent_hw)
+    if why:
+        raise Refused(why)
     slots.fill(stage, loc.item_key, positions, *decode_tensors(bytes(data), "pt"))
     return None
 

@@ -8,7 +8,8 @@ each item's tensors straight into their slots of the batch, checked by xxh3.
 The micro-conditioning comes from `batches.conditioning`.
 
 Batches are delivered in the stored dtype (fp16: half the bytes to copy, to
-pin and to send to a GPU); the loop makes them fp32 (`batches.as_float`).
+pin and to send to a GPU); the loop makes them fp32 on its device
+(`batches.to_device`: on a GPU after the copy, decision 78).
 `feed.Feed` reads ahead in `loader_workers` threads of the training process:
 preadv and the tensor copies release the GIL, and nothing crosses a process
 boundary (worker processes handed a 4.5 MB batch over shared memory at ~16
@@ -24,6 +25,8 @@ marked in the store). An intact copy is used; with none, the run stops with
 `CacheDamaged` naming the item, and the pipeline runner recomputes it
 (`sdxlpipe run encode`) and resumes training from the last checkpoint. With
 several processes, `agree_on_damage` makes every process stop with that error.
+An item that passes its checksum but breaks the payload schema is not damage: the
+run stops with `PayloadRefused` naming it, and nothing is recomputed (decision 76).
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import threading
 import pyarrow as pa
 import torch
 
-from sdxlpipe.cache_format import CacheDamaged, decode_tensors
+from sdxlpipe.cache_format import CacheDamaged, decode_tensors, payloads
 from sdxlpipe.cache_format.shard_cache import ShardCache, default_directory
 from sdxlpipe.pipeline.keys import keys_in_columns
 from sdxlpipe.stages import store_fields
 from sdxlpipe.training.batches import conditioning, pick
-from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Slots, read_item
+from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Refused, Slots, read_item
 
 # The table columns `batches.pick` and `batches.conditioning` read.
 ROW_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "caption",
@@ -190,20 +193,42 @@ class BatchSource:
                 done = 0
                 try:
                     for done, loc in enumerate(in_shard):
-                        why = read_item(shard, loc, stage, items[loc.item_key], slots, self._headers)
+                        why = read_item(shard, loc, stage, items[loc.item_key], slots, self._headers,
+                                        self._latent_hw(stage, items[loc.item_key], rows))
                         if why:
                             damaged.append((stage, loc.item_key, shard_id, why))
                 except FileNotFoundError:  # a remote shard that vanished
                     damaged += [(stage, loc.item_key, shard_id, "shard file missing") for loc in in_shard[done:]]
+                except Refused as e:
+                    raise self._refused(stage, in_shard[done].item_key, shard_id, str(e)) from None
                 finally:
                     shard.close()
             for key in items:
                 if known and (stage, key) in known:
-                    slots.fill(stage, key, items[key], *decode_tensors(known[(stage, key)], "pt"))
+                    data = known[(stage, key)]
+                    why = payloads.problem(stage, self.fields[stage], data, self._latent_hw(stage, items[key], rows))
+                    try:
+                        if why:
+                            raise Refused(why)
+                        slots.fill(stage, key, items[key], *decode_tensors(data, "pt"))
+                    except Refused as e:
+                        raise self._refused(stage, key, None, str(e)) from None
         lent = {"buffers": slots.buffers} if buffers is not None else {}
         if damaged:
             return {"index": index, "damaged": damaged, **lent}
         return {**slots.batch(picks[0]["latent_key"]), **conditioning(rows, picks), "index": index, **lent}
+
+    def _latent_hw(self, stage: str, positions: list[int], rows: list[dict]) -> tuple[int, int] | None:
+        """The (H/8, W/8) a latent item's bucket asks for (README.md, Payloads); None for other stages."""
+        row = rows[positions[0]]
+        if stage != self.latents or row.get("bucket_w") is None or row.get("bucket_h") is None:
+            return None
+        return int(row["bucket_h"]) // payloads.LATENT_FACTOR, int(row["bucket_w"]) // payloads.LATENT_FACTOR
+
+    def _refused(self, stage: str, key: str, shard_id: str | None, problem: str) -> payloads.PayloadRefused:
+        """The error for an item that breaks the payload schema, naming the store it was read from."""
+        home = self.store.home(stage, shard_id) if shard_id and hasattr(self.store, "home") else self.store
+        return payloads.PayloadRefused(home.url, stage, key, shard_id, problem)
 
     def cache_of(self, stage: str, shard_id: str) -> ShardCache | None:
         """The shard cache a located shard is read through (None: a local store's own file)."""

@@ -56,6 +56,7 @@ def test_every_case_runs_on_a_cpu_and_a_case_that_cannot_run_fails_alone(tmp_pat
     assert set(failed) == {"lora16-bf16 gc b2 sdpa efficient", "lora16-bf16 gc b2 sdpa cudnn"}, failed
     assert all("scaled_dot_product_attention" in error for error in failed.values())
     assert by[("options", "lora16-bf16 gc b2 sdpa math", "sdxlpipe")]["status"] == "ok"
+    assert by[("options", "lora16-bf16 gc b2 batch fp32 on the CPU", "sdxlpipe")]["status"] == "ok"
     assert by[("compile", "lora16-bf16 gc b2 eager", "sdxlpipe")]["status"] == "ok"
     skipped = {r["case"]: r["error"] for r in rows if r["status"] == "skipped"}
     assert "minutes on a CPU" in skipped["lora16-bf16 gc b2 torch.compile"]

@@ -4,7 +4,7 @@ On a machine without CUDA every test here is skipped (tests/conftest.py), and co
 Covered: bf16 autocast (accelerate's) with bf16 frozen weights and validation images; fp8 frozen
 weights; full_fp16 with the loss scaler; 8-bit AdamW (bitsandbytes, skipped without it); the fused
 Adafactor backward pass; gradient checkpointing; train.compile and train.channels_last; pinned-memory
-batches; NCCL across two GPUs (skipped with fewer).
+batches, copied to the GPU in their stored dtype and converted there; NCCL across two GPUs (skipped with fewer).
 """
 
 from __future__ import annotations
@@ -151,19 +151,53 @@ def test_full_fp16_trains_fp16_weights_through_the_loss_scaler_on_the_gpu(tmp_pa
 def test_batches_for_a_gpu_arrive_in_pinned_memory_and_reach_it(tmp_path):
     from sdxlpipe.training import stream
     from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.feed import open_feed
 
     ctx = make_context(tmp_path / "pinned", device=DEVICE)
     table = build_samples(ctx, 4)
     p = params(loader_workers=2)
     plan = BatchPlan([(64, 64)] * 4, [1] * 4, p.batch_size, p.seed)
     source = stream.open_source(table, ctx.store, p, plan, DEVICE, stages=ctx.config.stages)
-    with stream.open_feed(source, p, start_step=0, max_steps=2, world=1, rank=0, device=DEVICE) as feed:
+    with open_feed(source, p, start_step=0, max_steps=2, world=1, rank=0, device=DEVICE) as feed:
         for index in feed.indices:
             batch = feed.take(index)
             for name in ("mean", "std", "embeds", "pooled"):
                 assert batch[name].is_pinned(), name
                 on_gpu = batch[name].to(DEVICE, non_blocking=True)
                 assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), batch[name])
+
+
+def test_batches_go_to_the_gpu_in_their_stored_dtype_and_their_buffers_wait_for_the_copy(tmp_path):
+    """The loop's path (decision 78): `to_device` copies the ring's fp16 tensors and converts on the GPU, giving
+    the CPU's fp32 exactly; the buffers go back to the ring only once the copy is done. The GPU is kept busy
+    before each copy, so a buffer handed back early would be refilled by the readers before it is copied."""
+    from sdxlpipe.training import stream
+    from sdxlpipe.training.batches import as_float, to_device
+    from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.feed import open_feed
+
+    ctx = make_context(tmp_path / "copies", device=DEVICE)
+    table = build_samples(ctx, 4)
+    p = params(loader_workers=2)
+    plan = BatchPlan([(64, 64)] * 4, [1] * 4, p.batch_size, p.seed)
+    source = stream.open_source(table, ctx.store, p, plan, DEVICE, stages=ctx.config.stages)
+    pairs = []
+    with open_feed(source, p, start_step=0, max_steps=8, world=1, rank=0, device=DEVICE) as feed:
+        for index in feed.indices:
+            batch = feed.take(index)
+            assert {batch[k].dtype for k in ("mean", "std", "embeds", "pooled")} == {torch.float16}
+            want = as_float(batch)  # the CPU's conversion, made before the buffers can go back
+            torch.cuda._sleep(100_000_000)  # ~50 ms of GPU work queued before the copies
+            got = to_device(batch, DEVICE)
+            copied = torch.cuda.Event()
+            copied.record()
+            feed.release(index, after=copied)
+            pairs.append((index, want, got))
+        torch.cuda.synchronize()
+    for index, want, got in pairs:
+        for k in ("mean", "std", "embeds", "pooled"):
+            assert got[k].is_cuda and got[k].dtype == torch.float32, (index, k)
+            assert torch.equal(got[k].cpu(), want[k]), (index, k)
 
 
 @pytest.mark.slow

@@ -107,3 +107,32 @@ def test_a_rerun_and_status_open_no_caption_payload_and_a_fresh_checkout_reads_t
     run_pipeline(load_config(cfg_path), "caption")
     assert pq.read_table(table).column("caption").to_pylist() == captions
     assert _items(config) == 2
+
+
+def test_a_caption_payload_breaking_the_schema_is_refused_naming_it_not_captioned_again(tmp_path, tiny_blip):
+    """A caption item that passes its checksum but is not {"caption": text} (docs/decisions.md 76)."""
+    import json
+    import shutil
+
+    from tests.cache_format.test_conformance import _canonical, _items_of, write_spec_store
+    from tests.conftest import cli
+
+    write(tmp_path / "images" / "IMG_0001.jpg", image_bytes("JPEG", seed=2))
+    cfg_path = _captioner_config(tmp_path, tiny_blip)
+    config = load_config(cfg_path)
+    run_pipeline(config, "caption")
+    store_dir = Path(config.store_url)
+    ((key, field, payload),) = _items_of(store_dir)["caption"]
+    caption = json.loads(payload)["caption"]
+    # The same store, written again by the spec-only writer with the item's JSON wrong (checksum right).
+    shutil.rmtree(store_dir)
+    write_spec_store(store_dir, {"caption": [(key, field, _canonical({"text": caption}))]})
+    (config.workspace / "tables" / "captioner.parquet").unlink()  # so the run reads the store's items
+
+    proc = cli("run", "caption", "-c", str(cfg_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("Error:"))
+    assert f"{store_dir}: caption item {key} breaks the payload schema" in error
+    assert "not a JSON object with a text 'caption' member" in error
+    assert f"store verify --repair --store {store_dir}" in proc.stderr
+    assert _items(config) == 1  # refused, not captioned again
