@@ -169,8 +169,11 @@ def _warn_other_model(dataset: DatasetSource, config, fingerprints, log) -> None
     """A dataset encoded with other text encoders or VAE than the config's model is probably a mistake."""
     settings = dataset.snapshot.manifest.get("settings", {})
     mine = fingerprints()
-    for stage in ("vae_encode", "text_encode"):
-        theirs = settings.get(stage, {}).get("models", {}) if isinstance(settings.get(stage), dict) else {}
+    # Every stage that recorded model fingerprints (the encode stages today), named by the snapshot itself.
+    for stage, recorded in sorted(settings.items()) if isinstance(settings, dict) else ():
+        theirs = recorded.get("models", {}) if isinstance(recorded, dict) else {}
+        if not isinstance(theirs, dict):
+            continue
         differ = sorted(m for m, fp in theirs.items() if fp and mine.get(m) and fp != mine[m])
         if differ:
             log.warning("dataset %s was encoded with other %s weights than this config's model %s: its %s items "

@@ -59,7 +59,9 @@ def collect(config, batch_size: int | None = None) -> DatasetData:
     bucket_index = {b: i for i, b in enumerate(buckets)}
     subsets = list(result["sources"])
     subset_index = {s: i for i, s in enumerate(subsets)}
-    source_labels = [_short(Path(s.path), base) for s in sources]
+    # A dataset source has no path here: it is labelled by what names it, the dataset and its store.
+    source_labels = [f"dataset {s.name} ({s.store or 'this store'})" if s.kind == "dataset" else _short(Path(s.path), base)
+                     for s in sources]
     thumbs: dict[str, str] = {}
     held = held_out_mask(table, getattr(config.params.get("train"), "validation_split", 0.0)) if table is not None else []
     records = []

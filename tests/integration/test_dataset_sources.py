@@ -82,6 +82,10 @@ def test_a_machine_without_images_trains_a_copied_store_to_the_same_lora_and_res
     shutil.rmtree(config_a.parent / "images", ignore_errors=True)
     assert cli("status", "-c", str(config_b), "--check").returncode == 0
     assert (config_b.parent / ".sdxlpipe" / ".noop.json").exists()
+    # B's report names its source by the dataset and its store: B has no folder of images to name.
+    site = tmp_path / "report-b"
+    cli("report", "-c", str(config_b), "-o", str(site))
+    assert f'"dataset a ({store})"' in "".join(p.read_text() for p in (site / "data").glob("*.js"))
     # Un-publishing the dataset is seen by the next run, which must not answer from that record.
     cli("dataset", "rm", "a", "--store", str(store))
     gone = cli("run", "all", "-c", str(config_b), check=False)
