@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/train_from_store.py                      # 300 and 3000 samples, ~1.9 GB in /tmp
     python bench/train_from_store.py --sizes 100 1000 --batches 50          # a quick look
+    python bench/train_from_store.py --orders shard_blocks --block-mib 128  # one order, another block
 
 Writes, at each size, a store of SDXL-shaped items (fp16 mean and std of a
 4x128x128 latent; 77x2048 prompt embeddings + 1280 pooled; as
@@ -16,6 +17,11 @@ with an empty shard cache, as a GPU machine would start:
   support: every fetch is a whole file);
 - local: the same published dataset read from the local disk (the baseline).
 
+Each in both batch orders (`train.shuffle`, decision 79): "global" (each
+bucket shuffled over the epoch) and "shard_blocks" (the epoch walks the
+latents' shards `--block-mib` at a time: 64 MiB, two of the bench's latent
+shards, stands for the 4 GiB default on stores ~1000x these).
+
 Each opens the dataset source as `run all` does (`pipeline/sources.py`: the
 ref, the snapshot and its tables, checked), builds the batch plan, and
 reads batches through the train stage's feed (`training.feed`, batch 4, two
@@ -24,7 +30,7 @@ first batch was ready (the first training step's data), against the snapshot
 alone, the first batch's shards and the whole store; seconds to that first
 batch; samples/s over `--batches` batches, cold (empty shard cache) and warm
 (the same machine again, its cache holding what the first run fetched);
-peak RSS. The UNet step itself is
+the bytes the server sent over the whole cold run; peak RSS. The UNet step itself is
 not part of it (bench/train_step.py times steps). Prints figures measured in
 one run; asserts nothing.
 """
@@ -72,11 +78,13 @@ def build(root: Path, n: int, shard_mib: int) -> dict:
     texts = [encode_tensors({"prompt_embeds": torch.randn(77, 2048, generator=g).half(),
                              "pooled_prompt_embeds": torch.randn(1280, generator=g).half()}) for _ in range(8)]
     lkeys, tkeys = [xxh3_hex(f"l{i}") for i in range(n)], [xxh3_hex(f"t{i}") for i in range(n + 1)]
+    # Each stage writes its items in key order, as vae_encode and text_encode do (shard-sized hash
+    # partitions, sorted by key): a sample's text is in no particular shard relative to its latent.
     with store.writer("vae_encode") as lw, store.writer("text_encode") as tw:
-        for i in range(n):
+        for i in sorted(range(n), key=lkeys.__getitem__):
             lw.add(lkeys[i], "latent.safetensors", latents[i % 8])
-            tw.add(tkeys[i], "text.safetensors", texts[i % 8])
-        tw.add(tkeys[n], "text.safetensors", texts[0])  # the empty caption
+        for i in sorted(range(n + 1), key=tkeys.__getitem__):
+            tw.add(tkeys[i], "text.safetensors", texts[i % 8] if i < n else texts[0])  # n: the empty caption
     samples = pa.table({
         "key": [f"{i:016x}" for i in range(n)], "content_hash": [xxh3_hex(f"img{i}") for i in range(n)],
         "subset": ["bench"] * n, "width": [1024] * n, "height": [1024] * n, "repeats": [1] * n, "is_reg": [False] * n,
@@ -154,7 +162,7 @@ def serve(folder: Path, ranges: bool):
     return server, handler.stats
 
 
-def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
+def child(machine: Path, store: str, batches: int, mark: str | None, order: str, block_mib: int) -> dict:
     """A fresh machine: a config naming the published dataset, an empty shard cache; first batch, then more."""
     began = time.monotonic()
     import logging
@@ -165,7 +173,7 @@ def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
     from sdxlpipe.cache_format import open_store
     from sdxlpipe.config import load_config
     from sdxlpipe.pipeline.sources import join, layered, open_datasets
-    from sdxlpipe.training import stream
+    from sdxlpipe.training import layout, stream
     from sdxlpipe.training.data import plan_of
     from sdxlpipe.training.feed import open_feed
 
@@ -173,15 +181,19 @@ def child(machine: Path, store: str, batches: int, mark: str | None) -> dict:
     machine.mkdir(parents=True, exist_ok=True)
     (machine / "sdxlpipe.toml").write_text(
         f'model = "tiny"\n[[sources]]\nkind = "dataset"\nname = "bench"\nstore = "{store}"\n'
-        f'[train]\nbatch_size = 4\nloader_workers = 2\nshard_cache_dir = "{machine / "shard-cache"}"\n')
+        f'[train]\nbatch_size = 4\nloader_workers = 2\nshard_cache_dir = "{machine / "shard-cache"}"\n'
+        f'shuffle = "{order}"\nshuffle_block_gb = {block_mib / 1024}\n')
     config = load_config(machine / "sdxlpipe.toml")
     datasets = open_datasets(config, logging.getLogger("bench"), lambda: {})
     table = join(pa.table({}), datasets)
     opened = time.monotonic()
     p = config.params["train"]
-    plan = plan_of(table, p.batch_size, p.seed, config.params["ingest"].sources)
-    source = stream.open_source(table, layered(datasets, open_store(config.store_url, create=False, missing_ok=True)),
-                                p, plan, stages=config.stages)
+    store = layered(datasets, open_store(config.store_url, create=False, missing_ok=True))
+    # As the loop's `_data` does on a run's first start: the layout from where the store has the latents.
+    where = layout.locate(table, store, config.stages) if p.shuffle == "shard_blocks" else None
+    plan = plan_of(table, p.batch_size, p.seed, config.params["ingest"].sources, where,
+                   int(p.shuffle_block_gb * (1 << 30)))
+    source = stream.open_source(table, store, p, plan, stages=config.stages)
     with open_feed(source, p, start_step=0, max_steps=batches, world=1, rank=0, device="cpu") as feed:
         first = None
         for index in feed.indices:
@@ -211,16 +223,19 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs=2, default=[300, 3000])
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--shard-mib", type=int, default=32)
+    ap.add_argument("--orders", nargs="+", default=["global", "shard_blocks"], choices=["global", "shard_blocks"])
+    ap.add_argument("--block-mib", type=int, default=64, help="shard_blocks' block, MiB of latent shards")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxlpipe-bench-train-from-store"))
     ap.add_argument("--keep", action="store_true", help="keep the stores for another run")
-    ap.add_argument("--child", nargs=4, metavar=("MACHINE", "STORE", "BATCHES", "MARK"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, metavar=("MACHINE", "STORE", "BATCHES", "MARK", "ORDER", "BLOCK_MIB"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        machine, store, batches, mark = args.child
-        print(json.dumps(child(Path(machine), store, int(batches), mark if mark != "-" else None)))
+        machine, store, batches, mark, order, block_mib = args.child
+        print(json.dumps(child(Path(machine), store, int(batches), mark if mark != "-" else None, order, int(block_mib))))
         return
     print(f"load average {os.getloadavg()[0]:.1f}; sizes {args.sizes}; {args.batches} batches of 4; "
-          f"{args.shard_mib} MiB shards", flush=True)
+          f"{args.shard_mib} MiB shards; orders {args.orders}, shard_blocks of {args.block_mib} MiB", flush=True)
     results = {}
     for n in args.sizes:
         root = args.dir / f"size-{n}"
@@ -234,22 +249,24 @@ def main() -> None:
             info_path.write_text(json.dumps(info))
         info = json.loads(info_path.read_text())
         for mode in ("http (ranges)", "http (no ranges)", "local"):
-            machine = args.dir / f"machine-{n}-{mode.split()[-1].strip('()')}"
-            shutil.rmtree(machine, ignore_errors=True)
-            if mode == "local":
-                out = run_child(str(machine), str(root / "store"), str(args.batches), "-")
-            else:
-                server, stats = serve(root / "store", ranges=mode == "http (ranges)")
-                url = f"http://127.0.0.1:{server.server_address[1]}"
-                out = run_child(str(machine), url, str(args.batches), url + MARK)
-                out.update(stats.get("at_first_batch", {}), total_requests=stats["requests"],
-                           total_bytes=stats["bytes"])
-                # The same machine again: its shard cache now holds what the first run fetched.
-                out["warm_samples_s"] = run_child(str(machine), url, str(args.batches), "-")["samples_s"]
-                server.shutdown()
-            shutil.rmtree(machine, ignore_errors=True)
-            results[(n, mode)] = out
-            print(f"{n:>6} {mode:16} {json.dumps(out)}", flush=True)
+            for order in args.orders:
+                machine = args.dir / f"machine-{n}-{mode.split()[-1].strip('()')}-{order}"
+                shutil.rmtree(machine, ignore_errors=True)
+                how = (str(args.batches), order, str(args.block_mib))
+                if mode == "local":
+                    out = run_child(str(machine), str(root / "store"), how[0], "-", *how[1:])
+                else:
+                    server, stats = serve(root / "store", ranges=mode == "http (ranges)")
+                    url = f"http://127.0.0.1:{server.server_address[1]}"
+                    out = run_child(str(machine), url, how[0], url + MARK, *how[1:])
+                    out.update(stats.get("at_first_batch", {}), total_requests=stats["requests"],
+                               total_bytes=stats["bytes"])
+                    # The same machine again: its shard cache now holds what the first run fetched.
+                    out["warm_samples_s"] = run_child(str(machine), url, how[0], "-", *how[1:])["samples_s"]
+                    server.shutdown()
+                shutil.rmtree(machine, ignore_errors=True)
+                results[(n, mode, order)] = out
+                print(f"{n:>6} {mode:16} {order:12} {json.dumps(out)}", flush=True)
         results[(n, "info")] = info
     print()
     small, large = args.sizes
@@ -263,25 +280,32 @@ def main() -> None:
     row("store (shards, snapshot)", lambda n: f"{mib(results[(n, 'info')]['store_bytes'])} ({results[(n, 'info')]['shards']} shards), "
                                               f"snapshot {mib(results[(n, 'info')]['snapshot_bytes'])}")
     for mode in ("http (ranges)", "http (no ranges)"):
-        row(f"{mode}: requests / bytes before the first batch",
-            lambda n, m=mode: f"{results[(n, m)]['requests']} / {mib(results[(n, m)]['bytes'])} "
-                              f"({results[(n, m)]['bytes'] / results[(n, 'info')]['store_bytes']:.1%} of the store)")
-        row(f"{mode}: seconds to the first batch (open)",
-            lambda n, m=mode: f"{results[(n, m)]['first_batch_s']:.2f} s ({results[(n, m)]['open_s']:.2f} s)")
-        row(f"{mode}: samples/s cold (warm cache), peak RSS",
-            lambda n, m=mode: f"{results[(n, m)]['samples_s']:.0f}/s ({results[(n, m)]['warm_samples_s']:.0f}/s), "
-                              f"{results[(n, m)]['rss_mib']:.0f} MiB")
-    row("local: seconds to the first batch (open)",
-        lambda n: f"{results[(n, 'local')]['first_batch_s']:.2f} s ({results[(n, 'local')]['open_s']:.2f} s)")
-    row("local: samples/s, peak RSS", lambda n: f"{results[(n, 'local')]['samples_s']:.0f}/s, "
-                                                f"{results[(n, 'local')]['rss_mib']:.0f} MiB")
+        for order in args.orders:
+            r = lambda n, m=mode, o=order: results[(n, m, o)]  # noqa: E731
+            row(f"{mode}, {order}: requests / bytes before the first batch",
+                lambda n, r=r: f"{r(n)['requests']} / {mib(r(n)['bytes'])} "
+                               f"({r(n)['bytes'] / results[(n, 'info')]['store_bytes']:.1%} of the store)")
+            row(f"{mode}, {order}: seconds to the first batch (open)",
+                lambda n, r=r: f"{r(n)['first_batch_s']:.2f} s ({r(n)['open_s']:.2f} s)")
+            row(f"{mode}, {order}: samples/s cold (warm cache), peak RSS",
+                lambda n, r=r: f"{r(n)['samples_s']:.0f}/s ({r(n)['warm_samples_s']:.0f}/s), {r(n)['rss_mib']:.0f} MiB")
+            row(f"{mode}, {order}: bytes sent over the cold run",
+                lambda n, r=r: f"{mib(r(n)['total_bytes'])} in {r(n)['total_requests']} requests")
+    for order in args.orders:
+        row(f"local, {order}: seconds to the first batch (open)",
+            lambda n, o=order: f"{results[(n, 'local', o)]['first_batch_s']:.2f} s ({results[(n, 'local', o)]['open_s']:.2f} s)")
+        row(f"local, {order}: samples/s, peak RSS",
+            lambda n, o=order: f"{results[(n, 'local', o)]['samples_s']:.0f}/s, {results[(n, 'local', o)]['rss_mib']:.0f} MiB")
+    base = args.orders[0]  # the baseline: local disk in the first order (global by default)
     for mode in ("http (ranges)", "http (no ranges)", "local"):
-        warm = "" if mode == "local" else "; warm: " + ", ".join(
-            f"{n}: {results[(n, mode)]['warm_samples_s'] / results[(n, 'local')]['samples_s']:.2f}x" for n in args.sizes)
-        print(f"{mode}: peak RSS {large} vs {small} samples: "
-              f"{results[(large, mode)]['rss_mib'] / results[(small, mode)]['rss_mib']:.2f}x; samples/s vs local: "
-              + ", ".join(f"{n}: {results[(n, mode)]['samples_s'] / results[(n, 'local')]['samples_s']:.2f}x"
-                          for n in args.sizes) + warm)
+        for order in args.orders:
+            r = lambda n, m=mode, o=order: results[(n, m, o)]  # noqa: E731
+            local = lambda n: results[(n, "local", base)]["samples_s"]  # noqa: E731
+            warm = "" if mode == "local" else "; warm: " + ", ".join(
+                f"{n}: {r(n)['warm_samples_s'] / local(n):.2f}x" for n in args.sizes)
+            print(f"{mode}, {order}: peak RSS {large} vs {small} samples: {r(large)['rss_mib'] / r(small)['rss_mib']:.2f}x; "
+                  f"samples/s vs local {base}: " + ", ".join(f"{n}: {r(n)['samples_s'] / local(n):.2f}x" for n in args.sizes)
+                  + warm)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
 

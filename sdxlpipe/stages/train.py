@@ -147,6 +147,19 @@ class Params:
     batch_size: int = 4
     # Seeds the network init, the batch order and every random draw.
     seed: int = 0
+    # The batch order of an epoch (docs/decisions.md 79). "global": each bucket shuffled over the whole epoch,
+    # the best mixing, but each batch reads from anywhere in the store, so a run reading a remote store
+    # fetches most of its shards before an epoch is far along. "shard_blocks": the epoch walks the shards its
+    # latents are in, a block of about shuffle_block_gb at a time (blocks in a seeded order per epoch, samples
+    # shuffled within a block, as MosaicML streaming's py1b), so a batch needs a few shards (text embeddings are
+    # then read by range, every epoch); set it when the store is remote and larger than the shard cache
+    # (shard_cache_gb). Same samples per epoch, another order.
+    shuffle: Literal["global", "shard_blocks"] = "global"
+    # shard_blocks: GiB of latent shards per block. 4 is ~16k SDXL samples (a latent ~256 KiB), enough to mix a
+    # batch from many images, and the shard cache (shard_cache_gb, 64) holds this block and the next one being
+    # fetched many times over. Lower it for a faster first step on a slow link; raise it towards the
+    # dataset's latents for more mixing (at or above them, every batch again reads from anywhere).
+    shuffle_block_gb: float = 4.0
     # Reader threads in the training process that read batches from the store while the model trains
     # (threads, not processes: reads and copies release the GIL, and a batch never crosses a process
     # boundary); 2 overlap one batch's file reads with another's header parsing and keep a GPU fed
@@ -261,6 +274,8 @@ def check(p: Params) -> list[tuple[str, str]]:
             problems.append((f"train.{name}", "must be >= 1"))
     if p.loader_prefetch < 1:
         problems.append(("train.loader_prefetch", "must be >= 1"))
+    if p.shuffle_block_gb <= 0:
+        problems.append(("train.shuffle_block_gb", "must be > 0: the GiB of latent shards a shard_blocks block holds"))
     if p.shard_cache_gb <= 0:
         problems.append(("train.shard_cache_gb", "must be > 0: the local shard cache's size limit in GiB"))
     for name in ("loader_workers", "max_steps", "max_epochs", "save_every_steps", "save_every_epochs", "conv_rank",
@@ -469,6 +484,9 @@ def key_doc(table: pa.Table, params: Params, fp: dict[str, str], processes: int 
         # Where the run stops is not in the key: a longer run passes through the same weights, so raising
         # max_steps (or max_epochs) continues the finished run (docs/decisions.md, "Extending a finished run").
         del settings["max_steps"], settings["max_epochs"]
+    if settings["shuffle"] == "global":
+        # Added after VERSION 3: keys of runs in the global order stay as they were (decision 79).
+        del settings["shuffle"], settings["shuffle_block_gb"]
     if settings["lora_init"] == "kohya":
         del settings["lora_init"]  # added after VERSION 3: keys of runs with the default init stay as they were
     if params.conv_rank:

@@ -13,6 +13,14 @@ Several sources (`[[sources]]`, told apart by the table's `source_index`)
 mix by `max_samples` (a seeded subset of a source's items, fixed for the
 run) and `weight` (each source's share of every epoch: a seeded draw that
 goes through all of a source's samples before it repeats one), decision 70.
+
+The epoch's samples are then ordered one of two ways (`train.shuffle`,
+decision 79): "global" shuffles each bucket over the whole epoch; "shard_blocks"
+walks the shards the latents live in (a `Layout`) a block of about
+`shuffle_block_gb` at a time, in a seeded order per epoch, and shuffles the
+samples within each block, so a run that reads a remote store needs a few
+shards at a time (MosaicML streaming's py1b). Both draw the same samples per
+epoch and make the same number of batches of each bucket.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 from sdxlpipe.errors import UserError
@@ -103,15 +112,27 @@ def shares(total: int, weights: Sequence[float]) -> tuple[int, ...]:
     return tuple(counts)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each row's latent lives: `shards` (ids, sorted) and their bytes (`sizes`), and for row i the
+    index of its shard, `shard_of[i]`. Made by `training.layout` from the store's item locations."""
+
+    shards: tuple[str, ...]
+    sizes: tuple[int, ...]
+    shard_of: tuple[int, ...]
+
+
 def epoch_batches(buckets: Sequence[tuple[int, int]], repeats: Sequence[int], batch_size: int,
-                  seed: int, epoch: int, is_reg: Sequence[bool] | None = None, mix: Mix | None = None) -> list[list[int]]:
+                  seed: int, epoch: int, is_reg: Sequence[bool] | None = None, mix: Mix | None = None,
+                  layout: Layout | None = None, block_bytes: int = 0) -> list[list[int]]:
     """Sample indices per batch for one epoch; every index appears `repeats` times.
 
     Regularisation samples (is_reg) are drawn to match the count of training
     samples per epoch (kohya's rule), cycling through a shuffled list, so a
     large regularisation set does not swamp a small training set. With source
     weights (`mix`), the weights set every source's share instead, regularisation
-    sources included.
+    sources included. With a `layout` the batches walk its shards in blocks of
+    `block_bytes` (`shard_blocks`); without, each bucket is shuffled over the epoch.
     """
     rng = random.Random(f"{seed}/{epoch}")
     if mix is not None and mix.counts:
@@ -127,6 +148,8 @@ def epoch_batches(buckets: Sequence[tuple[int, int]], repeats: Sequence[int], ba
             picked += [regs[k % len(regs)] for k in range(len(train))]
         elif regs:
             picked = regs
+    if layout is not None:
+        return shard_blocks(picked, buckets, batch_size, layout, block_bytes, random.Random(f"{seed}/{epoch}/blocks"))
     groups: dict[tuple[int, int], list[int]] = {}
     for i in picked:
         groups.setdefault(tuple(buckets[i]), []).append(i)
@@ -139,6 +162,50 @@ def epoch_batches(buckets: Sequence[tuple[int, int]], repeats: Sequence[int], ba
     return batches
 
 
+def shard_blocks(picked: list[int], buckets: Sequence[tuple[int, int]], batch_size: int, layout: Layout,
+                 block_bytes: int, rng: random.Random) -> list[list[int]]:
+    """The epoch's samples as bucket-pure batches that walk the layout's shards a block at a time.
+
+    The shards, in a seeded order, are cut into blocks of at most `block_bytes` (one shard at least);
+    the samples of each block are shuffled and each bucket's samples are cut into batches in that
+    order. A bucket's batch still open at a block's end is completed by the next blocks' first samples
+    of that bucket and goes first in the block that completes it, so its earlier shards are needed
+    only at that block's start; the rest of a block's batches are shuffled. So every bucket makes
+    ceil(samples / batch_size) batches, as in the global order, with at most one short one.
+    """
+    order = list(range(len(layout.shards)))
+    rng.shuffle(order)
+    block_of_shard, block, filled = [0] * len(order), 0, 0
+    for s in order:
+        if filled and filled + layout.sizes[s] > block_bytes:
+            block, filled = block + 1, 0
+        block_of_shard[s] = block
+        filled += layout.sizes[s]
+    members: list[list[int]] = [[] for _ in range(block + 1)]
+    for i in picked:
+        members[block_of_shard[layout.shard_of[i]]].append(i)
+    first: list[list[list[int]]] = [[] for _ in members]  # per block, batches begun in an earlier block
+    rest: list[list[list[int]]] = [[] for _ in members]
+    open_batches: dict[tuple[int, int], tuple[list[int], int]] = {}  # bucket -> (samples, block begun in)
+    for b, samples in enumerate(members):
+        rng.shuffle(samples)
+        for i in samples:
+            batch, begun = open_batches.setdefault(tuple(buckets[i]), ([], b))
+            batch.append(i)
+            if len(batch) == batch_size:
+                (first if begun < b else rest)[b].append(batch)
+                del open_batches[tuple(buckets[i])]
+    for bucket in sorted(open_batches):  # each bucket's short batch, in the block of its last sample
+        batch, begun = open_batches[bucket]
+        last = block_of_shard[layout.shard_of[batch[-1]]]
+        (first if begun < last else rest)[last].append(batch)
+    batches = []
+    for b in range(len(members)):
+        rng.shuffle(rest[b])
+        batches += first[b] + rest[b]
+    return batches
+
+
 class BatchPlan:
     """Batch i of the run, across epochs.
 
@@ -147,10 +214,13 @@ class BatchPlan:
     and the plan walks the epochs before i once (cheap next to a training step).
     """
 
-    def __init__(self, buckets, repeats, batch_size: int, seed: int, is_reg=None, mix: Mix | None = None) -> None:
+    def __init__(self, buckets, repeats, batch_size: int, seed: int, is_reg=None, mix: Mix | None = None,
+                 layout: Layout | None = None, block_bytes: int = 0) -> None:
         self._args = (tuple(map(tuple, buckets)), tuple(repeats), batch_size, seed)
         self._is_reg = tuple(is_reg) if is_reg is not None and any(is_reg) else None
         self._mix = mix
+        # shard_blocks: the layout its blocks follow, and their size in bytes; (None, 0): the global order.
+        self.layout, self.block_bytes = layout, block_bytes if layout is not None else 0
         self._varies = self._is_reg is not None or (mix is not None and bool(mix.counts))
         self.per_epoch = len(self._epoch(0))
         self._starts = [0, self.per_epoch]  # first batch index of each epoch, as far as walked
@@ -158,7 +228,8 @@ class BatchPlan:
     @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> list[list[int]]:
         buckets, repeats, batch_size, seed = self._args
-        return epoch_batches(buckets, repeats, batch_size, seed, epoch, self._is_reg, self._mix)
+        return epoch_batches(buckets, repeats, batch_size, seed, epoch, self._is_reg, self._mix, self.layout,
+                             self.block_bytes)
 
     def batch_at(self, index: int) -> tuple[int, list[int]]:
         """(epoch, sample indices) of batch `index`."""
@@ -179,9 +250,11 @@ class BatchPlan:
         return counts
 
 
-def plan_of(table, batch_size: int, seed: int, sources=()) -> BatchPlan:
+def plan_of(table, batch_size: int, seed: int, sources=(), layout: Layout | None = None,
+            block_bytes: int = 0) -> BatchPlan:
     """The run's plan from its table's columns (bucket, repeats, is_reg, source_index) and its [[sources]]
-    entries' weight and max_samples."""
+    entries' weight and max_samples; with a `layout`, in shard blocks of `block_bytes`. The number of
+    batches per epoch does not depend on the layout, so counting them needs none."""
     names = table.column_names
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
     repeats = table.column("repeats").to_pylist()
@@ -192,7 +265,7 @@ def plan_of(table, batch_size: int, seed: int, sources=()) -> BatchPlan:
         if "source_index" not in names:
             raise ValueError("source weights or max_samples need the table's source_index column")
         mix = mix_sources(table.column("source_index").to_pylist(), repeats, seed, weights, caps)
-    return BatchPlan(buckets, repeats, batch_size, seed, is_reg, mix)
+    return BatchPlan(buckets, repeats, batch_size, seed, is_reg, mix, layout, block_bytes)
 
 
 def choice(options: Sequence[str], seed: int, *where) -> str:

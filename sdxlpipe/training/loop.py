@@ -41,8 +41,8 @@ from sdxlpipe.cache_format.payloads import PayloadRefused
 from sdxlpipe.errors import UserError
 from sdxlpipe.models import loading
 from sdxlpipe.models.sdxl import encode_prompts
-from sdxlpipe.training import (checkpoints, losses, networks, optimizers, precision, resume, stream, threads,
-                               validation, validation_loss)
+from sdxlpipe.training import (checkpoints, layout, losses, networks, optimizers, precision, resume, stream,
+                               threads, validation, validation_loss)
 from sdxlpipe.training.batches import to_device
 from sdxlpipe.training.data import BatchPlan, plan_of
 from sdxlpipe.training.feed import open_feed
@@ -147,7 +147,7 @@ def train(table: pa.Table, p, ctx, run_dir: Path, max_steps: int, held_out: pa.T
     accelerator, scaler = precision.accelerate(p, ctx.config.device)
     _check_settings(table, p, accelerator.num_processes, ctx.log)
     _set_threads(p, ctx.log)
-    data = _data(table, p, ctx, accelerator.num_processes, accelerator.device)
+    data = _data(table, p, ctx, accelerator.num_processes, accelerator.device, run_dir, accelerator.is_main_process)
     noise = _noise(p, ctx, accelerator.device)
     model = _model(p, ctx, accelerator.device)
     run = Run(p, ctx, run_dir, max_steps, accelerator, scaler, data, noise, model, _optimization(model, p, max_steps))
@@ -206,15 +206,22 @@ def _set_threads(p, log) -> None:
         torch.set_num_threads(want)
 
 
-def _data(table: pa.Table, p, ctx, world: int, device) -> Data:
-    """The batch plan and the source that reads batch i from the store when it is due."""
+def _data(table: pa.Table, p, ctx, world: int, device, run_dir: Path | None = None, main: bool = True) -> Data:
+    """The batch plan and the source that reads batch i from the store when it is due; `run_dir`: where the
+    run keeps the layout shard_blocks orders by (None: not kept)."""
     # The plan's columns only, not a dict per row: memory must not grow by a row's every field.
     buckets = list(zip(table.column("bucket_w").to_pylist(), table.column("bucket_h").to_pylist()))
     # Encode captions the way text_encode caches them.
     text_params = ctx.config.params.get("text_encode")
     text_settings = {k: getattr(text_params, k) for k in ("max_token_length", "clip_skip") if hasattr(text_params, k)}
-    plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources)  # sources mix by weight
+    # shard_blocks orders by where the latents live, as this run first found them (decision 79).
+    where, recorded = (layout.of_run(table, ctx.train_store, ctx.config.stages, run_dir)
+                       if p.shuffle == "shard_blocks" else (None, True))
+    plan = plan_of(table, p.batch_size, p.seed, ctx.config.params["ingest"].sources,  # sources mix by weight
+                   where, int(p.shuffle_block_gb * (1 << 30)))
     source = stream.open_source(table, ctx.train_store, p, plan, device, stages=ctx.config.stages)
+    if not recorded and main and run_dir is not None:
+        layout.record(where, run_dir)  # the source found every item: the run starts with this layout
     # Counted at the end for runs that mix sources (a walk over the run's samples, not worth it for one).
     source_of = table.column("source_index").to_pylist() if "source_index" in table.column_names else None
     source_of = source_of if source_of and max(source_of) > 0 else None

@@ -123,10 +123,17 @@ class BatchSource:
             return self.store.locate(stage, keys, self.fields[stage])
 
     def shards(self, index: int) -> list[tuple[str, str]]:
-        """(stage, shard id) of every item batch i reads, for fetching ahead."""
+        """(stage, shard id) of every item batch i reads, for fetching ahead. In the shard_blocks order only
+        the latents' shards, which its blocks walk; the other stages' items (text embeddings, in shards of
+        their own hash order) are read by range where the server allows it, since a block uses a few items
+        of each of their shards (decision 79)."""
         _, _, fills = self._wanted(index, False)
-        return list(dict.fromkeys((stage, loc.shard_id) for stage, items in fills.items()
-                                  for loc in self._locate(stage, list(items)) if loc is not None))
+        found = dict.fromkeys((stage, loc.shard_id) for stage, items in fills.items()
+                              for loc in self._locate(stage, list(items)) if loc is not None)
+        if self.plan.layout is None:
+            return list(found)
+        return [(stage, shard_id) for stage, shard_id in found if stage == self.latents
+                or getattr(self.cache_of(stage, shard_id), "ranges", None) is False]
 
     def prepare(self, indices) -> None:
         """Plan the coming batches and locate all their items with one lookup per stage.

@@ -89,3 +89,22 @@ def test_a_run_moves_from_two_processes_to_one_and_back_bit_for_bit(tmp_path):
     assert not same(trained(r, 4), trained(r, 2))
     ups = [v for k, v in trained(x, 4)["text_encoder"].items() if ".lora_B." in k]
     assert ups and any(v.abs().sum() > 0 for v in ups), "the text encoders trained"
+
+
+def test_two_processes_in_shard_blocks_order_finish_and_equal_one(tmp_path):
+    """shard_blocks keeps the batches per epoch, so decision 72's rule holds: two processes over 5-batch
+    epochs finish, and train what one process accumulating 2 trains (the main process records the layout;
+    the other locates the same one)."""
+    config = copy_example(tmp_path / "r")
+    for image in sorted((config.parent / "images").iterdir())[14:]:
+        image.unlink()  # 8 images (and their captions): 5 batches of 2 or 1 per epoch
+    subprocess.run([sys.executable, "-m", "sdxlpipe", "run", "encode", "-c", str(config)], env=ENV, check=True,
+                   capture_output=True)
+    shutil.copytree(config.parent, tmp_path / "x")
+    blocks = ["--set", 'train.shuffle="shard_blocks"', "--set", "train.max_steps=3"]
+    train(config, 1, "--set", "train.gradient_accumulation_steps=2", *blocks)
+    train(tmp_path / "x" / "sdxlpipe.toml", 2, *blocks)
+    (r, _), (x, x_done) = only_run(config), only_run(tmp_path / "x" / "sdxlpipe.toml")
+    assert r.name == x.name and x_done["processes"] == 2
+    assert json.loads((x / "layout.json").read_text()) == json.loads((r / "layout.json").read_text())
+    assert same(trained(r, 3), trained(x, 3))
