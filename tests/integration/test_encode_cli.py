@@ -77,9 +77,11 @@ def test_two_processes_encoding_into_one_store_at_once_split_the_work_and_hold_e
         assert [r["stages"][stage]["reused"] for r in reports] == [n - c for c in stored], (stage, stored)
     # Decision 7: the runs split the 24 single-image chunks; each re-reads the index before a
     # chunk and walks them in an order of its own. Duplicates come from chunks both started
-    # before either committed (mostly the last few): at most half of them here.
+    # before either committed (mostly the last few): at most half of them here. How the 24 fall between
+    # the two depends on the scheduler (on a loaded 2-core box one run got 19, the other 14), so the
+    # split is asserted as each run storing less than all, not as a balance.
     split = [r["stages"]["vae_encode"]["computed"] for r in reports]
-    assert max(split) <= 18 and sum(split) <= 36, split
+    assert max(split) < 24 and sum(split) <= 36, split
     # text_encode's 6 texts are one chunk: one run or both encode it, never a part.
     assert sorted(r["stages"]["text_encode"]["computed"] for r in reports) in ([0, 6], [6, 6]), reports
     # Afterwards each side finds everything in the store.
