@@ -85,6 +85,7 @@ class Feed:
     def _read_ahead(self) -> None:
         while self._pool is not None and self._submitted < len(self.indices) and len(self._ahead) < self._limit:
             self._prepare(self._submitted)
+            self.source.fetch(self.indices[self._submitted])
             self._ahead.append(self._pool.submit(self._read, self.indices[self._submitted]))
             self._submitted += 1
 
@@ -174,6 +175,7 @@ class Feed:
             self._thread.join(timeout=10)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)  # a reader finishes the batch it is on
+        self.source.close()
         for cache in self.source.caches:
             if cache.directory.is_dir():
                 # The window fetched ahead may pass the limit by a batch's shards; nothing is held now.
