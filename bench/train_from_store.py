@@ -31,7 +31,9 @@ first batch was ready (the first training step's data), against the snapshot
 alone, the first batch's shards and the whole store; seconds to that first
 batch; samples/s over `--batches` batches, cold (empty shard cache) and warm
 (the same machine again, its cache holding what the first run fetched);
-the bytes the server sent over the whole cold run; peak RSS. The UNet step itself is
+the bytes the server sent over the whole cold run; peak RSS. `--remote-reads 0 16` compares
+`stream.REMOTE_READS` values (the I/O threads that read the shard_blocks order's texts ahead,
+decision 81) in one run; `--latency-ms` makes each answer wait as a network's round trip would. The UNet step itself is
 not part of it (bench/train_step.py times steps). Prints figures measured in
 one run; asserts nothing.
 """

@@ -7,7 +7,9 @@ are read into byte buffers from a ring: `Feed.release(i)` hands batch i's back
 once the loop has copied what it needs, so a run reads into the same few
 buffers batch after batch instead of faulting in (or pinning) fresh memory
 for each (decision 65). For a remote store a thread fetches the shards of the
-coming batches into the shard cache, in plan order, within its byte limit.
+coming batches into the shard cache, in plan order, within its byte limit, and
+the items of the batches read ahead that are read by range (`BatchSource.fetch`)
+are fetched by the source's I/O threads as each batch is handed to a reader.
 `open_feed` picks this process's batches (decisions.md 12).
 """
 

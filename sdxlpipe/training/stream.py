@@ -15,7 +15,10 @@ preadv and the tensor copies release the GIL, and nothing crosses a process
 boundary (worker processes handed a 4.5 MB batch over shared memory at ~16
 batches/s on a 2-core VM; decision 39). A remote store's shards come through
 the local `ShardCache`, and an item whose shard is not cached yet is read by
-a range request, so the first batch never waits for whole shards. Memory
+a range request, so the first batch never waits for whole shards. Items read
+by range in the shard_blocks order (texts) are fetched ahead of their batch by
+`REMOTE_READS` I/O threads (`fetch`, decision 81), not one round trip after
+another in the reader threads. Memory
 holds the table, the plan and a few batches, never the dataset.
 
 Damage (docs/decisions.md 31): an item failing its checksum, truncated, or in
@@ -48,7 +51,7 @@ from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Refused, Sl
 # a time, ahead of the reader threads, by I/O threads that only wait on the socket (no torch work, so the
 # thread rule of decision 64 is unchanged). 16: every text of the feed's default read-ahead window
 # (loader_workers x loader_prefetch = 4 batches of 4) in flight at once; measured with 20 ms answers, 8 gave
-# 0.7x of 16's samples/s and 0 (no read-ahead) 0.2x. Raise it with loader_prefetch for a store further away
+# 0.8x of 16's samples/s and 0 (no read-ahead) 0.23x (bench/README.md). Raise it with loader_prefetch for a store further away
 # or larger batches; lower it for a server that limits connections per client. 0 reads each item in its
 # reader thread, one request after another (the behaviour before decision 81).
 REMOTE_READS = 16

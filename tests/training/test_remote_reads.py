@@ -20,8 +20,9 @@ from sdxlpipe.training.feed import Feed
 from tests.training.conftest import build_samples, make_context, params
 
 FIELDS = {"vae_encode": "latent.safetensors", "text_encode": "text.safetensors"}
-# Each text range request is held this long by the server, so requests started together overlap.
-DELAY = 0.05
+# Each text range request is held this long by the server (first part), so requests started together overlap
+# even on a loaded machine.
+DELAY = 0.1
 
 
 class Ranges(SimpleHTTPRequestHandler):
@@ -42,7 +43,7 @@ class Ranges(SimpleHTTPRequestHandler):
             self.server.texts += text
         try:
             if text:
-                time.sleep(DELAY)
+                time.sleep(self.server.delay)
             size = os.path.getsize(path)
             start, _, end = wanted.removeprefix("bytes=").partition("-")
             start, end = int(start), min(int(end) if end else size - 1, size - 1)
@@ -65,7 +66,7 @@ def served(tmp_path):
     ctx = make_context(tmp_path / "ws")
     table = build_samples(ctx, 24, shard_bytes=1500)
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Ranges, directory=str(ctx.store.root)))
-    server.lock, server.now, server.most, server.texts = threading.Lock(), 0, 0, 0
+    server.lock, server.now, server.most, server.texts, server.delay = threading.Lock(), 0, 0, 0, DELAY
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield ctx, table, server
@@ -122,7 +123,7 @@ def test_remote_texts_read_ahead_give_the_local_batches_with_bounded_requests_in
 
     # Without the I/O threads, each text is read in the reader thread: the same batches, one request at a time.
     monkeypatch.setattr(stream, "REMOTE_READS", 0)
-    server.most = 0
+    server.most, server.delay = 0, 0.0
     p = params(shuffle="shard_blocks", shard_cache_dir=str(tmp_path / "cache-0"), batch_size=2)
     assert _equal(_batches(ctx, table, remote, p, workers=1, prefetch=4), local)
     assert server.most == 1
