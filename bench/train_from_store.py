@@ -26,7 +26,8 @@ shards, stands for the 4 GiB default on stores ~1000x these).
 Each opens the dataset source as `run all` does (`pipeline/sources.py`: the
 ref, the snapshot and its tables, checked), builds the batch plan, and
 reads batches through the train stage's feed (`training.feed`, batch 4, two
-reader threads). Reported: requests and bytes the server sent before the
+reader threads), releasing each batch's buffers back to the feed's ring as
+the loop does. Reported: requests and bytes the server sent before the
 first batch was ready (the first training step's data), against the snapshot
 alone, the first batch's shards and the whole store; seconds to that first
 batch; samples/s over `--batches` batches, cold (empty shard cache) and warm
@@ -214,6 +215,7 @@ def child(machine: Path, store: str, batches: int, mark: str | None, order: str,
         first = None
         for index in feed.indices:
             batch = feed.take(index)
+            feed.release(index)  # as the loop does once it copied the batch out: its buffers are read into again
             if first is None:
                 first = time.monotonic()
                 if mark:

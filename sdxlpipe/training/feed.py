@@ -67,6 +67,11 @@ class Feed:
         self._limit = workers * prefetch
         # Batches alive at once: those read ahead, one more submitted while the loop holds one, that one.
         self._ring = Ring(self._limit + 2)
+        # Batches lent and not yet released the feed keeps buffers of: past these the oldest are forgotten
+        # (never reused; garbage once the caller drops them), so a caller that never releases holds only what it
+        # keeps. The loop holds one at a time; without this bound each batch taken stayed alive (+2.3 MiB per
+        # SDXL batch of 4: bench/README, train_from_store.py).
+        self._lend = self._limit + 2
         self._lent: dict[int, Buffers] = {}  # batch index -> the buffers under the batch the loop holds
         self._copying: deque = deque()  # (event, buffers) released while a GPU copy from them may still run
         self._ahead: deque[Future] = deque()
@@ -110,6 +115,8 @@ class Feed:
             self._moved.notify_all()
         batch = self.source.recover(result)
         self._lent[index] = batch.pop("buffers")
+        while len(self._lent) > self._lend:
+            del self._lent[next(iter(self._lent))]
         return batch
 
     def release(self, index: int, after=None) -> None:

@@ -3,6 +3,9 @@ a held one is never touched, and every batch still equals the in-memory referenc
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pyarrow as pa
 import torch
 
@@ -48,6 +51,20 @@ def test_a_batch_not_yet_released_is_never_overwritten(tmp_path):
             feed.take(index)
             feed.release(index)
         assert all(torch.equal(held[k], copy[k]) for k in copy)
+
+
+def test_a_batch_never_released_is_not_kept_by_the_feed(tmp_path):
+    """A caller that takes batches and never releases them (a bench, a one-off read) holds only what it keeps:
+    the feed keeps no batch's buffers alive past its ring's few, or memory grows with every batch taken."""
+    ctx = make_context(tmp_path / "ws")
+    table = build_samples(ctx, 6)
+    p = params(batch_size=2, loader_workers=2, loader_prefetch=1)
+    with feed_of(ctx, table, p, 12) as feed:
+        first = weakref.ref(feed.take(0)["mean"])
+        for index in feed.indices[1:]:
+            feed.take(index)
+        gc.collect()
+        assert first() is None
 
 
 def test_batches_read_through_the_ring_equal_the_in_memory_ones_across_buckets(tmp_path):
