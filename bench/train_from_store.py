@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/train_from_store.py                      # 300 and 3000 samples, ~1.9 GB in /tmp
     python bench/train_from_store.py --sizes 100 1000 --batches 50          # a quick look
     python bench/train_from_store.py --orders shard_blocks --block-mib 128  # one order, another block
+    python bench/train_from_store.py --remote-reads 0 16 --latency-ms 20   # before/after read-ahead, 20 ms away
 
 Writes, at each size, a store of SDXL-shaped items (fp16 mean and std of a
 4x128x128 latent; 77x2048 prompt embeddings + 1280 pooled; as
@@ -31,7 +32,9 @@ first batch was ready (the first training step's data), against the snapshot
 alone, the first batch's shards and the whole store; seconds to that first
 batch; samples/s over `--batches` batches, cold (empty shard cache) and warm
 (the same machine again, its cache holding what the first run fetched);
-the bytes the server sent over the whole cold run; peak RSS. The UNet step itself is
+the bytes the server sent over the whole cold run; peak RSS. `--remote-reads 0 16` compares
+`stream.REMOTE_READS` values (the I/O threads that read the shard_blocks order's texts ahead,
+decision 81) in one run; `--latency-ms` makes each answer wait as a network's round trip would. The UNet step itself is
 not part of it (bench/train_step.py times steps). Prints figures measured in
 one run; asserts nothing.
 """
@@ -113,6 +116,7 @@ class Counting(SimpleHTTPRequestHandler):
     """A static file server that counts requests and bytes sent; `ranges` answers Range requests."""
 
     ranges = False
+    latency = 0.0  # seconds each answer waits first: a network's round trip (sleeping, so answers overlap)
     stats: dict = {}
     lock = threading.Lock()
 
@@ -129,6 +133,8 @@ class Counting(SimpleHTTPRequestHandler):
         super().do_HEAD()
 
     def do_GET(self) -> None:
+        if self.latency and self.path != MARK:
+            time.sleep(self.latency)
         if self.path == MARK:
             with self.lock:
                 self.stats["at_first_batch"] = dict(requests=self.stats["requests"], bytes=self.stats["bytes"])
@@ -156,15 +162,24 @@ class Counting(SimpleHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(folder: Path, ranges: bool):
-    handler = type("Handler", (Counting,), {"ranges": ranges, "stats": {"requests": 0, "bytes": 0}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+class Server(ThreadingHTTPServer):
+    # http.server's accept queue is 5: concurrent range requests beyond it wait for a SYN retry (~1 s);
+    # a CDN or a bucket accepts far more.
+    request_queue_size = 128
+
+
+def serve(folder: Path, ranges: bool, latency_ms: float = 0.0):
+    handler = type("Handler", (Counting,), {"ranges": ranges, "stats": {"requests": 0, "bytes": 0},
+                                            "latency": latency_ms / 1000})
+    server = Server(("127.0.0.1", 0), partial(handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, handler.stats
 
 
-def child(machine: Path, store: str, batches: int, mark: str | None, order: str, block_mib: int) -> dict:
-    """A fresh machine: a config naming the published dataset, an empty shard cache; first batch, then more."""
+def child(machine: Path, store: str, batches: int, mark: str | None, order: str, block_mib: int,
+          remote_reads: int) -> dict:
+    """A fresh machine: a config naming the published dataset, an empty shard cache; first batch, then more.
+    remote_reads: `stream.REMOTE_READS`, the I/O threads that read remote items ahead (decision 81)."""
     began = time.monotonic()
     import logging
 
@@ -178,6 +193,7 @@ def child(machine: Path, store: str, batches: int, mark: str | None, order: str,
     from sdxlpipe.training.data import plan_of
     from sdxlpipe.training.feed import open_feed
 
+    stream.REMOTE_READS = remote_reads
     imported = time.monotonic()
     machine.mkdir(parents=True, exist_ok=True)
     (machine / "sdxlpipe.toml").write_text(
@@ -229,15 +245,22 @@ def main() -> None:
     ap.add_argument("--block-mib", type=int, default=64, help="shard_blocks' block, MiB of latent shards")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdxlpipe-bench-train-from-store"))
     ap.add_argument("--keep", action="store_true", help="keep the stores for another run")
-    ap.add_argument("--child", nargs=6, metavar=("MACHINE", "STORE", "BATCHES", "MARK", "ORDER", "BLOCK_MIB"),
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="each answer of the server waits this long first (a network round trip; 0: localhost)")
+    ap.add_argument("--remote-reads", type=int, nargs="+", default=[16],
+                    help="stream.REMOTE_READS values to compare over http (0: no read-ahead of remote items); "
+                         "the table shows the last")
+    ap.add_argument("--child", nargs=7, metavar=("MACHINE", "STORE", "BATCHES", "MARK", "ORDER", "BLOCK_MIB", "READS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        machine, store, batches, mark, order, block_mib = args.child
-        print(json.dumps(child(Path(machine), store, int(batches), mark if mark != "-" else None, order, int(block_mib))))
+        machine, store, batches, mark, order, block_mib, reads = args.child
+        print(json.dumps(child(Path(machine), store, int(batches), mark if mark != "-" else None, order, int(block_mib),
+                               int(reads))))
         return
     print(f"load average {os.getloadavg()[0]:.1f}; sizes {args.sizes}; {args.batches} batches of 4; "
-          f"{args.shard_mib} MiB shards; orders {args.orders}, shard_blocks of {args.block_mib} MiB", flush=True)
+          f"{args.shard_mib} MiB shards; orders {args.orders}, shard_blocks of {args.block_mib} MiB; "
+          f"remote reads {args.remote_reads}; latency {args.latency_ms} ms", flush=True)
     results = {}
     for n in args.sizes:
         root = args.dir / f"size-{n}"
@@ -251,14 +274,15 @@ def main() -> None:
             info_path.write_text(json.dumps(info))
         info = json.loads(info_path.read_text())
         for mode in ("http (ranges)", "http (no ranges)", "local"):
-            for order in args.orders:
+            for order, reads in [(o, r) for o in args.orders for r in (args.remote_reads[-1:] if mode == "local"
+                                                                       else args.remote_reads)]:
                 machine = args.dir / f"machine-{n}-{mode.split()[-1].strip('()')}-{order}"
                 shutil.rmtree(machine, ignore_errors=True)
-                how = (str(args.batches), order, str(args.block_mib))
+                how = (str(args.batches), order, str(args.block_mib), str(reads))
                 if mode == "local":
                     out = run_child(str(machine), str(root / "store"), how[0], "-", *how[1:])
                 else:
-                    server, stats = serve(root / "store", ranges=mode == "http (ranges)")
+                    server, stats = serve(root / "store", ranges=mode == "http (ranges)", latency_ms=args.latency_ms)
                     url = f"http://127.0.0.1:{server.server_address[1]}"
                     out = run_child(str(machine), url, how[0], url + MARK, *how[1:])
                     out.update(stats.get("at_first_batch", {}), total_requests=stats["requests"],
@@ -267,8 +291,8 @@ def main() -> None:
                     out["warm_samples_s"] = run_child(str(machine), url, how[0], "-", *how[1:])["samples_s"]
                     server.shutdown()
                 shutil.rmtree(machine, ignore_errors=True)
-                results[(n, mode, order)] = out
-                print(f"{n:>6} {mode:16} {order:12} {json.dumps(out)}", flush=True)
+                results[(n, mode, order)] = results[(n, mode, order, reads)] = out
+                print(f"{n:>6} {mode:16} {order:12} reads {reads:<2} {json.dumps(out)}", flush=True)
         results[(n, "info")] = info
     print()
     small, large = args.sizes
@@ -299,13 +323,14 @@ def main() -> None:
         row(f"local, {order}: samples/s, peak RSS",
             lambda n, o=order: f"{results[(n, 'local', o)]['samples_s']:.0f}/s, {results[(n, 'local', o)]['rss_mib']:.0f} MiB")
     base = args.orders[0]  # the baseline: local disk in the first order (global by default)
-    for mode in ("http (ranges)", "http (no ranges)", "local"):
+    for mode, reads in [(m, r) for m in ("http (ranges)", "http (no ranges)") for r in args.remote_reads] + [("local", None)]:
         for order in args.orders:
-            r = lambda n, m=mode, o=order: results[(n, m, o)]  # noqa: E731
+            r = lambda n, m=mode, o=order, k=reads: results[(n, m, o, k) if k is not None else (n, m, o)]  # noqa: E731
             local = lambda n: results[(n, "local", base)]["samples_s"]  # noqa: E731
             warm = "" if mode == "local" else "; warm: " + ", ".join(
                 f"{n}: {r(n)['warm_samples_s'] / local(n):.2f}x" for n in args.sizes)
-            print(f"{mode}, {order}: peak RSS {large} vs {small} samples: {r(large)['rss_mib'] / r(small)['rss_mib']:.2f}x; "
+            print(f"{mode}{'' if reads is None else f', remote reads {reads}'}, {order}: "
+                  f"{r(large)['total_bytes'] / 2**20 if mode != 'local' else 0:.0f} MiB sent at {large}; peak RSS {large} vs {small} samples: {r(large)['rss_mib'] / r(small)['rss_mib']:.2f}x; "
                   f"samples/s vs local {base}: " + ", ".join(f"{n}: {r(n)['samples_s'] / local(n):.2f}x" for n in args.sizes)
                   + warm)
     if not args.keep:

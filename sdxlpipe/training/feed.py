@@ -7,7 +7,9 @@ are read into byte buffers from a ring: `Feed.release(i)` hands batch i's back
 once the loop has copied what it needs, so a run reads into the same few
 buffers batch after batch instead of faulting in (or pinning) fresh memory
 for each (decision 65). For a remote store a thread fetches the shards of the
-coming batches into the shard cache, in plan order, within its byte limit.
+coming batches into the shard cache, in plan order, within its byte limit, and
+the items of the batches read ahead that are read by range (`BatchSource.fetch`)
+are fetched by the source's I/O threads as each batch is handed to a reader.
 `open_feed` picks this process's batches (decisions.md 12).
 """
 
@@ -90,6 +92,7 @@ class Feed:
     def _read_ahead(self) -> None:
         while self._pool is not None and self._submitted < len(self.indices) and len(self._ahead) < self._limit:
             self._prepare(self._submitted)
+            self.source.fetch(self.indices[self._submitted])
             self._ahead.append(self._pool.submit(self._read, self.indices[self._submitted]))
             self._submitted += 1
 
@@ -181,6 +184,7 @@ class Feed:
             self._thread.join(timeout=10)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)  # a reader finishes the batch it is on
+        self.source.close()
         for cache in self.source.caches:
             if cache.directory.is_dir():
                 # The window fetched ahead may pass the limit by a batch's shards; nothing is held now.

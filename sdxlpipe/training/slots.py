@@ -290,14 +290,23 @@ class FileShard:
 
 
 class RemoteShard:
-    """A remote shard not in the cache yet: each read is a range request."""
+    """A remote shard not in the cache yet: each read is a range request, or part of one already started.
 
-    def __init__(self, cache: ShardCache, stage: str, shard_id: str):
-        self.cache, self.stage, self.shard_id = cache, stage, shard_id
+    started: [(offset, length, future)] of whole items whose range reads the I/O threads started
+    (`BatchSource.fetch`); a read inside one of them waits for it, and its errors are the range request's.
+    """
+
+    def __init__(self, cache: ShardCache, stage: str, shard_id: str, started=()):
+        self.cache, self.stage, self.shard_id, self.started = cache, stage, shard_id, started
 
     def readinto(self, buffers: list, offset: int) -> int:
         size = sum(memoryview(b).nbytes for b in buffers)
-        data = memoryview(self.cache.read_range(self.stage, self.shard_id, offset, offset + size))
+        for start, length, future in self.started:
+            if start <= offset and offset + size <= start + length:
+                data = memoryview(future.result())[offset - start:offset - start + size]
+                break
+        else:
+            data = memoryview(self.cache.read_range(self.stage, self.shard_id, offset, offset + size))
         at = 0
         for b in buffers:
             view = memoryview(b).cast("B")

@@ -15,7 +15,10 @@ preadv and the tensor copies release the GIL, and nothing crosses a process
 boundary (worker processes handed a 4.5 MB batch over shared memory at ~16
 batches/s on a 2-core VM; decision 39). A remote store's shards come through
 the local `ShardCache`, and an item whose shard is not cached yet is read by
-a range request, so the first batch never waits for whole shards. Memory
+a range request, so the first batch never waits for whole shards. Items read
+by range in the shard_blocks order (texts) are fetched ahead of their batch by
+`REMOTE_READS` I/O threads (`fetch`, decision 81), not one round trip after
+another in the reader threads. Memory
 holds the table, the plan and a few batches, never the dataset.
 
 Damage (docs/decisions.md 31): an item failing its checksum, truncated, or in
@@ -32,6 +35,7 @@ run stops with `PayloadRefused` naming it, and nothing is recomputed (decision 7
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import torch
@@ -42,6 +46,15 @@ from sdxlpipe.pipeline.keys import keys_in_columns
 from sdxlpipe.stages import store_fields
 from sdxlpipe.training.batches import conditioning, pick
 from sdxlpipe.training.slots import Buffers, FileShard, RemoteShard, Refused, Slots, read_item
+
+# Remote items read by range (the shard_blocks order's texts, decisions 79 and 81) are fetched this many at
+# a time, ahead of the reader threads, by I/O threads that only wait on the socket (no torch work, so the
+# thread rule of decision 64 is unchanged). 16: every text of the feed's default read-ahead window
+# (loader_workers x loader_prefetch = 4 batches of 4) in flight at once; measured with 20 ms answers, 8 gave
+# 0.8x of 16's samples/s and 0 (no read-ahead) 0.23x (bench/README.md). Raise it with loader_prefetch for a store further away
+# or larger batches; lower it for a server that limits connections per client. 0 reads each item in its
+# reader thread, one request after another (the behaviour before decision 81).
+REMOTE_READS = 16
 
 # The table columns `batches.pick` and `batches.conditioning` read.
 ROW_COLUMNS = ("latent_key", "latent_flip_key", "text_key", "text_variant_keys", "empty_text_key", "caption",
@@ -94,6 +107,11 @@ class BatchSource:
         self._headers: dict[str, tuple] = {}
         # Each local shard's path, checked once (Store.shard_path checks the id; a batch opens ~2 shards).
         self._paths: dict[tuple[str, str], str] = {}
+        # Batch index -> {(stage, shard id): [(offset, length, future of the bytes)]}: the remote items `fetch`
+        # started for the batches read ahead; `read` takes them. Bounded by the feed's read-ahead window.
+        self._fetching: dict[int, dict] = {}
+        self._io = (ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="sdxlpipe-remote-read")
+                    if self.caches and REMOTE_READS and plan.layout is not None else None)
 
     def _members(self, index: int) -> tuple[int, list[int]]:
         with self._plan_lock:  # the plan walks epochs lazily; reader and fetch-ahead threads share it
@@ -155,6 +173,44 @@ class BatchSource:
                 locs = {stage: [(k, found[(stage, k)]) for k in items] for stage, items in fills.items()}
                 self._prepared[index] = (rows, picks, fills, locs)
 
+    def fetch(self, index: int) -> None:
+        """Start reading batch i's remote items that are read by range (the shard_blocks order's texts) on the
+        I/O threads, so the reader finds their bytes there instead of waiting a round trip per item; call
+        after `prepare` covered i. Only the bytes `read` would ask for, each once; nothing for a local store."""
+        with self._store_lock:
+            prepared = self._prepared.get(index)
+        if self._io is None or prepared is None:
+            return
+        started = self._start(prepared[3])
+        with self._store_lock:
+            self._fetching[index] = started
+
+    def _start(self, locs: dict) -> dict:
+        """Range reads of the located items that `_open` would read by range, submitted to the I/O threads.
+        Latents are left out: the fetch-ahead brings their shards whole (decision 79)."""
+        started: dict = {}
+        if self._io is None:
+            return started
+        for stage, pairs in locs.items():
+            if stage == self.latents:
+                continue
+            for _, loc in pairs:
+                cache = None if loc is None else self.cache_of(stage, loc.shard_id)
+                if cache is None or cache.ranges is False or cache.local_path(loc.shard_id).exists():
+                    continue
+                future = self._io.submit(cache.read_range, stage, loc.shard_id, loc.offset, loc.offset + loc.length)
+                started.setdefault((stage, loc.shard_id), []).append((loc.offset, loc.length, future))
+        return started
+
+    def close(self) -> None:
+        """Drop the remote reads started for batches that will not be read (the feed is closing)."""
+        with self._store_lock:
+            fetching, self._fetching = self._fetching, {}
+        for started in fetching.values():
+            for items in started.values():
+                for _, _, future in items:
+                    future.cancel()
+
     def read(self, index: int, fixed: bool = False, known: dict | None = None, buffers: Buffers | None = None) -> dict:
         """Batch i's tensors in their stored dtype, or {"index", "damaged": [(stage, key, shard_id, why)]}.
 
@@ -165,6 +221,7 @@ class BatchSource:
         """
         with self._store_lock:
             prepared = self._prepared.pop(index, None) if not fixed and not known else None
+            started = self._fetching.pop(index, None) if not fixed and not known else None
         if prepared is None:
             rows, picks, fills = self._wanted(index, fixed)
             known = known or {}
@@ -174,6 +231,8 @@ class BatchSource:
                 locs[stage] = list(zip(todo, self._locate(stage, todo)))
         else:
             rows, picks, fills, locs = prepared
+        if started is None:  # not fetched ahead (no feed, a fixed batch, a re-read): this batch's items at once
+            started = self._start(locs)
         slots = Slots(len(picks), self.pin_memory, masks=self.p.masked_loss, meta_stage=self.latents, buffers=buffers)
         damaged = []
         for stage, items in fills.items():
@@ -185,7 +244,7 @@ class BatchSource:
                     by_shard.setdefault(loc.shard_id, []).append(loc)
             for shard_id, in_shard in by_shard.items():
                 try:
-                    shard = self._open(stage, shard_id)
+                    shard = self._open(stage, shard_id, started.get((stage, shard_id), ()))
                 except FileNotFoundError:
                     damaged += [(stage, loc.item_key, shard_id, "shard file missing") for loc in in_shard]
                     continue
@@ -235,7 +294,7 @@ class BatchSource:
         home = self.store.home(stage, shard_id) if hasattr(self.store, "home") else self.store
         return self._caches.get(home.url)
 
-    def _open(self, stage: str, shard_id: str):
+    def _open(self, stage: str, shard_id: str, started=()):
         """A shard to read items from: the store's own file, a cached copy, or (not cached yet) ranges of
         the remote file, so a batch never waits for whole shards it needs a few items of. A server that
         answered a range with the whole shard (no range support) gets whole-shard fetches instead."""
@@ -251,7 +310,7 @@ class BatchSource:
                 return FileShard(str(path))
             except FileNotFoundError:
                 pass  # evicted between the look and the open
-        return RemoteShard(cache, stage, shard_id)
+        return RemoteShard(cache, stage, shard_id, started)
 
     def recover(self, result: dict, fixed: bool = False) -> dict:
         """The batch, after reading its unusable items through the store; CacheDamaged if any has no intact copy."""
