@@ -56,13 +56,32 @@ def retry_io(attempt: Callable, delays: Iterable[float], what: str, hint: str):
             return attempt()
         except FileNotFoundError:
             raise
-        except OSError as e:
+        except Exception as e:
+            if not transient(e):
+                if type(e).__module__.startswith("aiohttp"):  # an HTTP answer such as 403: say which file
+                    raise StoreError(f"could not read {what}: {type(e).__name__}: {e}", hint) from e
+                raise
             if delay is None:
                 raise StoreError(f"could not read {what}: {type(e).__name__}: {e} ({len(delays) + 1} attempts)",
                                  hint) from e
             logging.getLogger(__name__).warning("reading %s failed (%s); retrying in %.1f s", what, e, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def transient(error: BaseException) -> bool:
+    """An error another attempt may not meet: any OSError but a missing file, and an HTTP client's
+    dropped connection, broken body, timeout or 5xx/429 answer. fsspec's HTTP filesystem raises
+    aiohttp's own errors for those (`_raise_not_found_for_status` -> `raise_for_status`), which are
+    not OSErrors; a 4xx answer (forbidden, bad request) is not transient and passes unchanged."""
+    if isinstance(error, FileNotFoundError):
+        return False
+    if isinstance(error, OSError):
+        return True
+    if not type(error).__module__.startswith("aiohttp"):
+        return False
+    status = getattr(error, "status", None)  # only ClientResponseError (and its kind) carries one
+    return status is None or status >= 500 or status == 429
 
 
 class CacheDamaged(StoreError):

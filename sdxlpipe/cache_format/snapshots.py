@@ -176,8 +176,11 @@ def remove(store: Store, name: str) -> dict:
 
 def _read_small(store: Store, path: str, limit: int, what: str) -> bytes:
     """A small file, refusing one longer than `limit` before holding it; FileNotFoundError passes."""
-    with store.fs.open(path, "rb", **({"block_size": 0} if is_http(store.fs) else {})) as f:
-        data = f.read(limit + 1)
+    def attempt() -> bytes:
+        with store.fs.open(path, "rb", **({"block_size": 0} if is_http(store.fs) else {})) as f:
+            return f.read(limit + 1)
+
+    data = store._retrying(f"{what} {path}", attempt)
     if len(data) > limit:
         raise StoreError(f"{what} {path} is over {limit} bytes: not one sdxlpipe wrote", HINT_FOREIGN)
     return data

@@ -65,7 +65,9 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False, 
     url = root if is_local(fs) and "://" not in url_or_path else url_or_path.rstrip("/")
     format_path = posixpath.join(root, "FORMAT")
     try:
-        line = fs.cat_file(format_path).decode("utf-8", "replace")
+        line = retry_io(lambda: fs.cat_file(format_path), READ_RETRY_DELAYS, f"{format_path} of store {url}",
+                        "the store's disk or network is failing: run the command again once it is "
+                        "reachable").decode("utf-8", "replace")
     except FileNotFoundError:
         line = None
     if line is None:

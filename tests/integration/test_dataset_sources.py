@@ -259,3 +259,47 @@ def test_a_stage_error_in_a_run_on_a_dataset_alone_is_an_error_with_a_hint_not_a
     proc = cli("run", "all", "-c", str(config), "--set", "train.validation_every_steps=1", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "no held-out items" in proc.stderr and "Hint:" in proc.stderr
+
+
+def test_a_server_that_fails_each_file_once_is_retried_not_taken_for_damage(machine_a, tmp_path, monkeypatch):
+    """HTTP 503 and a dropped connection are transient: B retries them and trains A's LoRA, marking nothing bad.
+
+    fsspec's HTTP filesystem raises aiohttp's errors for them (fsspec/implementations/http.py,
+    `_raise_not_found_for_status` -> `ClientResponse.raise_for_status`), which are not OSErrors."""
+    import http.server
+    import threading
+    from functools import partial
+
+    config_a, _, lora_a = machine_a
+    folder = tmp_path / "www"
+    shutil.copytree(config_a.parent / ".sdxlpipe" / "store", folder)
+    failed: set[str] = set()
+    lock = threading.Lock()
+
+    class Flaky(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            with lock:
+                first = self.path not in failed
+                failed.add(self.path)
+            if not first:
+                return super().do_GET()
+            if self.path.startswith("/shards/"):
+                self.close_connection = True  # dropped without an answer
+                return
+            self.send_error(503, "busy")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Flaky, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))
+        config_b = _machine_b(tmp_path / "b", f"http://127.0.0.1:{server.server_address[1]}")
+        run = cli("run", "all", "-c", str(config_b), "--json", check=False)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "retrying" in run.stderr and "Traceback" not in run.stderr
+    assert any(p.startswith("/shards/") for p in failed) and any(p.startswith("/datasets/") for p in failed), failed
+    assert _same_tensors(lora_a, load_file(config_b.parent / "output" / "tiny-shapes.safetensors"))
