@@ -864,6 +864,14 @@ def attention_kernels(env: Env, unet, p, batch_size: int) -> str:
     return ", ".join(names) or "no SDPA op seen"
 
 
+def gc_trainer(env: Env, p, holder: dict) -> "Trainer":
+    """A UNet for `p` with gradient checkpointing on and its Trainer, kept in `holder` for the cases after."""
+    holder["unet"] = build_unet(env, p)
+    set_checkpointing(holder["unet"], p, True)
+    holder["trainer"] = Trainer(env, holder["unet"], p)
+    return holder["trainer"]
+
+
 def options_section(env: Env) -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -873,9 +881,7 @@ def options_section(env: Env) -> None:
     holder: dict = {}
 
     def build():
-        holder["unet"] = build_unet(env, p)
-        set_checkpointing(holder["unet"], p, True)
-        holder["trainer"] = Trainer(env, holder["unet"], p)
+        gc_trainer(env, p, holder)
         return {}
 
     if run_case(env, "options", "lora16-bf16 gc: build", build, estimate=10)["status"] != "ok":
@@ -936,10 +942,7 @@ def compile_section(env: Env) -> None:
     holder: dict = {}
 
     def eager():
-        holder["unet"] = build_unet(env, p)
-        set_checkpointing(holder["unet"], p, True)
-        holder["trainer"] = Trainer(env, holder["unet"], p)
-        return holder["trainer"].steps(batch)
+        return gc_trainer(env, p, holder).steps(batch)
 
     base = run_case(env, "compile", f"lora16-bf16 gc b{batch} eager", eager, estimate=20)
     if base["status"] != "ok":
