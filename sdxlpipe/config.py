@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any, Literal, Sequence
 
 from sdxlpipe.errors import ConfigError, UserError
-from sdxlpipe.stages import STAGES, load_stages
+from sdxlpipe.stages import STAGES, load_stages, plain
 
 DEFAULT_CONFIG = "sdxlpipe.toml"
 # `.sdxlpipe/` beside the config: local to one checkout, never shared.
@@ -49,7 +49,7 @@ class Config:
         return {
             "model": self.model, "vae": self.vae, "device": self.device,
             "store": self.store_url, "dataset": {"name": self.dataset_name, "publish": self.publish},
-            **{name: _to_plain(p) for name, p in self.params.items()},
+            **{name: plain(p) for name, p in self.params.items()},
         }
 
 
@@ -291,14 +291,6 @@ def _toml(value: Any) -> str:
     import json
 
     return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (tuple, list)):
-        return [_to_plain(x) for x in obj]
-    return obj
 
 
 def path_settings(params: Any) -> list[tuple[str, dict]]:

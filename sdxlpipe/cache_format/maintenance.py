@@ -112,11 +112,9 @@ def _verify_items(store: Store, stage: str, shard_id: str, locs: list[Location],
     item_problems, repaired = [], 0
     for loc in locs:
         data, why = check_payload(f, loc)
-        schema_bad = False
-        if why is None and payloads.is_checked(stage, loc.field):
-            why = payloads.problem(stage, loc.field, data)
-            schema_bad = why is not None
-            why = why and f"breaks the payload schema: {why}"
+        schema = payloads.problem(stage, loc.field, data) if why is None else None
+        schema_bad = schema is not None
+        why = why or (schema and f"breaks the payload schema: {schema}")
         if why is None:
             continue
         if index.is_bad(loc) and loc.item_key in present:
@@ -124,10 +122,9 @@ def _verify_items(store: Store, stage: str, shard_id: str, locs: list[Location],
             continue
         if not schema_bad or repair:
             failures.append((loc, why))
-        item_problems.append(_problem(stage, shard_id, loc.item_key,
-                                      why + ("; marked bad" if repair or index.is_bad(loc)
-                                             else "; `verify --repair` marks it bad")
-                                      if schema_bad else why))
+        if schema_bad:
+            why += "; marked bad" if repair or index.is_bad(loc) else "; `verify --repair` marks it bad"
+        item_problems.append(_problem(stage, shard_id, loc.item_key, why))
     # A shard whose only damage is in items already recomputed elsewhere is repaired:
     # its intact items stay usable, and verify stays clean.
     known_damage = repaired and not item_problems

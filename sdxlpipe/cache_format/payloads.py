@@ -58,10 +58,6 @@ class PayloadRefused(StoreError):
             f"`sdxlpipe run` re-encodes them; if sdxlpipe's own encode wrote it, report a bug")
 
 
-def is_checked(stage: str, field: str) -> bool:
-    return (stage, field) in SCHEMAS or (stage, field) in JSON_SCHEMAS
-
-
 def problem(stage: str, field: str, data: bytes, latent_hw: tuple[int, int] | None = None) -> str | None:
     """What makes a whole payload of `stage`'s `field` break the schema; None if it follows it (or the
     pair is not one the schema covers). latent_hw: the latent's (H/8, W/8) its bucket asks for."""

@@ -48,6 +48,9 @@ STORE_ENTRIES = {"FORMAT", "shards", "index", "datasets", "tmp"}
 # Waits between attempts when a shard read fails with an I/O error (a network blip, a
 # throttled object store): ~8 s in all before the error is raised. Never marks anything bad.
 READ_RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
+# What a read that failed every retry tells the user (Store._retrying, opening FORMAT).
+READ_HINT = ("the store's disk or network is failing; nothing was marked bad, so run the command again once "
+             "the store is reachable")
 
 log = logging.getLogger("sdxlpipe.store")
 
@@ -66,8 +69,7 @@ def open_store(url_or_path: str, create: bool = True, missing_ok: bool = False, 
     format_path = posixpath.join(root, "FORMAT")
     try:
         line = retry_io(lambda: fs.cat_file(format_path), READ_RETRY_DELAYS, f"{format_path} of store {url}",
-                        "the store's disk or network is failing: run the command again once it is "
-                        "reachable").decode("utf-8", "replace")
+                        READ_HINT).decode("utf-8", "replace")
     except FileNotFoundError:
         line = None
     if line is None:
@@ -325,9 +327,7 @@ class Store:
 
     def _retrying(self, what: str, attempt):
         """attempt() again after an I/O error, waiting read_retry_delays; then a StoreError (shards.retry_io)."""
-        return retry_io(attempt, self.read_retry_delays, f"{what} in store {self.url}",
-                        "the store's disk or network is failing; nothing was marked bad, so "
-                        "run the command again once the store is reachable")
+        return retry_io(attempt, self.read_retry_delays, f"{what} in store {self.url}", READ_HINT)
 
     def _read_checked(self, stage: str, loc: Location,
                       f: BinaryIO | None) -> tuple[bytes | None, str | None, BinaryIO | None]:

@@ -23,8 +23,8 @@ def stages_for(target: str, stages: dict[str, ModuleType]) -> list[str]:
     if target == "all":
         return names
     if target == "encode":
-        stored = [i for i, module in enumerate(stages.values()) if declared(module, "STORE_COLUMNS")]
-        return names[: stored[-1] + 1] if stored else []
+        point = publish_point(stages)
+        return names[: names.index(point) + 1] if point else []
     if target not in names:
         raise KeyError(target)
     return names[: names.index(target) + 1]

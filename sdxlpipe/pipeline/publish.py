@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdxlpipe.pipeline.keys import keys_in_columns
 from sdxlpipe.stages import declared
 
 # The columns a snapshot keeps: what training, its plan and export's metadata read, plus the
@@ -52,7 +53,7 @@ def publish(ctx, table: pa.Table) -> dict[str, Any] | None:
         columns = declared(module, "STORE_COLUMNS")
         if not columns:
             continue
-        keys = _keys(table, columns)
+        keys = sorted(keys_in_columns(table, columns))
         rows, missing = ctx.store.locations_table(stage, keys, declared(module, "FIELD"))
         if missing:
             ctx.log.warning("not publishing dataset %s: %d %s item(s) of the table are not in the store",
@@ -68,16 +69,6 @@ def publish(ctx, table: pa.Table) -> dict[str, Any] | None:
                      samples.num_rows, ctx.store.url)
     return {"name": config.dataset_name, "snapshot": snapshot, "samples": samples.num_rows,
             "store": ctx.store.url, "published": moved}
-
-
-def _keys(table: pa.Table, columns) -> list[str]:
-    """Every distinct key the columns hold (strings or lists of strings), sorted."""
-    keys: set[str] = set()
-    for column in columns:
-        if column in table.column_names:
-            for value in table.column(column).to_pylist():
-                keys.update(v for v in (value if isinstance(value, list) else [value]) if v)
-    return sorted(keys)
 
 
 def _settings(ctx) -> dict[str, Any]:

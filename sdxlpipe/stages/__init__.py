@@ -80,18 +80,19 @@ def recorded(module: ModuleType, settings: dict | None) -> dict:
     `settings` (a record from elsewhere: a published snapshot's) over the module's `Params` defaults. A
     field the record lacks (published by an older version) is the default, and so is a value of another
     JSON type than the default's (a snapshot from elsewhere is untrusted: a declaration never meets one)."""
-    out = {f.name: _plain(getattr(module.Params(), f.name)) for f in dataclasses.fields(module.Params)}
+    out = {f.name: plain(getattr(module.Params(), f.name)) for f in dataclasses.fields(module.Params)}
     for name, value in (settings or {}).items():
         if name in out and _same_kind(value, out[name]):
             out[name] = value
     return out
 
 
-def _plain(value):
+def plain(value):
+    """A Params value as JSON-ready data: dataclasses as dicts, tuples as lists (settings records, snapshots)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
