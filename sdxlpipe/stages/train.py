@@ -437,13 +437,11 @@ def _epochs(rows: pa.Table, settings: dict, steps: int, processes: int) -> int:
         return settings["max_epochs"]
     import math
 
-    from sdxlpipe.training.data import BatchPlan
+    from sdxlpipe.training.data import plan_of
 
-    cols = rows.select([c for c in ("bucket_w", "bucket_h", "repeats", "is_reg") if c in rows.column_names]).to_pydict()
-    if not cols.get("bucket_w"):
+    if "bucket_w" not in rows.column_names or not rows.num_rows:
         return 0
-    plan = BatchPlan(list(zip(cols["bucket_w"], cols["bucket_h"])), cols["repeats"], settings["batch_size"],
-                     settings["seed"], [bool(r) for r in cols.get("is_reg", [False] * rows.num_rows)])
+    plan = plan_of(rows, settings["batch_size"], settings["seed"])
     return math.ceil(steps * settings["gradient_accumulation_steps"] * processes / max(1, plan.per_epoch))
 
 

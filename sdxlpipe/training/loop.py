@@ -448,23 +448,24 @@ def validate(run: Run, step: int) -> None:
         ema.store(params)
         ema.copy_to(params)
     compute = precision.COMPUTE[p.mixed_precision]
-    if run.held is not None:
-        _validation_loss(run, step, compute)
-    if not p.validation_prompts:
+    images = None
+    try:
+        if run.held is not None:
+            _validation_loss(run, step, compute)
+        if p.validation_prompts:
+            stack = {**run.ctx.models.text_stack(), **run.model.text_stack}
+            with torch.autocast(run.device.type, dtype=compute, enabled=compute != torch.float32):
+                images = validation.render(
+                    run.model.bare, stack, run.ctx.models.vae(), run.noise.scheduler, p.validation_prompts,
+                    p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, run.data.buckets),
+                    steps=p.validation_steps, guidance=p.validation_guidance, prediction_type=run.noise.prediction_type,
+                    zero_terminal_snr=p.zero_terminal_snr)
+    finally:
         if ema is not None:
             ema.restore(params)
-        return
-    stack = {**run.ctx.models.text_stack(), **run.model.text_stack}
-    with torch.autocast(run.device.type, dtype=compute, enabled=compute != torch.float32):
-        images = validation.render(
-            run.model.bare, stack, run.ctx.models.vae(), run.noise.scheduler, p.validation_prompts,
-            p.validation_negative_prompts, seed=p.validation_seed, size=_validation_size(p, run.data.buckets),
-            steps=p.validation_steps, guidance=p.validation_guidance, prediction_type=run.noise.prediction_type,
-            zero_terminal_snr=p.zero_terminal_snr)
-    if ema is not None:
-        ema.restore(params)
-    validation.save(images, run.run_dir / "validation" / f"step-{step:08d}")
-    run.logs.images(step, images)
+    if images is not None:
+        validation.save(images, run.run_dir / "validation" / f"step-{step:08d}")
+        run.logs.images(step, images)
 
 
 def _finish(run: Run, seconds: float) -> dict:

@@ -66,8 +66,13 @@ class HeldOut:
                     batch = as_float(self.source.batch(index, fixed=True))
                     if text_stack:
                         batch["embeds"], batch["pooled"] = encode_prompts(batch["captions"], text_stack, **(text_settings or {}))
+                    # On the device once per batch, for all its timesteps.
+                    on_device = {"x0": ((batch["mean"] - batch["shift"]) * batch["scale"]).to(device),
+                                 **{n: batch[n].to(device) for n in ("embeds", "pooled", "time_ids")},
+                                 "mask": batch["mask"].to(device) if batch.get("mask") is not None else None}
                     for k, t in enumerate(self.timesteps()):
-                        per_item = self._per_item(unet, batch, members, k, t, alphas_cumprod, prediction_type, device)
+                        per_item = self._per_item(unet, on_device, members, k, t, alphas_cumprod, prediction_type,
+                                                  device)
                         total += float(per_item.sum())
                         count += per_item.numel()
         finally:
@@ -77,20 +82,19 @@ class HeldOut:
 
     def _per_item(self, unet, b: dict, members: list[int], k: int, t: int, alphas_cumprod, prediction_type: str,
                   device) -> torch.Tensor:
-        x0 = ((b["mean"] - b["shift"]) * b["scale"]).to(device)
+        x0 = b["x0"]
         # Each item's own noise at this timestep: the same at every validation, whatever batch it is in.
         noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
             (self.p.seed * 1_000_003 + m) * 16 + k)) for m in members]).to(device)
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
         noisy = losses.add_noise(x0, noise, tt, alphas_cumprod)
-        pred = unet(noisy, tt, b["embeds"].to(device), added_cond_kwargs={
-            "text_embeds": b["pooled"].to(device), "time_ids": b["time_ids"].to(device)}).sample.float()
+        pred = unet(noisy, tt, b["embeds"], added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]}
+                    ).sample.float()
         target = losses.target(x0, noise, tt, alphas_cumprod, prediction_type)
         c = None
         if self.p.loss_type in ("huber", "smooth_l1"):
             c = losses.huber_c(tt.cpu(), self.p.huber_schedule, self.p.huber_c, alphas_cumprod.cpu()).to(device)
-        mask = b["mask"].to(device) if b.get("mask") is not None else None
-        return losses.per_sample_mean(losses.elementwise_loss(pred, target, self.p.loss_type, c), mask).cpu()
+        return losses.per_sample_mean(losses.elementwise_loss(pred, target, self.p.loss_type, c), b["mask"]).cpu()
 
 
 def open_held_out(table: pa.Table | None, store, p, device="cpu", *, stages: dict) -> HeldOut | None:
